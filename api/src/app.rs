@@ -1,0 +1,125 @@
+//! Builds the server from a [`Config`]: database, migrations, bootstrap user,
+//! signing keys, sweeper and routes. Used by `kvql serve` and by the tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use poem::listener::{Acceptor, Listener, TcpListener};
+use poem::{Endpoint, EndpointExt, Route};
+
+use crate::auth::Auth;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::db::Db;
+use crate::store::{Limits, Store};
+use crate::sweeper::Sweeper;
+use crate::{middleware, rest, users};
+
+/// What every request handler may use.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    db: Db,
+    store: Store,
+    auth: Auth,
+}
+
+impl AppState {
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn auth(&self) -> &Auth {
+        &self.inner.auth
+    }
+}
+
+/// A ready server: state, sweeper and routes, not yet listening.
+pub struct App {
+    pub state: AppState,
+    pub sweeper: Sweeper,
+    pub config: Config,
+    /// The bootstrap admin's password, when this start generated one.
+    pub generated_admin_password: Option<String>,
+}
+
+impl App {
+    /// Connects, migrates, bootstraps and starts the sweeper.
+    pub async fn build(config: Config, clock: Clock) -> anyhow::Result<App> {
+        let db = Db::connect(&config.database).await?;
+        db.migrate().await?;
+        let generated_admin_password =
+            users::bootstrap_admin(&db, &clock, config.bootstrap_admin_password.as_deref()).await?;
+        let auth = Auth::init(db.clone(), &config, clock.clone()).await?;
+        let store = Store::new(
+            db.clone(),
+            clock,
+            Limits {
+                max_value_bytes: config.max_value_bytes,
+                max_batch_items: config.max_batch_items,
+            },
+        );
+        let sweeper = Sweeper::spawn(store.clone(), config.sweep_interval, config.sweep_batch);
+        let state = AppState {
+            inner: Arc::new(StateInner { db, store, auth }),
+        };
+        Ok(App {
+            state,
+            sweeper,
+            config,
+            generated_admin_password,
+        })
+    }
+
+    /// The HTTP endpoint: REST, OpenAPI, Swagger UI, health probes.
+    pub fn endpoint(&self) -> impl Endpoint + 'static {
+        let api = rest::service();
+        let spec = api.spec_endpoint();
+        let docs = api.swagger_ui();
+        let body_limit = self.config.body_limit();
+        Route::new()
+            .at("/openapi.json", spec)
+            .nest("/docs", docs)
+            .nest("/", api)
+            .data(self.state.clone())
+            .around(move |ep, req| middleware::around(ep, req, body_limit))
+    }
+
+    /// Binds `config.listen` (port 0 picks a free port) and serves until
+    /// `shutdown` resolves. Returns the bound address through `bound` first.
+    pub async fn serve(
+        self,
+        bound: impl FnOnce(SocketAddr),
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let acceptor = TcpListener::bind(self.config.listen)
+            .into_acceptor()
+            .await
+            .with_context(|| format!("cannot listen on {}", self.config.listen))?;
+        let addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .context("the listener has no address")?;
+        bound(addr);
+        let endpoint = self.endpoint();
+        poem::Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(
+                endpoint,
+                shutdown,
+                Some(std::time::Duration::from_secs(10)),
+            )
+            .await
+            .context("server error")?;
+        drop(self.sweeper);
+        Ok(())
+    }
+}

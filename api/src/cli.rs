@@ -1,0 +1,238 @@
+//! The `kvql` command line.
+
+use std::io::{BufRead, IsTerminal};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use crate::app::App;
+use crate::auth::Role;
+use crate::clock::{Clock, rfc3339};
+use crate::config::{Config, DatabaseArgs};
+use crate::db::Db;
+use crate::{rest, users};
+
+/// kvql: a multi-tenant JSON key-value store over GraphQL and REST.
+///
+/// With no command, runs the server (`kvql serve`).
+#[derive(Parser)]
+#[command(name = "kvql", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Config,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default command).
+    Serve(Config),
+    /// Apply pending database migrations and exit. `serve` also applies them.
+    Migrate {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Manage users and tenants.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Print the OpenAPI document of the REST API (as checked in at openapi.json).
+    Openapi,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user, and its tenant if it does not exist yet. The password is
+    /// read from standard input.
+    Add {
+        /// Unique across all tenants: 1 to 64 letters, digits or `._@-`.
+        username: String,
+        /// The tenant the user belongs to (created if missing).
+        #[arg(long)]
+        tenant: String,
+        /// `owner` and `writer` can read and write; `reader` can only read.
+        #[arg(long, default_value = "writer", value_parser = parse_role)]
+        role: Role,
+        /// Read the password (at least 8 characters) from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// List users.
+    List {
+        /// Only the users of this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Change a user's password, read from standard input.
+    Passwd {
+        username: String,
+        /// Read the password (at least 8 characters) from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Remove a user; their tokens stop working at once. The tenant's data stays.
+    Remove {
+        username: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s)
+}
+
+/// Runs the command line; the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kvql: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvql: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Serve(config)) => serve(config).await,
+        Some(Command::Migrate { database }) => {
+            let db = Db::connect(&database).await?;
+            db.migrate().await?;
+            eprintln!("kvql: migrations applied to {}", database.redacted_url());
+            Ok(())
+        }
+        Some(Command::User { command }) => user(command).await,
+        Some(Command::Openapi) => {
+            println!("{}", rest::openapi_json());
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("invalid log filter {filter:?}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    init_logging(&config.log)?;
+    let database = config.database.redacted_url();
+    let app = App::build(config, Clock::system()).await?;
+    if let Some(password) = &app.generated_admin_password {
+        eprintln!(
+            "kvql: created user `admin` (tenant `default`, role owner) with password: {password}\n\
+             kvql: this password is shown only once; change it with: kvql user passwd admin --password-stdin"
+        );
+    }
+    app.serve(
+        |addr| tracing::info!(%addr, database, "kvql listening"),
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        },
+    )
+    .await
+}
+
+fn read_password(password_stdin: bool) -> anyhow::Result<String> {
+    if !password_stdin {
+        bail!(
+            "pass --password-stdin and write the password on standard input, e.g. `echo \"$PW\" | kvql user add ...`"
+        );
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("Password: ");
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let password = line.trim_end_matches(['\r', '\n']).to_owned();
+    if password.is_empty() {
+        bail!("no password on standard input");
+    }
+    Ok(password)
+}
+
+async fn open(database: &DatabaseArgs) -> anyhow::Result<Db> {
+    let db = Db::connect(database).await?;
+    db.migrate().await?;
+    Ok(db)
+}
+
+async fn user(command: UserCommand) -> anyhow::Result<()> {
+    match command {
+        UserCommand::Add {
+            username,
+            tenant,
+            role,
+            password_stdin,
+            database,
+        } => {
+            let password = read_password(password_stdin)?;
+            let db = open(&database).await?;
+            users::add_user(&db, &Clock::system(), &username, &tenant, role, &password).await?;
+            eprintln!("kvql: created user {username:?} in tenant {tenant:?} with role {role}");
+        }
+        UserCommand::List { tenant, database } => {
+            let db = open(&database).await?;
+            let list = users::list_users(&db, tenant.as_deref()).await?;
+            println!(
+                "{:<24} {:<24} {:<8} {:<9} CREATED",
+                "USERNAME", "TENANT", "ROLE", "STATUS"
+            );
+            for u in list {
+                println!(
+                    "{:<24} {:<24} {:<8} {:<9} {}",
+                    u.username,
+                    u.tenant,
+                    u.role,
+                    if u.disabled { "disabled" } else { "active" },
+                    rfc3339(u.created_at)
+                );
+            }
+        }
+        UserCommand::Passwd {
+            username,
+            password_stdin,
+            database,
+        } => {
+            let password = read_password(password_stdin)?;
+            let db = open(&database).await?;
+            users::set_password(&db, &username, &password).await?;
+            eprintln!("kvql: changed the password of {username:?}");
+        }
+        UserCommand::Remove { username, database } => {
+            let db = open(&database).await?;
+            users::remove_user(&db, &username).await?;
+            eprintln!("kvql: removed user {username:?}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! The one configuration struct. Every setting is a flag with a `KVQL_*`
+//! environment variable, so `kvql serve --help` is the configuration reference.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// Where the data lives.
+#[derive(Clone, Args)]
+pub struct DatabaseArgs {
+    /// Database URL: `sqlite://PATH?mode=rwc` (the file is created if missing) or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`.
+    #[arg(
+        long,
+        env = "KVQL_DATABASE_URL",
+        default_value = "sqlite://kvql.db?mode=rwc",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Most database connections this node opens (the read pool on SQLite, where
+    /// writes go through one extra dedicated connection; the whole pool on PostgreSQL).
+    #[arg(long, env = "KVQL_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
+    pub database_max_connections: u32,
+
+    /// SQLite durability. `normal`: WAL with synchronous=NORMAL, an acknowledged
+    /// write survives a crash of kvql but the last writes may be lost if the
+    /// machine loses power. `full`: fsync on every commit. Ignored on PostgreSQL.
+    #[arg(long, env = "KVQL_SQLITE_SYNCHRONOUS", value_enum, default_value_t = SqliteSync::Normal)]
+    pub sqlite_synchronous: SqliteSync,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SqliteSync {
+    Normal,
+    Full,
+}
+
+impl DatabaseArgs {
+    /// The URL with any password replaced by `***`, for logs.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.database_url)
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Everything `kvql serve` needs.
+#[derive(Clone, Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Address and port to listen on.
+    #[arg(long, env = "KVQL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// How long an access token stays valid, e.g. `15m`, `1h`, `7d`.
+    #[arg(long, env = "KVQL_TOKEN_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub token_ttl: Duration,
+
+    /// Value of the tokens' `iss` claim; verification requires it.
+    #[arg(long, env = "KVQL_TOKEN_ISSUER", default_value = "kvql")]
+    pub token_issuer: String,
+
+    /// Value of the tokens' `aud` claim; verification requires it.
+    #[arg(long, env = "KVQL_TOKEN_AUDIENCE", default_value = "kvql")]
+    pub token_audience: String,
+
+    /// How often the sweeper deletes expired values, e.g. `500ms`, `1s`.
+    #[arg(long, env = "KVQL_SWEEP_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+
+    /// Most expired rows the sweeper deletes in one transaction.
+    #[arg(long, env = "KVQL_SWEEP_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sweep_batch: u32,
+
+    /// Largest value accepted, in bytes of compact JSON.
+    #[arg(long, env = "KVQL_MAX_VALUE_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_value_bytes: u64,
+
+    /// Most items in one batch call.
+    #[arg(long, env = "KVQL_MAX_BATCH_ITEMS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch_items: u64,
+
+    /// Largest request body, in bytes. Default: max value bytes × max batch
+    /// items, capped at 64 MiB but never below one full value.
+    #[arg(long, env = "KVQL_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<u64>,
+
+    /// Password for the `admin` user (tenant `default`, role `owner`) created on
+    /// the first start, when there are no users. If unset, a random one is
+    /// printed once to stderr.
+    #[arg(long, env = "KVQL_BOOTSTRAP_ADMIN_PASSWORD", hide_env_values = true)]
+    pub bootstrap_admin_password: Option<String>,
+
+    /// Log filter in `tracing` syntax, e.g. `info`, `kvql=debug,api=debug`.
+    #[arg(long, env = "KVQL_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Room for JSON punctuation, keys and TTLs around the values of a request.
+const BODY_OVERHEAD: u64 = 64 * 1024;
+const DEFAULT_BODY_CAP: u64 = 64 * 1024 * 1024;
+
+impl Config {
+    /// The defaults, with environment variables applied, as `kvql serve` would see them.
+    pub fn from_env() -> Result<Self, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        <Wrapper as clap::Parser>::try_parse_from(["kvql"]).map(|w| w.config)
+    }
+
+    /// The request body limit in bytes (see `--max-body-bytes`).
+    pub fn body_limit(&self) -> u64 {
+        self.max_body_bytes.unwrap_or_else(|| {
+            self.max_value_bytes
+                .saturating_mul(self.max_batch_items)
+                .min(DEFAULT_BODY_CAP)
+                .max(self.max_value_bytes)
+                .saturating_add(BODY_OVERHEAD)
+        })
+    }
+}
+
+/// Parses durations such as `500ms`, `1s`, `15m`, `1h`, `7d`; zero is refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e} (expected e.g. 500ms, 1s, 1h)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_the_documented_forms() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn redacted_url_hides_only_the_password() {
+        assert_eq!(
+            redact_url("postgres://kv:secret@db:5432/kv"),
+            "postgres://kv:***@db:5432/kv"
+        );
+        assert_eq!(redact_url("postgres://kv@db/kv"), "postgres://kv@db/kv");
+        assert_eq!(
+            redact_url("sqlite://kvql.db?mode=rwc"),
+            "sqlite://kvql.db?mode=rwc"
+        );
+    }
+
+    #[test]
+    fn body_limit_follows_values_and_batches_with_a_cap() {
+        let mut c = Config::from_env().unwrap();
+        c.max_value_bytes = 1000;
+        c.max_batch_items = 10;
+        assert_eq!(c.body_limit(), 10_000 + BODY_OVERHEAD);
+        c.max_value_bytes = 1 << 20;
+        c.max_batch_items = 1000;
+        assert_eq!(c.body_limit(), DEFAULT_BODY_CAP + BODY_OVERHEAD);
+        c.max_value_bytes = 100 << 20;
+        assert_eq!(c.body_limit(), (100 << 20) + BODY_OVERHEAD);
+        c.max_body_bytes = Some(5);
+        assert_eq!(c.body_limit(), 5);
+    }
+}

@@ -1,0 +1,111 @@
+//! Database connections. SQLite gets a read pool plus one dedicated writer
+//! connection (SQLite allows one writer at a time; queuing writes in the pool
+//! instead of in SQLite's busy handler keeps latency flat). PostgreSQL uses one
+//! pool for both.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection};
+
+use crate::config::{DatabaseArgs, SqliteSync};
+
+#[derive(Clone, Debug)]
+pub struct Db {
+    pub read: DatabaseConnection,
+    pub write: DatabaseConnection,
+    pub backend: DatabaseBackend,
+}
+
+impl Db {
+    /// Opens the database, creating a SQLite file if needed. Does not migrate.
+    pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<Db> {
+        let url = args.database_url.as_str();
+        if url.starts_with("sqlite:") {
+            let write = Database::connect(sqlite_options(url, 1, args.sqlite_synchronous))
+                .await
+                .with_context(|| format!("cannot open {}", args.redacted_url()))?;
+            // The writer has created the file and switched it to WAL; readers may now open it.
+            let read = Database::connect(sqlite_options(
+                url,
+                args.database_max_connections.max(1),
+                args.sqlite_synchronous,
+            ))
+            .await
+            .with_context(|| format!("cannot open {}", args.redacted_url()))?;
+            Ok(Db {
+                read,
+                write,
+                backend: DatabaseBackend::Sqlite,
+            })
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let mut opts = ConnectOptions::new(url);
+            opts.max_connections(args.database_max_connections.max(2))
+                .min_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .sqlx_logging(false);
+            let pool = Database::connect(opts)
+                .await
+                .with_context(|| format!("cannot connect to {}", args.redacted_url()))?;
+            Ok(Db {
+                read: pool.clone(),
+                write: pool,
+                backend: DatabaseBackend::Postgres,
+            })
+        } else {
+            anyhow::bail!(
+                "unsupported database URL {}: use sqlite://PATH?mode=rwc or postgres://USER@HOST/DB",
+                args.redacted_url()
+            )
+        }
+    }
+
+    /// Applies pending migrations. On PostgreSQL an advisory lock makes
+    /// concurrent starts of several nodes take turns.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        match self.backend {
+            DatabaseBackend::Postgres => {
+                let pool = self.write.get_postgres_connection_pool();
+                let mut lock = pool.acquire().await.context("cannot reach PostgreSQL")?;
+                use sea_orm::sqlx::Executor;
+                lock.execute("SELECT pg_advisory_lock(7262457301)").await?;
+                let result = Migrator::up(&self.write, None).await;
+                lock.execute("SELECT pg_advisory_unlock(7262457301)")
+                    .await?;
+                result.context("migration failed")
+            }
+            _ => Migrator::up(&self.write, None)
+                .await
+                .context("migration failed"),
+        }
+    }
+
+    /// Whether the database answers a trivial query.
+    pub async fn ping(&self) -> bool {
+        self.read.execute_unprepared("SELECT 1").await.is_ok()
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.backend == DatabaseBackend::Postgres
+    }
+}
+
+fn sqlite_options(url: &str, max_connections: u32, sync: SqliteSync) -> ConnectOptions {
+    let mut opts = ConnectOptions::new(url);
+    opts.max_connections(max_connections)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(move |o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(match sync {
+                    SqliteSync::Normal => SqliteSynchronous::Normal,
+                    SqliteSync::Full => SqliteSynchronous::Full,
+                })
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+        });
+    opts
+}

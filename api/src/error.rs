@@ -1,0 +1,314 @@
+//! The one error type of the API, shared by REST and GraphQL.
+//!
+//! Each variant fixes its HTTP status and its `code`; the message is a sentence
+//! for a human. Internal causes are logged with the request id and never sent
+//! to the client.
+
+use std::fmt;
+
+use poem::http::{StatusCode, header};
+use poem::{IntoResponse, Response};
+use poem_openapi::payload::Json;
+use poem_openapi::registry::{MetaResponses, Registry};
+use poem_openapi::{ApiResponse, Object};
+
+tokio::task_local! {
+    /// The id of the request being served, set by the request middleware.
+    pub static REQUEST_ID: String;
+}
+
+/// The current request id, if any.
+pub fn request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 401 `UNAUTHENTICATED`: no token, a bad or expired token, or wrong credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// 403 `FORBIDDEN`: authenticated, but the role does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404 `NOT_FOUND`: no live value under this key (absent, expired or
+    /// another tenant's, all alike), or no such route.
+    #[error("{0}")]
+    NotFound(String),
+    /// 405 `METHOD_NOT_ALLOWED`: the route exists but not with this method.
+    #[error("this route does not accept the {0} method")]
+    MethodNotAllowed(String),
+    /// 409 `ALREADY_EXISTS`: a create met a live value under the key.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// 412 `VERSION_MISMATCH`: a conditional write or delete named a version
+    /// that is no longer current.
+    #[error("{0}")]
+    VersionMismatch(String),
+    /// 400 `INVALID_INPUT`: malformed or out-of-range input; the message names the field.
+    #[error("{}", match field { Some(f) => format!("invalid {f}: {message}"), None => message.clone() })]
+    InvalidInput {
+        field: Option<String>,
+        message: String,
+    },
+    /// 415 `INVALID_INPUT`: the body is not `application/json`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 413 `PAYLOAD_TOO_LARGE`: a value, a batch or a request body over its limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// An item of an atomic batch failed: the status and code are the item's,
+    /// the message names its index and key. Nothing of the batch was written.
+    #[error("item {index} (key {key:?}): {source}")]
+    BatchItem {
+        index: usize,
+        key: String,
+        source: Box<ApiError>,
+    },
+    /// 500 `INTERNAL`: logged with the request id; the client sees only the id.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::InvalidInput {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(err: impl Into<anyhow::Error>) -> Self {
+        ApiError::Internal(err.into())
+    }
+
+    pub fn not_found() -> Self {
+        ApiError::NotFound("no value is stored under this key".into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::AlreadyExists(_) => StatusCode::CONFLICT,
+            ApiError::VersionMismatch(_) => StatusCode::PRECONDITION_FAILED,
+            ApiError::InvalidInput { .. } => StatusCode::BAD_REQUEST,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BatchItem { source, .. } => source.status(),
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated(_) => "UNAUTHENTICATED",
+            ApiError::Forbidden(_) => "FORBIDDEN",
+            ApiError::NotFound(_) => "NOT_FOUND",
+            ApiError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
+            ApiError::AlreadyExists(_) => "ALREADY_EXISTS",
+            ApiError::VersionMismatch(_) => "VERSION_MISMATCH",
+            ApiError::InvalidInput { .. } | ApiError::UnsupportedMediaType(_) => "INVALID_INPUT",
+            ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
+            ApiError::BatchItem { source, .. } => source.code(),
+            ApiError::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// The field the error is about, when it is about one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidInput { field, .. } => field.as_deref(),
+            ApiError::BatchItem { source, .. } => source.field(),
+            _ => None,
+        }
+    }
+
+    /// The body sent to clients. Logs internal errors (with their cause) once.
+    pub fn body(&self) -> ErrorBody {
+        let request_id = request_id();
+        if let ApiError::Internal(cause) = self {
+            tracing::error!(error = ?cause, "internal error");
+        }
+        let error = match self {
+            ApiError::Internal(_) => match &request_id {
+                Some(id) => format!("internal error; quote request id {id} when reporting it"),
+                None => "internal error".to_owned(),
+            },
+            other => other.to_string(),
+        };
+        let (index, key) = match self {
+            ApiError::BatchItem { index, key, .. } => (Some(*index as u64), Some(key.clone())),
+            _ => (None, None),
+        };
+        ErrorBody {
+            error,
+            code: self.code().to_owned(),
+            field: self.field().map(str::to_owned),
+            index,
+            key,
+            request_id: matches!(self, ApiError::Internal(_))
+                .then_some(request_id)
+                .flatten(),
+        }
+    }
+
+    /// Turns an error raised by poem or poem-openapi (bad JSON, wrong content
+    /// type, unknown route, ...) into ours, so that every answer is JSON.
+    pub fn from_poem(err: poem::Error) -> Self {
+        if err.is::<ApiError>() {
+            if let Ok(api) = err.downcast::<ApiError>() {
+                return api;
+            }
+            unreachable!("checked with is::<ApiError>()");
+        }
+        let message = err.to_string();
+        match err.status() {
+            StatusCode::BAD_REQUEST => ApiError::InvalidInput {
+                field: None,
+                message: tidy_framework_message(&message),
+            },
+            StatusCode::UNAUTHORIZED => ApiError::Unauthenticated(
+                "a valid bearer token is required: send `Authorization: Bearer <access_token>` from POST /login".into(),
+            ),
+            StatusCode::FORBIDDEN => ApiError::Forbidden(message),
+            StatusCode::NOT_FOUND => ApiError::NotFound("no such route".into()),
+            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed("requested".into()),
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge("the request body is larger than this server accepts".into())
+            }
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(
+                "the request body must be JSON, sent with `Content-Type: application/json`".into(),
+            ),
+            status if status.is_server_error() => ApiError::internal(anyhow::anyhow!("{message}")),
+            _ => ApiError::InvalidInput {
+                field: None,
+                message: tidy_framework_message(&message),
+            },
+        }
+    }
+}
+
+/// poem-openapi's messages start with a generic preamble; keep the useful part.
+fn tidy_framework_message(message: &str) -> String {
+    let m = message
+        .strip_prefix("parse request payload error: ")
+        .unwrap_or(message);
+    if m.is_empty() {
+        "the request could not be parsed".into()
+    } else {
+        m.to_owned()
+    }
+}
+
+impl From<sea_orm::DbErr> for ApiError {
+    fn from(err: sea_orm::DbErr) -> Self {
+        ApiError::Internal(err.into())
+    }
+}
+
+/// Every error answer: `{"error": "<sentence>", "code": "<CODE>"}`, plus
+/// `field`, `index`/`key` (atomic batches) or `request_id` (internal errors)
+/// when they apply.
+#[derive(Debug, Clone, serde::Serialize, Object)]
+pub struct ErrorBody {
+    /// What went wrong, as a sentence for a human.
+    pub error: String,
+    /// Stable machine-readable code: UNAUTHENTICATED, FORBIDDEN, NOT_FOUND,
+    /// METHOD_NOT_ALLOWED, ALREADY_EXISTS, VERSION_MISMATCH, INVALID_INPUT,
+    /// PAYLOAD_TOO_LARGE, RATE_LIMITED, QUOTA_EXCEEDED or INTERNAL.
+    pub code: String,
+    /// The input field at fault, for INVALID_INPUT.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// For an atomic batch: the position of the item that failed.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u64>,
+    /// For an atomic batch: the key of the item that failed.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// For INTERNAL: the id to quote when reporting it (also in `X-Request-Id`).
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl poem::error::ResponseError for ApiError {
+    fn status(&self) -> StatusCode {
+        ApiError::status(self)
+    }
+
+    fn as_response(&self) -> Response {
+        let body = serde_json::to_vec(&self.body()).unwrap_or_default();
+        let mut resp = Response::builder()
+            .status(self.status())
+            .content_type("application/json; charset=utf-8")
+            .body(body);
+        if matches!(self, ApiError::Unauthenticated(_)) {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        poem::error::ResponseError::as_response(&self)
+    }
+}
+
+/// The error answers as documented in OpenAPI.
+#[derive(ApiResponse)]
+#[allow(dead_code)]
+enum ErrorResponses {
+    /// INVALID_INPUT: malformed JSON, a missing field, or a value out of range.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// UNAUTHENTICATED: a missing, bad or expired token, or wrong credentials.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>, #[oai(header = "WWW-Authenticate")] String),
+    /// FORBIDDEN: the token's role may not write.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
+    /// NOT_FOUND: no live value under the key.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// ALREADY_EXISTS: a live value is already stored under the key.
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
+    /// VERSION_MISMATCH: `If-Match` named a version that is no longer current.
+    #[oai(status = 412)]
+    PreconditionFailed(Json<ErrorBody>),
+    /// PAYLOAD_TOO_LARGE: a value, batch or body over its limit.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// INVALID_INPUT: the body is not `application/json`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
+    /// INTERNAL: logged server-side under `request_id`.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+
+impl ApiResponse for ApiError {
+    fn meta() -> MetaResponses {
+        ErrorResponses::meta()
+    }
+
+    fn register(registry: &mut Registry) {
+        ErrorResponses::register(registry);
+    }
+}
+
+impl fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.error, self.code)
+    }
+}

@@ -1,0 +1,15 @@
+//! kvql as a library: the server and its command line. `src/main.rs` only
+//! calls [`cli::main`]; the tests build an [`app::App`] directly.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod error;
+mod middleware;
+pub mod rest;
+pub mod store;
+pub mod sweeper;
+pub mod users;

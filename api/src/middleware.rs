@@ -1,0 +1,128 @@
+//! What every request goes through: a request id, a body size limit, a
+//! tracing span, and the guarantee that every error answer is our JSON.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use poem::http::{HeaderValue, StatusCode, header};
+use poem::{Body, Endpoint, IntoResponse, Request, Response};
+use tracing::Instrument;
+
+use crate::error::{ApiError, REQUEST_ID};
+
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Wraps the whole app. Never returns `Err`: errors become JSON answers here.
+pub async fn around<E: Endpoint>(
+    ep: Arc<E>,
+    mut req: Request,
+    body_limit: u64,
+) -> poem::Result<Response> {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
+    let method = req.method().clone();
+    let started = Instant::now();
+    REQUEST_ID
+        .scope(id.clone(), async move {
+            let result = match limit_body(&mut req, body_limit).await {
+                Ok(()) => ep.call(req).await.map(IntoResponse::into_response),
+                Err(e) => Err(e.into()),
+            };
+            let mut resp = match result {
+                Ok(resp) if needs_json(&resp) => json_error(&method, resp.status()),
+                Ok(resp) => resp,
+                Err(err) => {
+                    let status = err.status();
+                    if err.is::<ApiError>() {
+                        err.into_response()
+                    } else if status == StatusCode::METHOD_NOT_ALLOWED
+                        || status == StatusCode::NOT_FOUND
+                    {
+                        json_error(&method, status)
+                    } else {
+                        ApiError::from_poem(err).into_response()
+                    }
+                }
+            };
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+            }
+            let status = resp.status().as_u16();
+            let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+            if status >= 500 {
+                tracing::warn!(status, elapsed_ms, "request failed");
+            } else {
+                tracing::debug!(status, elapsed_ms, "request");
+            }
+            Ok(resp)
+        })
+        .instrument(span)
+        .await
+}
+
+/// An error status whose body is not JSON (the framework's own answers).
+fn needs_json(resp: &Response) -> bool {
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    (status.is_client_error() || status.is_server_error()) && !json
+}
+
+fn json_error(method: &poem::http::Method, status: StatusCode) -> Response {
+    let err = match status {
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(method.to_string()),
+        StatusCode::NOT_FOUND => ApiError::NotFound("no such route".into()),
+        other => ApiError::from_poem(poem::Error::from_status(other)),
+    };
+    err.into_response()
+}
+
+/// Refuses bodies over `limit` bytes with 413, whether or not they announce
+/// their length.
+async fn limit_body(req: &mut Request, limit: u64) -> Result<(), ApiError> {
+    let too_large = || {
+        ApiError::PayloadTooLarge(format!(
+            "the request body is larger than this server accepts ({limit} bytes)"
+        ))
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > limit => Err(too_large()),
+        Some(_) => Ok(()),
+        None if req.headers().contains_key(header::TRANSFER_ENCODING) => {
+            let body = req.take_body();
+            match body.into_bytes_limit(limit as usize).await {
+                Ok(bytes) => {
+                    req.set_body(Body::from_bytes(bytes));
+                    Ok(())
+                }
+                Err(poem::error::ReadBodyError::PayloadTooLarge) => Err(too_large()),
+                Err(e) => Err(ApiError::invalid("body", format!("could not be read: {e}"))),
+            }
+        }
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,662 @@
+//! The REST door: routes compatible with the seed service's README, described
+//! by OpenAPI. Thin: parse at the edge, call `store`, shape the answer.
+
+mod body;
+
+use std::borrow::Cow;
+
+use poem::Request;
+use poem::web::Data;
+use poem_openapi::auth::Bearer;
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
+use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
+use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, Tags};
+
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::clock::rfc3339;
+use crate::error::ApiError;
+use crate::store::{self, Atomicity, Cursor, Expect, Key, Limit, Prefix};
+use body::JsonBody;
+
+#[derive(Tags)]
+enum Tag {
+    /// Logging in.
+    Auth,
+    /// Reading and writing values.
+    Objects,
+    /// Several values in one call.
+    Batch,
+    /// Liveness and readiness probes.
+    Health,
+}
+
+/// A bearer token from `POST /login`: `Authorization: Bearer <access_token>`.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", bearer_format = "JWT", checker = "check_bearer")]
+pub struct BearerAuth(Principal);
+
+async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal> {
+    let state = req
+        .data::<AppState>()
+        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("app state missing")))?;
+    Ok(state.auth().authenticate(&bearer.token).await?)
+}
+
+/// Any JSON value; unlike `serde_json::Value`, a missing field is an error, not `null`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct JsonValue(pub serde_json::Value);
+
+impl Type for JsonValue {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        "any".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Inline(Box::new(MetaSchema::ANY))
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        Box::new(self.as_raw_value().into_iter())
+    }
+}
+
+impl ParseFromJSON for JsonValue {
+    fn parse_from_json(value: Option<serde_json::Value>) -> ParseResult<Self> {
+        value
+            .map(JsonValue)
+            .ok_or_else(|| ParseError::custom("required (any JSON value, null included)"))
+    }
+}
+
+impl ToJSON for JsonValue {
+    fn to_json(&self) -> Option<serde_json::Value> {
+        Some(self.0.clone())
+    }
+}
+
+/// Credentials.
+#[derive(Object, serde::Deserialize)]
+struct LoginRequest {
+    username: String,
+    password: String,
+}
+
+/// A bearer token for the `Authorization` header.
+#[derive(Object)]
+struct TokenResponse {
+    /// The JWT to send as `Authorization: Bearer <access_token>`.
+    access_token: String,
+    /// Always `Bearer`.
+    token_type: String,
+    /// Seconds until the token expires.
+    expires_in: u64,
+}
+
+/// A value to create.
+#[derive(Object, serde::Deserialize)]
+struct CreateObjectRequest {
+    /// 1 to 512 bytes of UTF-8 without control characters.
+    key: String,
+    /// Any JSON value (object, array, string, number, boolean or null).
+    data: JsonValue,
+    /// Seconds until the value expires, 1 to 315360000; omit or null for never.
+    ttl: Option<i64>,
+}
+
+/// A value to store under the key in the path.
+#[derive(Object, serde::Deserialize)]
+struct PutObjectRequest {
+    /// Any JSON value (object, array, string, number, boolean or null).
+    data: JsonValue,
+    /// Seconds until the value expires, 1 to 315360000; omit or null for
+    /// never. A PUT replaces the TTL along with the data.
+    ttl: Option<i64>,
+}
+
+/// A stored value.
+#[derive(Object)]
+struct ObjectView {
+    key: String,
+    /// The JSON value as stored.
+    data: JsonValue,
+    /// Starts at 1 and grows by one on every write; the ETag is this number in quotes.
+    version: i64,
+    /// Whole seconds left before the value expires (rounded up); null if it never expires.
+    ttl: Option<i64>,
+    /// When the value expires (RFC 3339, UTC); null if it never expires.
+    expires_at: Option<String>,
+    /// When the key was created (RFC 3339, UTC).
+    created_at: String,
+    /// When the value was last written (RFC 3339, UTC).
+    updated_at: String,
+}
+
+impl From<store::Object> for ObjectView {
+    fn from(o: store::Object) -> Self {
+        ObjectView {
+            data: JsonValue(o.data_json()),
+            key: o.key,
+            version: o.version,
+            ttl: o.ttl,
+            expires_at: o.expires_at.map(rfc3339),
+            created_at: rfc3339(o.created_at),
+            updated_at: rfc3339(o.updated_at),
+        }
+    }
+}
+
+/// The outcome of a write.
+#[derive(Object)]
+struct WriteResult {
+    /// `Key-Value pair created` or `Key-Value pair updated`.
+    message: String,
+    key: String,
+    /// The version now stored.
+    version: i64,
+    /// Whole seconds left before the value expires; null if it never expires.
+    ttl: Option<i64>,
+    /// When the value expires (RFC 3339, UTC); null if it never expires.
+    expires_at: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl WriteResult {
+    fn new(o: &store::Object, created: bool) -> Self {
+        WriteResult {
+            message: if created {
+                "Key-Value pair created"
+            } else {
+                "Key-Value pair updated"
+            }
+            .into(),
+            key: o.key.clone(),
+            version: o.version,
+            ttl: o.ttl,
+            expires_at: o.expires_at.map(rfc3339),
+            created_at: rfc3339(o.created_at),
+            updated_at: rfc3339(o.updated_at),
+        }
+    }
+}
+
+/// The outcome of a delete.
+#[derive(Object)]
+struct DeleteResult {
+    /// `Key-Value pair deleted`.
+    message: String,
+    key: String,
+}
+
+/// One page of values.
+#[derive(Object)]
+struct ObjectPage {
+    /// Values in byte order of their keys.
+    items: Vec<ObjectView>,
+    /// Pass as `cursor` to get the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+/// One item's outcome in a batch.
+#[derive(Object)]
+struct BatchItemResult {
+    /// Position of the item in the request.
+    index: u64,
+    key: String,
+    /// Whether this item was written.
+    ok: bool,
+    /// The status this item would have had on its own (201, 200, 404, 409, ...).
+    status: u16,
+    /// The version written, for a successful create or put.
+    #[oai(skip_serializing_if_is_none)]
+    version: Option<i64>,
+    /// The error code, for a failed item.
+    #[oai(skip_serializing_if_is_none)]
+    code: Option<String>,
+    /// The error message, for a failed item.
+    #[oai(skip_serializing_if_is_none)]
+    error: Option<String>,
+}
+
+/// Per-item results, in request order.
+#[derive(Object)]
+struct BatchResult {
+    results: Vec<BatchItemResult>,
+    /// How many items were written.
+    succeeded: u64,
+    /// How many items failed (and wrote nothing).
+    failed: u64,
+}
+
+impl BatchResult {
+    fn new<T>(
+        keys: Vec<String>,
+        outcomes: Vec<Result<T, ApiError>>,
+        ok: impl Fn(&T) -> (u16, Option<i64>),
+    ) -> Self {
+        let mut succeeded = 0;
+        let results: Vec<BatchItemResult> = keys
+            .into_iter()
+            .zip(outcomes)
+            .enumerate()
+            .map(|(index, (key, outcome))| {
+                let index = index as u64;
+                match outcome {
+                    Ok(value) => {
+                        succeeded += 1;
+                        let (status, version) = ok(&value);
+                        BatchItemResult {
+                            index,
+                            key,
+                            ok: true,
+                            status,
+                            version,
+                            code: None,
+                            error: None,
+                        }
+                    }
+                    Err(e) => BatchItemResult {
+                        index,
+                        key,
+                        ok: false,
+                        status: e.status().as_u16(),
+                        version: None,
+                        code: Some(e.code().to_owned()),
+                        error: Some(e.to_string()),
+                    },
+                }
+            })
+            .collect();
+        let failed = results.len() as u64 - succeeded;
+        BatchResult {
+            results,
+            succeeded,
+            failed,
+        }
+    }
+}
+
+#[derive(Object)]
+struct Health {
+    /// `ok`, `ready` or `unavailable`.
+    status: String,
+}
+
+#[derive(ApiResponse)]
+enum GetResponse {
+    /// The value.
+    #[oai(status = 200)]
+    Ok(Json<ObjectView>, #[oai(header = "ETag")] String),
+    /// `If-None-Match` named the current version.
+    #[oai(status = 304)]
+    NotModified(#[oai(header = "ETag")] String),
+}
+
+#[derive(ApiResponse)]
+enum CreateResponse {
+    /// Created.
+    #[oai(status = 201)]
+    Created(Json<WriteResult>, #[oai(header = "ETag")] String),
+}
+
+#[derive(ApiResponse)]
+enum PutResponse {
+    /// An existing value was replaced.
+    #[oai(status = 200)]
+    Replaced(Json<WriteResult>, #[oai(header = "ETag")] String),
+    /// The key had no live value; it was created.
+    #[oai(status = 201)]
+    Created(Json<WriteResult>, #[oai(header = "ETag")] String),
+}
+
+#[derive(ApiResponse)]
+enum ReadyResponse {
+    /// The database answers.
+    #[oai(status = 200)]
+    Ready(Json<Health>),
+    /// The database does not answer.
+    #[oai(status = 503)]
+    Unavailable(Json<Health>),
+}
+
+pub struct RestApi;
+
+fn parse_if_match(raw: Option<&str>) -> Result<Option<Expect>, ApiError> {
+    match raw.map(str::trim) {
+        None => Ok(None),
+        Some("*") => Ok(Some(Expect::Exists)),
+        Some(tag) => store::parse_version("If-Match", tag).map(|v| Some(Expect::Version(v))),
+    }
+}
+
+fn atomicity(atomic: Option<bool>) -> Atomicity {
+    if atomic.unwrap_or(false) {
+        Atomicity::Atomic
+    } else {
+        Atomicity::PerItem
+    }
+}
+
+#[OpenApi]
+impl RestApi {
+    /// Log in
+    ///
+    /// Exchanges a username and password for a bearer token. An unknown user
+    /// and a wrong password get the same 401.
+    #[oai(path = "/login", method = "post", tag = "Tag::Auth")]
+    async fn login(
+        &self,
+        state: Data<&AppState>,
+        body: JsonBody<LoginRequest>,
+    ) -> Result<Json<TokenResponse>, ApiError> {
+        let token = state
+            .auth()
+            .login(&body.0.username, &body.0.password)
+            .await?;
+        Ok(Json(TokenResponse {
+            access_token: token.access_token,
+            token_type: "Bearer".into(),
+            expires_in: token.expires_in,
+        }))
+    }
+
+    /// Create a value
+    ///
+    /// Stores `data` under `key`, optionally expiring after `ttl` seconds.
+    /// Fails with 409 `ALREADY_EXISTS` if the key holds a live value; an
+    /// expired value counts as absent.
+    #[oai(path = "/api/object", method = "post", tag = "Tag::Objects")]
+    async fn create(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        body: JsonBody<CreateObjectRequest>,
+    ) -> Result<CreateResponse, ApiError> {
+        let writer = auth.0.writer()?;
+        let store = state.store();
+        let body = body.0;
+        let item = store.item(body.key, &body.data.0, body.ttl)?;
+        let object = store.create(writer, &item).await?;
+        Ok(CreateResponse::Created(
+            Json(WriteResult::new(&object, true)),
+            object.etag(),
+        ))
+    }
+
+    /// Read a value
+    ///
+    /// Returns the live value under `key` with its version in the `ETag`
+    /// header. Keys are percent-decoded: `a%2Fb` is the key `a/b`. With
+    /// `If-None-Match` naming the current ETag, answers 304 without a body.
+    #[oai(path = "/api/object/:key", method = "get", tag = "Tag::Objects")]
+    async fn get(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        key: Path<String>,
+        #[oai(name = "If-None-Match")] if_none_match: Header<Option<String>>,
+    ) -> Result<GetResponse, ApiError> {
+        let key = Key::parse(key.0)?;
+        let object = state
+            .store()
+            .get(auth.0.tenant(), &key)
+            .await?
+            .ok_or_else(ApiError::not_found)?;
+        let etag = object.etag();
+        let matches = if_none_match
+            .0
+            .as_deref()
+            .is_some_and(|h| h.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        if matches {
+            return Ok(GetResponse::NotModified(etag));
+        }
+        Ok(GetResponse::Ok(Json(object.into()), etag))
+    }
+
+    /// Create or replace a value
+    ///
+    /// Stores `data` under `key`: 201 if the key had no live value, 200 if
+    /// one was replaced. `If-Match: "<version>"` replaces only that version
+    /// (412 `VERSION_MISMATCH` otherwise, 404 if absent); `If-Match: *`
+    /// replaces only an existing value; `If-None-Match: *` creates only (409
+    /// `ALREADY_EXISTS` otherwise).
+    #[oai(path = "/api/object/:key", method = "put", tag = "Tag::Objects")]
+    async fn put(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        key: Path<String>,
+        #[oai(name = "If-Match")] if_match: Header<Option<String>>,
+        #[oai(name = "If-None-Match")] if_none_match: Header<Option<String>>,
+        body: JsonBody<PutObjectRequest>,
+    ) -> Result<PutResponse, ApiError> {
+        let writer = auth.0.writer()?;
+        let expect = match (
+            parse_if_match(if_match.0.as_deref())?,
+            if_none_match.0.as_deref(),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "If-None-Match",
+                    "cannot be combined with If-Match",
+                ));
+            }
+            (Some(expect), None) => expect,
+            (None, Some(h)) if h.trim() == "*" => Expect::Absent,
+            (None, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "If-None-Match",
+                    "only `*` (create only) is supported on PUT",
+                ));
+            }
+            (None, None) => Expect::Any,
+        };
+        let store = state.store();
+        let body = body.0;
+        let item = store.item(key.0, &body.data.0, body.ttl)?;
+        let put = store.put(writer, &item, expect).await?;
+        let etag = put.object.etag();
+        let result = Json(WriteResult::new(&put.object, put.created));
+        Ok(if put.created {
+            PutResponse::Created(result, etag)
+        } else {
+            PutResponse::Replaced(result, etag)
+        })
+    }
+
+    /// Delete a value
+    ///
+    /// Deletes the live value under `key`; 404 if there is none (an expired
+    /// value counts as none). `If-Match: "<version>"` deletes only that version.
+    #[oai(path = "/api/object/:key", method = "delete", tag = "Tag::Objects")]
+    async fn delete(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        key: Path<String>,
+        #[oai(name = "If-Match")] if_match: Header<Option<String>>,
+    ) -> Result<Json<DeleteResult>, ApiError> {
+        let writer = auth.0.writer()?;
+        let key = Key::parse(key.0)?;
+        let expected = match parse_if_match(if_match.0.as_deref())? {
+            Some(Expect::Version(v)) => Some(v),
+            _ => None,
+        };
+        state.store().delete(writer, &key, expected).await?;
+        Ok(Json(DeleteResult {
+            message: "Key-Value pair deleted".into(),
+            key: key.into_string(),
+        }))
+    }
+
+    /// List values
+    ///
+    /// Live values whose keys start with `prefix`, in byte order of keys,
+    /// `limit` per page (1 to 1000, default 100). Pass `next_cursor` back as
+    /// `cursor` for the next page.
+    #[oai(path = "/api/objects", method = "get", tag = "Tag::Objects")]
+    async fn list(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        prefix: Query<Option<String>>,
+        limit: Query<Option<i64>>,
+        cursor: Query<Option<String>>,
+    ) -> Result<Json<ObjectPage>, ApiError> {
+        let prefix = Prefix::parse(prefix.0)?;
+        let limit = Limit::parse("limit", limit.0)?;
+        let cursor = cursor.0.as_deref().map(Cursor::parse).transpose()?;
+        let page = state
+            .store()
+            .list(auth.0.tenant(), &prefix, limit, cursor.as_ref())
+            .await?;
+        Ok(Json(ObjectPage {
+            items: page.objects.into_iter().map(ObjectView::from).collect(),
+            next_cursor: page.next.map(|c| c.encode()),
+        }))
+    }
+
+    /// Create several values
+    ///
+    /// Creates each item as `POST /api/object` would, in one transaction, and
+    /// answers 200 with one result per item in order. A failed item writes
+    /// nothing and the others still apply. With `atomic=true` the batch is
+    /// all-or-nothing: the first failing item fails the whole call with its
+    /// status and code, plus its `index` and `key`.
+    #[oai(path = "/api/batch/object", method = "post", tag = "Tag::Batch")]
+    async fn batch_create(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        atomic: Query<Option<bool>>,
+        body: JsonBody<Vec<CreateObjectRequest>>,
+    ) -> Result<Json<BatchResult>, ApiError> {
+        let writer = auth.0.writer()?;
+        let store = state.store();
+        store.check_batch_len(body.0.len())?;
+        let (keys, items) = body
+            .0
+            .into_iter()
+            .map(|i| {
+                let parsed = store.item(i.key.clone(), &i.data.0, i.ttl);
+                (i.key.clone(), (i.key, parsed))
+            })
+            .unzip();
+        let outcomes = store
+            .batch_create(writer, items, atomicity(atomic.0))
+            .await?;
+        Ok(Json(BatchResult::new(keys, outcomes, |o| {
+            (201, Some(o.version))
+        })))
+    }
+
+    /// Create or replace several values
+    ///
+    /// Puts each item as `PUT /api/object/{key}` without conditions would, in
+    /// one transaction, with one result per item (201 created, 200 replaced).
+    /// With `atomic=true` the batch is all-or-nothing.
+    #[oai(path = "/api/batch/object", method = "put", tag = "Tag::Batch")]
+    async fn batch_put(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        atomic: Query<Option<bool>>,
+        body: JsonBody<Vec<CreateObjectRequest>>,
+    ) -> Result<Json<BatchResult>, ApiError> {
+        let writer = auth.0.writer()?;
+        let store = state.store();
+        store.check_batch_len(body.0.len())?;
+        let (keys, items) = body
+            .0
+            .into_iter()
+            .map(|i| {
+                let parsed = store.item(i.key.clone(), &i.data.0, i.ttl);
+                (i.key.clone(), (i.key, parsed))
+            })
+            .unzip();
+        let outcomes = store.batch_put(writer, items, atomicity(atomic.0)).await?;
+        Ok(Json(BatchResult::new(keys, outcomes, |p| {
+            (if p.created { 201 } else { 200 }, Some(p.object.version))
+        })))
+    }
+
+    /// Delete several values
+    ///
+    /// Deletes each key in one transaction, with one result per key (200, or
+    /// 404 `NOT_FOUND`). With `atomic=true` the batch is all-or-nothing.
+    #[oai(path = "/api/batch/delete", method = "post", tag = "Tag::Batch")]
+    async fn batch_delete(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        atomic: Query<Option<bool>>,
+        body: JsonBody<Vec<String>>,
+    ) -> Result<Json<BatchResult>, ApiError> {
+        let writer = auth.0.writer()?;
+        let store = state.store();
+        store.check_batch_len(body.0.len())?;
+        let keys: Vec<String> = body.0;
+        let parsed = keys
+            .iter()
+            .map(|k| (k.clone(), Key::parse(k.clone())))
+            .collect();
+        let outcomes = store
+            .batch_delete(writer, parsed, atomicity(atomic.0))
+            .await?;
+        Ok(Json(BatchResult::new(keys, outcomes, |_| (200, None))))
+    }
+
+    /// Liveness
+    ///
+    /// 200 while the process runs.
+    #[oai(path = "/healthz", method = "get", tag = "Tag::Health")]
+    async fn healthz(&self) -> Json<Health> {
+        Json(Health {
+            status: "ok".into(),
+        })
+    }
+
+    /// Readiness
+    ///
+    /// 200 when the database answers, 503 otherwise.
+    #[oai(path = "/readyz", method = "get", tag = "Tag::Health")]
+    async fn readyz(&self, state: Data<&AppState>) -> ReadyResponse {
+        if state.db().ping().await {
+            ReadyResponse::Ready(Json(Health {
+                status: "ready".into(),
+            }))
+        } else {
+            ReadyResponse::Unavailable(Json(Health {
+                status: "unavailable".into(),
+            }))
+        }
+    }
+}
+
+/// The OpenAPI service for these routes.
+pub fn service() -> poem_openapi::OpenApiService<RestApi, ()> {
+    poem_openapi::OpenApiService::new(RestApi, "kvql", env!("CARGO_PKG_VERSION")).description(
+        "A multi-tenant JSON key-value store. Log in with `POST /login`, then send \
+             `Authorization: Bearer <access_token>`. Every error is JSON \
+             `{\"error\": \"...\", \"code\": \"...\"}`.",
+    )
+}
+
+/// The OpenAPI document as checked in at `openapi.json`.
+pub fn openapi_json() -> String {
+    service().spec()
+}

@@ -1,0 +1,374 @@
+//! Parsed inputs of the store. Doors parse raw input into these at the edge;
+//! store functions take only parsed values.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::error::ApiError;
+
+/// A key: 1 to 512 bytes of UTF-8 without control characters. `/`, spaces,
+/// `?`, `%` and non-ASCII characters are all fine.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key(String);
+
+impl Key {
+    pub const MAX_BYTES: usize = 512;
+
+    pub fn parse(raw: impl Into<String>) -> Result<Key, ApiError> {
+        let raw = raw.into();
+        if raw.is_empty() || raw.len() > Self::MAX_BYTES {
+            return Err(ApiError::invalid(
+                "key",
+                format!(
+                    "must be 1 to {} bytes of UTF-8, got {} bytes",
+                    Self::MAX_BYTES,
+                    raw.len()
+                ),
+            ));
+        }
+        check_no_control("key", &raw)?;
+        Ok(Key(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+fn check_no_control(field: &str, s: &str) -> Result<(), ApiError> {
+    match s.chars().position(char::is_control) {
+        Some(at) => Err(ApiError::invalid(
+            field,
+            format!("must not contain control characters (found one at character {at})"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A key prefix for listing: like a key, but may be empty (everything).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prefix(String);
+
+impl Prefix {
+    pub fn parse(raw: Option<String>) -> Result<Prefix, ApiError> {
+        let raw = raw.unwrap_or_default();
+        if raw.len() > Key::MAX_BYTES {
+            return Err(ApiError::invalid(
+                "prefix",
+                format!("must be at most {} bytes", Key::MAX_BYTES),
+            ));
+        }
+        check_no_control("prefix", &raw)?;
+        Ok(Prefix(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The smallest string greater than every string that starts with this
+    /// prefix, in byte order; `None` when there is no upper bound (empty prefix).
+    pub fn upper_bound(&self) -> Option<String> {
+        let mut chars: Vec<char> = self.0.chars().collect();
+        while let Some(last) = chars.pop() {
+            if let Some(next) = next_char(last) {
+                chars.push(next);
+                return Some(chars.into_iter().collect());
+            }
+        }
+        None
+    }
+}
+
+/// The next Unicode scalar value; UTF-8 byte order follows code point order.
+fn next_char(c: char) -> Option<char> {
+    let mut n = c as u32 + 1;
+    if (0xD800..=0xDFFF).contains(&n) {
+        n = 0xE000;
+    }
+    char::from_u32(n)
+}
+
+/// A time-to-live in whole seconds, 1 to 315,360,000 (ten years).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ttl(u32);
+
+impl Ttl {
+    pub const MAX_SECONDS: i64 = 315_360_000;
+
+    pub fn parse(seconds: i64) -> Result<Ttl, ApiError> {
+        if (1..=Self::MAX_SECONDS).contains(&seconds) {
+            Ok(Ttl(seconds as u32))
+        } else {
+            Err(ApiError::invalid(
+                "ttl",
+                format!(
+                    "must be a whole number of seconds from 1 to {}, got {seconds}",
+                    Self::MAX_SECONDS
+                ),
+            ))
+        }
+    }
+
+    /// `None` (no expiry) stays `None`.
+    pub fn parse_opt(seconds: Option<i64>) -> Result<Option<Ttl>, ApiError> {
+        seconds.map(Ttl::parse).transpose()
+    }
+
+    pub fn millis(self) -> i64 {
+        i64::from(self.0) * 1000
+    }
+}
+
+/// A value: any JSON, as compact text of at most the configured size. Strings
+/// may not contain U+0000, which PostgreSQL cannot store, so both backends
+/// refuse it alike.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Data(String);
+
+impl Data {
+    pub fn parse(value: &serde_json::Value, max_bytes: u64) -> Result<Data, ApiError> {
+        if contains_nul(value) {
+            return Err(ApiError::invalid(
+                "data",
+                "strings must not contain the NUL character (\\u0000)",
+            ));
+        }
+        let text = serde_json::to_string(value).map_err(ApiError::internal)?;
+        if text.len() as u64 > max_bytes {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "data is {} bytes of JSON; the limit is {max_bytes}",
+                text.len()
+            )));
+        }
+        Ok(Data(text))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn contains_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
+/// A version as clients send it back: a decimal number, bare or quoted as in an ETag.
+pub fn parse_version(field: &str, raw: &str) -> Result<i64, ApiError> {
+    let trimmed = raw.trim();
+    let unquoted = trimmed
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(trimmed);
+    unquoted
+        .parse::<i64>()
+        .ok()
+        .filter(|v| *v >= 1)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                format!("expected a version such as \"3\" (an ETag from this server), got {raw:?}"),
+            )
+        })
+}
+
+/// What a write expects to find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Anything: create or replace.
+    Any,
+    /// A live value, whatever its version (`If-Match: *`).
+    Exists,
+    /// A live value at exactly this version (`If-Match: "3"`).
+    Version(i64),
+    /// No live value: create only (`If-None-Match: *`).
+    Absent,
+}
+
+/// An opaque position in a listing: the last key of the previous page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor(String);
+
+impl Cursor {
+    pub fn after(key: &str) -> Cursor {
+        Cursor(key.to_owned())
+    }
+
+    pub fn parse(raw: &str) -> Result<Cursor, ApiError> {
+        URL_SAFE_NO_PAD
+            .decode(raw)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .map(Cursor)
+            .ok_or_else(|| ApiError::invalid("cursor", "not a cursor returned by a previous page"))
+    }
+
+    pub fn encode(&self) -> String {
+        URL_SAFE_NO_PAD.encode(self.0.as_bytes())
+    }
+
+    pub fn key(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A page size for listings, 1 to 1,000; 100 when not given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit(u32);
+
+impl Limit {
+    pub const MAX: i64 = 1000;
+    pub const DEFAULT: u32 = 100;
+
+    pub fn parse(field: &str, raw: Option<i64>) -> Result<Limit, ApiError> {
+        match raw {
+            None => Ok(Limit(Self::DEFAULT)),
+            Some(n) if (1..=Self::MAX).contains(&n) => Ok(Limit(n as u32)),
+            Some(n) => Err(ApiError::invalid(
+                field,
+                format!("must be from 1 to {}, got {n}", Self::MAX),
+            )),
+        }
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_accept_slashes_spaces_percent_and_unicode() {
+        for k in [
+            "a/b",
+            "with space",
+            "100%",
+            "what?",
+            "ключ",
+            "🔑",
+            "/",
+            "a\u{a0}b",
+        ] {
+            assert_eq!(Key::parse(k).unwrap().as_str(), k);
+        }
+    }
+
+    #[test]
+    fn keys_refuse_empty_long_and_control_characters() {
+        assert_eq!(Key::parse("").unwrap_err().code(), "INVALID_INPUT");
+        assert!(Key::parse("x".repeat(512)).is_ok());
+        let err = Key::parse("x".repeat(513)).unwrap_err();
+        assert_eq!(err.field(), Some("key"));
+        // 171 three-byte characters are 513 bytes.
+        assert!(Key::parse("€".repeat(171)).is_err());
+        for bad in ["a\nb", "tab\t", "nul\0", "del\u{7f}", "c1\u{85}"] {
+            assert!(Key::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn ttl_bounds() {
+        assert!(Ttl::parse(0).is_err());
+        assert!(Ttl::parse(-5).is_err());
+        assert_eq!(Ttl::parse(1).unwrap().millis(), 1000);
+        assert!(Ttl::parse(315_360_000).is_ok());
+        let err = Ttl::parse(315_360_001).unwrap_err();
+        assert_eq!(err.field(), Some("ttl"));
+        assert_eq!(Ttl::parse_opt(None).unwrap(), None);
+    }
+
+    #[test]
+    fn data_is_any_json_within_the_limit() {
+        for v in [
+            json!(null),
+            json!(1),
+            json!("s"),
+            json!([1, 2]),
+            json!({"a": {"b": true}}),
+        ] {
+            assert_eq!(Data::parse(&v, 100).unwrap().as_str(), v.to_string());
+        }
+        let err = Data::parse(&json!("x".repeat(20)), 10).unwrap_err();
+        assert_eq!(err.code(), "PAYLOAD_TOO_LARGE");
+        // The limit counts compact JSON, quotes included: "12345678" is 10 bytes.
+        assert!(Data::parse(&json!("12345678"), 10).is_ok());
+        assert!(Data::parse(&json!("123456789"), 10).is_err());
+    }
+
+    #[test]
+    fn data_refuses_nul_anywhere() {
+        assert!(Data::parse(&json!({"a": ["x\u{0}y"]}), 100).is_err());
+        assert!(Data::parse(&json!({"k\u{0}": 1}), 100).is_err());
+        // A backslash followed by "u0000" is an ordinary string.
+        assert!(Data::parse(&json!("\\u0000"), 100).is_ok());
+    }
+
+    #[test]
+    fn prefix_upper_bound_covers_exactly_the_prefix() {
+        assert_eq!(Prefix::parse(None).unwrap().upper_bound(), None);
+        assert_eq!(
+            Prefix::parse(Some("ab".into())).unwrap().upper_bound(),
+            Some("ac".into())
+        );
+        assert_eq!(
+            Prefix::parse(Some("a\u{ff}".into())).unwrap().upper_bound(),
+            Some("a\u{100}".into())
+        );
+        assert_eq!(
+            Prefix::parse(Some("a\u{d7ff}".into()))
+                .unwrap()
+                .upper_bound(),
+            Some("a\u{e000}".into())
+        );
+        assert_eq!(
+            Prefix::parse(Some("a\u{10ffff}".into()))
+                .unwrap()
+                .upper_bound(),
+            Some("b".into())
+        );
+        let p = Prefix::parse(Some("user/é".into())).unwrap();
+        let upper = p.upper_bound().unwrap();
+        for inside in ["user/é", "user/éz", "user/é\u{10ffff}\u{10ffff}"] {
+            assert!(inside.as_bytes() < upper.as_bytes());
+        }
+        assert!("user/ê".as_bytes() >= upper.as_bytes());
+    }
+
+    #[test]
+    fn versions_parse_bare_or_quoted() {
+        assert_eq!(parse_version("If-Match", "\"3\"").unwrap(), 3);
+        assert_eq!(parse_version("If-Match", " 42 ").unwrap(), 42);
+        assert!(parse_version("If-Match", "W/\"3\"").is_err());
+        assert!(parse_version("If-Match", "\"0\"").is_err());
+        assert!(parse_version("If-Match", "abc").is_err());
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_garbage() {
+        let c = Cursor::after("a/b ü");
+        assert_eq!(Cursor::parse(&c.encode()).unwrap(), c);
+        assert!(Cursor::parse("!!!").is_err());
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(Limit::parse("limit", None).unwrap().get(), 100);
+        assert_eq!(Limit::parse("limit", Some(1000)).unwrap().get(), 1000);
+        assert!(Limit::parse("limit", Some(0)).is_err());
+        assert!(Limit::parse("limit", Some(1001)).is_err());
+    }
+}

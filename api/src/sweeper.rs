@@ -1,0 +1,68 @@
+//! The TTL sweeper: deletes expired rows in bounded batches, so that storage
+//! does not grow with dead values. Reads never depend on it: an expired value
+//! is invisible from the millisecond it expires, swept or not.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::store::Store;
+
+/// A running sweeper. Dropping it stops the task.
+pub struct Sweeper {
+    passes: watch::Receiver<u64>,
+    task: JoinHandle<()>,
+}
+
+impl Sweeper {
+    /// Starts sweeping every `interval`, at most `batch` rows per transaction.
+    pub fn spawn(store: Store, interval: Duration, batch: u32) -> Sweeper {
+        let (tx, passes) = watch::channel(0u64);
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                sweep_all(&store, batch).await;
+                tx.send_modify(|n| *n += 1);
+            }
+        });
+        Sweeper { passes, task }
+    }
+
+    /// A receiver that changes after every completed pass.
+    pub fn passes(&self) -> watch::Receiver<u64> {
+        self.passes.clone()
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One pass: batches until fewer than `batch` rows were expired.
+async fn sweep_all(store: &Store, batch: u32) {
+    let mut total = 0u64;
+    loop {
+        match store.sweep(batch).await {
+            Ok(n) => {
+                total += n;
+                if n < u64::from(batch) {
+                    break;
+                }
+                // Let other writers in between batches.
+                tokio::task::yield_now().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = ?e, "sweeper pass failed; retrying next interval");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::debug!(deleted = total, "swept expired values");
+    }
+}

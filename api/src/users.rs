@@ -1,0 +1,207 @@
+//! User and tenant administration, used by the `kvql user` commands, by the
+//! first-start bootstrap and by tests.
+
+use anyhow::{Context, bail};
+use entity::{tenant, user};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set,
+    TransactionTrait,
+};
+
+use crate::auth::{Role, check_password_strength, hash_password};
+use crate::clock::Clock;
+use crate::db::Db;
+
+/// A user as listed by `kvql user list`.
+#[derive(Clone, Debug)]
+pub struct UserInfo {
+    pub username: String,
+    pub tenant: String,
+    pub role: Role,
+    pub disabled: bool,
+    pub created_at: i64,
+}
+
+/// Usernames: 1 to 64 characters from letters, digits and `._@-`.
+pub fn check_username(name: &str) -> anyhow::Result<()> {
+    check_name("username", name, "._@-")
+}
+
+/// Tenant names: 1 to 64 characters from letters, digits and `._-`.
+pub fn check_tenant_name(name: &str) -> anyhow::Result<()> {
+    check_name("tenant name", name, "._-")
+}
+
+fn check_name(what: &str, name: &str, extra: &str) -> anyhow::Result<()> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || extra.contains(c);
+    if name.is_empty() || name.len() > 64 || !name.chars().all(ok_char) {
+        bail!("invalid {what} {name:?}: use 1 to 64 characters from letters, digits and {extra}");
+    }
+    Ok(())
+}
+
+async fn hash(password: &str) -> anyhow::Result<String> {
+    check_password_strength(password).map_err(anyhow::Error::msg)?;
+    let password = password.to_owned();
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .context("hashing task failed")?
+}
+
+/// Creates a user, and its tenant if the tenant does not exist yet.
+pub async fn add_user(
+    db: &Db,
+    clock: &Clock,
+    username: &str,
+    tenant_name: &str,
+    role: Role,
+    password: &str,
+) -> anyhow::Result<()> {
+    check_username(username)?;
+    check_tenant_name(tenant_name)?;
+    let password_hash = hash(password).await?;
+    let now = clock.now_ms();
+    let txn = db.write.begin().await?;
+    if user::Entity::find()
+        .filter(user::Column::Username.eq(username))
+        .one(&txn)
+        .await?
+        .is_some()
+    {
+        bail!("user {username:?} already exists (usernames are unique across tenants)");
+    }
+    let tenant_id = match tenant::Entity::find()
+        .filter(tenant::Column::Name.eq(tenant_name))
+        .one(&txn)
+        .await?
+    {
+        Some(t) => t.id,
+        None => {
+            tenant::ActiveModel {
+                name: Set(tenant_name.to_owned()),
+                created_at: Set(now),
+                ..Default::default()
+            }
+            .insert(&txn)
+            .await
+            .context("cannot create the tenant")?
+            .id
+        }
+    };
+    user::ActiveModel {
+        tenant_id: Set(tenant_id),
+        username: Set(username.to_owned()),
+        password_hash: Set(password_hash),
+        role: Set(role.as_str().to_owned()),
+        created_at: Set(now),
+        disabled: Set(false),
+        ..Default::default()
+    }
+    .insert(&txn)
+    .await
+    .with_context(|| format!("cannot create user {username:?}"))?;
+    txn.commit().await?;
+    Ok(())
+}
+
+/// Lists users, optionally of one tenant, by username.
+pub async fn list_users(db: &Db, tenant_name: Option<&str>) -> anyhow::Result<Vec<UserInfo>> {
+    let mut query = user::Entity::find()
+        .find_also_related(tenant::Entity)
+        .order_by_asc(user::Column::Username);
+    if let Some(t) = tenant_name {
+        query = query.filter(tenant::Column::Name.eq(t));
+    }
+    let rows = query.all(&db.read).await?;
+    rows.into_iter()
+        .map(|(u, t)| {
+            Ok(UserInfo {
+                role: Role::parse(&u.role).map_err(anyhow::Error::msg)?,
+                username: u.username,
+                tenant: t.map(|t| t.name).unwrap_or_default(),
+                disabled: u.disabled,
+                created_at: u.created_at,
+            })
+        })
+        .collect()
+}
+
+/// Replaces a user's password. Tokens already issued stay valid until they expire.
+pub async fn set_password(db: &Db, username: &str, password: &str) -> anyhow::Result<()> {
+    let found = find(db, username).await?;
+    let password_hash = hash(password).await?;
+    let mut active: user::ActiveModel = found.into();
+    active.password_hash = Set(password_hash);
+    active.update(&db.write).await?;
+    Ok(())
+}
+
+/// Deletes a user; their tokens stop working at once. The tenant and its data stay.
+pub async fn remove_user(db: &Db, username: &str) -> anyhow::Result<()> {
+    let found = find(db, username).await?;
+    user::Entity::delete_by_id(found.id).exec(&db.write).await?;
+    Ok(())
+}
+
+async fn find(db: &Db, username: &str) -> anyhow::Result<user::Model> {
+    user::Entity::find()
+        .filter(user::Column::Username.eq(username))
+        .one(&db.write)
+        .await?
+        .with_context(|| format!("no user named {username:?}"))
+}
+
+/// On a database with no users, creates `admin` (role owner) in tenant
+/// `default`. Returns the generated password when none was configured.
+pub async fn bootstrap_admin(
+    db: &Db,
+    clock: &Clock,
+    configured_password: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    if user::Entity::find().count(&db.write).await? > 0 {
+        return Ok(None);
+    }
+    let (password, generated) = match configured_password {
+        Some(p) => (p.to_owned(), false),
+        None => (random_password(), true),
+    };
+    match add_user(db, clock, "admin", "default", Role::Owner, &password).await {
+        Ok(()) => Ok(generated.then_some(password)),
+        // Another node bootstrapped at the same moment.
+        Err(_) if user::Entity::find().count(&db.write).await? > 0 => Ok(None),
+        Err(e) => Err(e.context("cannot create the bootstrap admin user")),
+    }
+}
+
+fn random_password() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::rng();
+    (0..20)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_username("alice").is_ok());
+        assert!(check_username("a.b-c_d@example.com").is_ok());
+        assert!(check_username("").is_err());
+        assert!(check_username("has space").is_err());
+        assert!(check_username(&"x".repeat(65)).is_err());
+        assert!(check_tenant_name("acme-prod").is_ok());
+        assert!(check_tenant_name("a@b").is_err());
+    }
+
+    #[test]
+    fn random_passwords_are_long_enough() {
+        let p = random_password();
+        assert_eq!(p.len(), 20);
+        assert!(check_password_strength(&p).is_ok());
+        assert_ne!(p, random_password());
+    }
+}

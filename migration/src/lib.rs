@@ -1,0 +1,23 @@
+//! kvql's schema migrations. One file per migration; the file name is the
+//! migration's name. Run them with `kvql migrate` or `cargo run -p migration -- up`.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261124_000001_create_tenant;
+mod m20261124_000002_create_user;
+mod m20261124_000003_create_object;
+mod m20261124_000004_create_signing_key;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261124_000001_create_tenant::Migration),
+            Box::new(m20261124_000002_create_user::Migration),
+            Box::new(m20261124_000003_create_object::Migration),
+            Box::new(m20261124_000004_create_signing_key::Migration),
+        ]
+    }
+}

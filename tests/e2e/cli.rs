@@ -1,0 +1,243 @@
+//! The `kvql user` commands, run as the real binary against the test database.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::json;
+
+use crate::support::{PASSWORD, TestApp};
+
+fn kvql(app: &TestApp, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvql"))
+        .args(args)
+        .env("KVQL_DATABASE_URL", &app.db.url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kvql");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        // The process may exit before reading (e.g. on a usage error).
+        let _ = input.write_all(s.as_bytes());
+    }
+    drop(input);
+    child.wait_with_output().expect("kvql output")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn user_add_creates_a_user_who_can_log_in_and_write() {
+    let app = TestApp::spawn().await;
+    let out = kvql(
+        &app,
+        &[
+            "user",
+            "add",
+            "carol",
+            "--tenant",
+            "newco",
+            "--role",
+            "writer",
+            "--password-stdin",
+        ],
+        Some("carols password\n"),
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("carol"));
+    let token = app.login("carol", "carols password").await;
+    let r = app
+        .post("/api/object", Some(&token), &json!({"key": "k", "data": 1}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+}
+
+#[tokio::test]
+async fn user_add_refuses_a_duplicate_username_clearly() {
+    let app = TestApp::spawn().await;
+    let args = ["user", "add", "dave", "--tenant", "one", "--password-stdin"];
+    assert!(kvql(&app, &args, Some("first password\n")).status.success());
+    let again = kvql(
+        &app,
+        &["user", "add", "dave", "--tenant", "two", "--password-stdin"],
+        Some("second password\n"),
+    );
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("already exists"),
+        "stderr: {}",
+        text(&again.stderr)
+    );
+    // The first user is untouched.
+    app.login("dave", "first password").await;
+}
+
+#[tokio::test]
+async fn user_add_refuses_bad_input_clearly() {
+    let app = TestApp::spawn().await;
+    let cases: [(&[&str], Option<&str>, &str); 4] = [
+        (
+            &["user", "add", "erin", "--tenant", "t", "--password-stdin"],
+            Some("short\n"),
+            "at least 8",
+        ),
+        (
+            &["user", "add", "erin", "--tenant", "t"],
+            Some("long enough pw\n"),
+            "--password-stdin",
+        ),
+        (
+            &[
+                "user",
+                "add",
+                "erin",
+                "--tenant",
+                "t",
+                "--role",
+                "god",
+                "--password-stdin",
+            ],
+            Some("long enough pw\n"),
+            "god",
+        ),
+        (
+            &[
+                "user",
+                "add",
+                "bad name",
+                "--tenant",
+                "t",
+                "--password-stdin",
+            ],
+            Some("long enough pw\n"),
+            "invalid username",
+        ),
+    ];
+    for (args, stdin, expected) in cases {
+        let out = kvql(&app, args, stdin);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{args:?}: stderr {}",
+            text(&out.stderr)
+        );
+    }
+    let list = kvql(&app, &["user", "list"], None);
+    assert!(!text(&list.stdout).contains("erin"));
+}
+
+#[tokio::test]
+async fn user_list_shows_users_and_filters_by_tenant() {
+    let app = TestApp::spawn().await;
+    for (name, tenant, role) in [("frank", "red", "reader"), ("gina", "blue", "owner")] {
+        let out = kvql(
+            &app,
+            &[
+                "user",
+                "add",
+                name,
+                "--tenant",
+                tenant,
+                "--role",
+                role,
+                "--password-stdin",
+            ],
+            Some("a fine password\n"),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let all = text(&kvql(&app, &["user", "list"], None).stdout);
+    for expected in [
+        "USERNAME", "admin", "frank", "red", "reader", "gina", "blue", "owner",
+    ] {
+        assert!(all.contains(expected), "{expected} missing from:\n{all}");
+    }
+    let red = text(&kvql(&app, &["user", "list", "--tenant", "red"], None).stdout);
+    assert!(red.contains("frank"));
+    assert!(!red.contains("gina"));
+    assert!(!red.contains("admin"));
+}
+
+#[tokio::test]
+async fn user_passwd_changes_the_password() {
+    let app = TestApp::spawn().await;
+    kvql(
+        &app,
+        &["user", "add", "hank", "--tenant", "t", "--password-stdin"],
+        Some("old password\n"),
+    );
+    let out = kvql(
+        &app,
+        &["user", "passwd", "hank", "--password-stdin"],
+        Some("new password\n"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    app.login("hank", "new password").await;
+    app.post(
+        "/login",
+        None,
+        &json!({"username": "hank", "password": "old password"}),
+    )
+    .await
+    .assert_error(401, "UNAUTHENTICATED");
+    let missing = kvql(
+        &app,
+        &["user", "passwd", "nobody", "--password-stdin"],
+        Some("whatever123\n"),
+    );
+    assert!(!missing.status.success());
+    assert!(text(&missing.stderr).contains("no user named"));
+}
+
+#[tokio::test]
+async fn user_remove_revokes_the_users_tokens_and_keeps_the_data() {
+    let app = TestApp::spawn().await;
+    kvql(
+        &app,
+        &["user", "add", "ivy", "--tenant", "keep", "--password-stdin"],
+        Some(&format!("{PASSWORD}\n")),
+    );
+    let token = app.login("ivy", PASSWORD).await;
+    app.post(
+        "/api/object",
+        Some(&token),
+        &json!({"key": "k", "data": "kept"}),
+    )
+    .await;
+    let out = kvql(&app, &["user", "remove", "ivy"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    app.get("/api/objects", Some(&token))
+        .await
+        .assert_error(401, "UNAUTHENTICATED");
+    app.post(
+        "/login",
+        None,
+        &json!({"username": "ivy", "password": PASSWORD}),
+    )
+    .await
+    .assert_error(401, "UNAUTHENTICATED");
+    assert_eq!(app.row_count().await, 1);
+    let again = kvql(&app, &["user", "remove", "ivy"], None);
+    assert!(!again.status.success());
+}
+
+#[tokio::test]
+async fn migrate_applies_migrations_to_an_empty_database() {
+    let db = crate::support::TestDb::new().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_kvql"))
+        .args(["migrate"])
+        .env("KVQL_DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("migrations applied"));
+    let again = Command::new(env!("CARGO_BIN_EXE_kvql"))
+        .args(["migrate"])
+        .env("KVQL_DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "migrate is idempotent");
+}

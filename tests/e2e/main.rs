@@ -1,0 +1,19 @@
+//! kvql end to end: a real server on 127.0.0.1:0, real HTTP, a fresh migrated
+//! database per test (a temp SQLite file, or a fresh PostgreSQL database when
+//! `KVQL_TEST_DATABASE_URL` is set).
+
+mod support;
+
+mod auth;
+mod batch;
+mod cli;
+mod concurrency;
+mod errors;
+mod keys;
+mod listing;
+mod nodes;
+mod objects;
+mod openapi;
+mod readme_flow;
+mod tenancy;
+mod ttl;

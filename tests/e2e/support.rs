@@ -1,0 +1,409 @@
+//! `TestApp`: spawns the server in-process and talks HTTP to it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use api::app::{App, AppState};
+use api::auth::Role;
+use api::clock::Clock;
+use api::config::Config;
+use sea_orm::{ConnectionTrait, Database, Statement};
+use serde_json::{Value, json};
+use tokio::sync::{oneshot, watch};
+
+pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// A database for one test, removed when dropped.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    postgres: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        match std::env::var("KVQL_TEST_DATABASE_URL") {
+            Ok(admin_url) if !admin_url.is_empty() => {
+                let name = format!("kvql_test_{}", uuid::Uuid::new_v4().simple());
+                let admin = Database::connect(&admin_url)
+                    .await
+                    .expect("connect to KVQL_TEST_DATABASE_URL");
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create test database");
+                admin.close().await.ok();
+                let url = replace_db_name(&admin_url, &name);
+                TestDb {
+                    url,
+                    _dir: None,
+                    postgres: Some((admin_url, name)),
+                }
+            }
+            _ => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}?mode=rwc", dir.path().join("kvql.db").display());
+                TestDb {
+                    url,
+                    _dir: Some(dir),
+                    postgres: None,
+                }
+            }
+        }
+    }
+}
+
+fn replace_db_name(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{}", &base[..path_start], name);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin_url, name)) = self.postgres.take() {
+            // Drop runs inside the test's runtime; use a runtime of our own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    if let Ok(admin) = Database::connect(&admin_url).await {
+                        let _ = admin
+                            .execute_unprepared(&format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            ))
+                            .await;
+                        admin.close().await.ok();
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// The configuration tests start from.
+pub fn test_config(url: &str) -> Config {
+    let mut config = Config::from_env().expect("default config");
+    config.database.database_url = url.to_owned();
+    config.database.database_max_connections = 4;
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.bootstrap_admin_password = Some(ADMIN_PASSWORD.into());
+    config.sweep_interval = Duration::from_millis(50);
+    config
+}
+
+/// A running node.
+pub struct Node {
+    pub base: String,
+    pub state: AppState,
+    pub sweeps: watch::Receiver<u64>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Node {
+    pub async fn start(config: Config, clock: Clock) -> Node {
+        let app = App::build(config, clock).await.expect("build app");
+        let state = app.state.clone();
+        let sweeps = app.sweeper.passes();
+        let (addr_tx, addr_rx) = oneshot::channel::<SocketAddr>();
+        let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.serve(
+            move |addr| {
+                let _ = addr_tx.send(addr);
+            },
+            async move {
+                let _ = shutdown_rx.await;
+            },
+        ));
+        let addr = addr_rx.await.expect("server bound");
+        Node {
+            base: format!("http://{addr}"),
+            state,
+            sweeps,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A server on a fresh database, with a clock that tests move by hand.
+pub struct TestApp {
+    pub node: Node,
+    pub clock: Clock,
+    pub client: reqwest::Client,
+    pub config: Config,
+    // Declared last: dropped after the node has stopped.
+    pub db: TestDb,
+}
+
+/// A logged-in user.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub username: String,
+    pub token: String,
+}
+
+/// An HTTP answer with its body parsed as JSON (or `Value::Null` when empty).
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts an error answer: status, JSON content type, `code`, a message.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            self.status, status,
+            "unexpected status; body: {}",
+            self.text
+        );
+        assert!(
+            self.header("content-type")
+                .is_some_and(|c| c.starts_with("application/json")),
+            "error answers are JSON, got {:?}: {}",
+            self.header("content-type"),
+            self.text
+        );
+        assert_eq!(self.body["code"], code, "body: {}", self.text);
+        assert!(
+            self.body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "error message missing: {}",
+            self.text
+        );
+    }
+}
+
+static USER_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+        let db = TestDb::new().await;
+        let mut config = test_config(&db.url);
+        adjust(&mut config);
+        let clock = Clock::manual();
+        let node = Node::start(config.clone(), clock.clone()).await;
+        TestApp {
+            node,
+            clock,
+            client: reqwest::Client::new(),
+            config,
+            db,
+        }
+    }
+
+    /// Another server on the same database (a second node), sharing the clock.
+    pub async fn second_node(&self) -> Node {
+        Node::start(self.config.clone(), self.clock.clone()).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.node.base, path)
+    }
+
+    /// Creates a user in `tenant` with `role` and logs in over HTTP.
+    pub async fn user(&self, tenant: &str, role: Role) -> User {
+        let n = USER_SEQ.fetch_add(1, Ordering::SeqCst);
+        let username = format!("{}-{}-{n}", tenant, role.as_str());
+        api::users::add_user(
+            self.node.state.db(),
+            &self.clock,
+            &username,
+            tenant,
+            role,
+            PASSWORD,
+        )
+        .await
+        .expect("add user");
+        let token = self.login(&username, PASSWORD).await;
+        User { username, token }
+    }
+
+    /// A writer in tenant `acme`.
+    pub async fn writer(&self) -> User {
+        self.user("acme", Role::Writer).await
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> String {
+        let r = self
+            .post(
+                "/login",
+                None,
+                &json!({"username": username, "password": password}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "login failed: {}", r.text);
+        r.body["access_token"].as_str().expect("token").to_owned()
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::Null)
+        };
+        Resp {
+            status,
+            headers,
+            body,
+            text,
+        }
+    }
+
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self.client.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
+        self.send(self.request(reqwest::Method::GET, path, token))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str, token: Option<&str>) -> Resp {
+        self.send(self.request(reqwest::Method::DELETE, path, token))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Resp {
+        self.send(self.request(reqwest::Method::POST, path, token).json(body))
+            .await
+    }
+
+    pub async fn put(&self, path: &str, token: Option<&str>, body: &Value) -> Resp {
+        self.send(self.request(reqwest::Method::PUT, path, token).json(body))
+            .await
+    }
+
+    /// `POST /api/object`.
+    pub async fn create(&self, user: &User, key: &str, data: Value, ttl: Option<i64>) -> Resp {
+        let mut body = json!({"key": key, "data": data});
+        if let Some(t) = ttl {
+            body["ttl"] = json!(t);
+        }
+        self.post("/api/object", Some(&user.token), &body).await
+    }
+
+    /// `GET /api/object/{key}` with the key percent-encoded.
+    pub async fn read(&self, user: &User, key: &str) -> Resp {
+        self.get(&object_path(key), Some(&user.token)).await
+    }
+
+    /// Every stored row of every tenant, expired or not, for "nothing changed" checks.
+    pub async fn snapshot(&self) -> Vec<Value> {
+        let db = self.node.state.db();
+        let sql = if db.is_postgres() {
+            r#"SELECT tenant_id, "key", data::text AS data, version, expires_at, updated_at FROM object ORDER BY tenant_id, "key""#
+        } else {
+            r#"SELECT tenant_id, "key", data, version, expires_at, updated_at FROM object ORDER BY tenant_id, "key""#
+        };
+        let rows = db
+            .read
+            .query_all_raw(Statement::from_string(db.backend, sql))
+            .await
+            .expect("snapshot");
+        rows.iter()
+            .map(|r| {
+                json!({
+                    "tenant_id": r.try_get::<i64>("", "tenant_id").unwrap(),
+                    "key": r.try_get::<String>("", "key").unwrap(),
+                    "data": r.try_get::<String>("", "data").unwrap(),
+                    "version": r.try_get::<i64>("", "version").unwrap(),
+                    "expires_at": r.try_get::<Option<i64>>("", "expires_at").unwrap(),
+                    "updated_at": r.try_get::<i64>("", "updated_at").unwrap(),
+                })
+            })
+            .collect()
+    }
+
+    /// Rows in the object table, expired ones included.
+    pub async fn row_count(&self) -> usize {
+        self.snapshot().await.len()
+    }
+
+    /// Waits until the sweeper has completed `n` more passes.
+    pub async fn sweeps(&self, n: u64) {
+        let mut rx = self.node.sweeps.clone();
+        let start = *rx.borrow_and_update();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while *rx.borrow_and_update() < start + n {
+                rx.changed().await.expect("sweeper stopped");
+            }
+        })
+        .await
+        .expect("sweeper passes");
+    }
+}
+
+/// `/api/object/{key}` with the key percent-encoded as a path segment.
+pub fn object_path(key: &str) -> String {
+    format!("/api/object/{}", encode_segment(key))
+}
+
+pub fn encode_segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[test]
+fn replace_db_name_keeps_the_rest_of_the_url() {
+    assert_eq!(
+        replace_db_name("postgres://postgres@127.0.0.1:5432/test", "x"),
+        "postgres://postgres@127.0.0.1:5432/x"
+    );
+    assert_eq!(
+        replace_db_name("postgres://u:p@h/test?sslmode=disable", "x"),
+        "postgres://u:p@h/x?sslmode=disable"
+    );
+}

@@ -1,0 +1,98 @@
+//! One tenant can never see, guess or change another's data.
+
+use api::auth::Role;
+use serde_json::json;
+
+use crate::support::{TestApp, object_path};
+
+#[tokio::test]
+async fn another_tenants_key_answers_exactly_like_a_missing_key() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alpha", Role::Writer).await;
+    let bob = app.user("beta", Role::Writer).await;
+    app.create(&alice, "secret", json!({"pin": 1234}), None)
+        .await;
+    let before = app.snapshot().await;
+
+    let same = |a: &crate::support::Resp, b: &crate::support::Resp| {
+        assert_eq!(a.status, b.status);
+        assert_eq!(a.text, b.text);
+    };
+    let t = Some(bob.token.as_str());
+
+    let get_other = app.read(&bob, "secret").await;
+    let get_missing = app.read(&bob, "no-such-key").await;
+    get_other.assert_error(404, "NOT_FOUND");
+    same(&get_other, &get_missing);
+
+    let put_if = |key: &str| {
+        app.request(reqwest::Method::PUT, &object_path(key), t)
+            .header("If-Match", "\"1\"")
+            .json(&json!({"data": "stolen"}))
+    };
+    let put_other = app.send(put_if("secret")).await;
+    let put_missing = app.send(put_if("no-such-key")).await;
+    put_other.assert_error(404, "NOT_FOUND");
+    same(&put_other, &put_missing);
+
+    let del_other = app.delete(&object_path("secret"), t).await;
+    let del_missing = app.delete(&object_path("no-such-key"), t).await;
+    del_other.assert_error(404, "NOT_FOUND");
+    same(&del_other, &del_missing);
+
+    let batch = app.post("/api/batch/delete", t, &json!(["secret"])).await;
+    assert_eq!(batch.body["results"][0]["code"], "NOT_FOUND");
+
+    let list = app.get("/api/objects", t).await;
+    assert_eq!(list.body["items"], json!([]));
+
+    assert_eq!(app.snapshot().await, before);
+    assert_eq!(
+        app.read(&alice, "secret").await.body["data"],
+        json!({"pin": 1234})
+    );
+}
+
+#[tokio::test]
+async fn the_same_key_in_two_tenants_holds_two_values() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alpha", Role::Writer).await;
+    let bob = app.user("beta", Role::Writer).await;
+    assert_eq!(
+        app.create(&alice, "shared-name", json!("a"), None)
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        app.create(&bob, "shared-name", json!("b"), None)
+            .await
+            .status,
+        201
+    );
+    app.put(
+        &object_path("shared-name"),
+        Some(&bob.token),
+        &json!({"data": "b2"}),
+    )
+    .await;
+    assert_eq!(app.read(&alice, "shared-name").await.body["data"], "a");
+    assert_eq!(app.read(&alice, "shared-name").await.body["version"], 1);
+    assert_eq!(app.read(&bob, "shared-name").await.body["data"], "b2");
+    assert_eq!(
+        app.delete(&object_path("shared-name"), Some(&alice.token))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(app.read(&bob, "shared-name").await.body["data"], "b2");
+}
+
+#[tokio::test]
+async fn users_of_one_tenant_share_its_data() {
+    let app = TestApp::spawn().await;
+    let a = app.user("team", Role::Writer).await;
+    let b = app.user("team", Role::Reader).await;
+    app.create(&a, "k", json!(1), None).await;
+    assert_eq!(app.read(&b, "k").await.body["data"], 1);
+}
