@@ -12,6 +12,7 @@ use crate::auth::Auth;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::db::Db;
+use crate::events::Events;
 use crate::store::{Limits, Store};
 use crate::sweeper::Sweeper;
 use crate::{middleware, rest, users};
@@ -59,6 +60,7 @@ impl App {
         let generated_admin_password =
             users::bootstrap_admin(&db, &clock, config.bootstrap_admin_password.as_deref()).await?;
         let auth = Auth::init(db.clone(), &config, clock.clone()).await?;
+        let events = Events::start(&db, clock.clone(), config.event_buffer as usize).await?;
         let store = Store::new(
             db.clone(),
             clock,
@@ -66,6 +68,7 @@ impl App {
                 max_value_bytes: config.max_value_bytes,
                 max_batch_items: config.max_batch_items,
             },
+            events,
         );
         let sweeper = Sweeper::spawn(store.clone(), config.sweep_interval, config.sweep_batch);
         let state = AppState {

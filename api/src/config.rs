@@ -102,6 +102,11 @@ pub struct Config {
     #[arg(long, env = "KVQL_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
 
+    /// Change events buffered per node for subscribers; a subscriber that falls
+    /// further behind loses its subscription (with an `EVENTS_LOST` error).
+    #[arg(long, env = "KVQL_EVENT_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub event_buffer: u64,
+
     /// Password for the `admin` user (tenant `default`, role `owner`) created on
     /// the first start, when there are no users. If unset, a random one is
     /// printed once to stderr.

@@ -45,12 +45,12 @@ impl Drop for Sweeper {
 
 /// One pass: batches until fewer than `batch` rows were expired.
 async fn sweep_all(store: &Store, batch: u32) {
-    let mut total = 0u64;
+    let mut total = 0usize;
     loop {
         match store.sweep(batch).await {
             Ok(n) => {
                 total += n;
-                if n < u64::from(batch) {
+                if n < batch as usize {
                     break;
                 }
                 // Let other writers in between batches.

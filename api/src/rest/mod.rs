@@ -584,7 +584,9 @@ impl RestApi {
             .0
             .into_iter()
             .map(|i| {
-                let parsed = store.item(i.key.clone(), &i.data.0, i.ttl);
+                let parsed = store
+                    .item(i.key.clone(), &i.data.0, i.ttl)
+                    .map(|item| (item, Expect::Any));
                 (i.key.clone(), (i.key, parsed))
             })
             .unzip();

@@ -22,6 +22,7 @@ use crate::auth::{TenantId, Writer};
 use crate::clock::Clock;
 use crate::db::Db;
 use crate::error::ApiError;
+use crate::events::{Event, EventKind, Events};
 
 /// Configured limits on values and batches.
 #[derive(Clone, Copy, Debug)]
@@ -79,6 +80,10 @@ pub struct Page {
     pub next: Option<Cursor>,
 }
 
+/// One batch item: the key as the client sent it (for the results) and the
+/// parsed input, or why it could not be parsed.
+pub type BatchInput<T> = (String, Result<T, ApiError>);
+
 /// Whether a batch is all-or-nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Atomicity {
@@ -95,6 +100,7 @@ pub struct Store {
     db: Db,
     clock: Clock,
     limits: Limits,
+    events: Events,
 }
 
 const COLUMNS: &str = r#""key", version, expires_at, created_at, updated_at"#;
@@ -149,8 +155,22 @@ fn data_column(backend: DatabaseBackend) -> &'static str {
 }
 
 impl Store {
-    pub fn new(db: Db, clock: Clock, limits: Limits) -> Self {
-        Store { db, clock, limits }
+    pub fn new(db: Db, clock: Clock, limits: Limits, events: Events) -> Self {
+        Store {
+            db,
+            clock,
+            limits,
+            events,
+        }
+    }
+
+    /// The change events of this node, for subscriptions.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    fn publish_put(&self, tenant: TenantId, object: &Object) {
+        self.events.publish(vec![put_event(tenant, object)]);
     }
 
     pub fn limits(&self) -> Limits {
@@ -294,7 +314,9 @@ impl Store {
     /// An expired value under the key is replaced as if it were absent.
     pub async fn create(&self, writer: Writer<'_>, item: &Item) -> Result<Object, ApiError> {
         let now = self.clock.now_ms();
-        create_in(&self.db.write, writer.tenant(), item, now).await
+        let object = create_in(&self.db.write, writer.tenant(), item, now).await?;
+        self.publish_put(writer.tenant(), &object);
+        Ok(object)
     }
 
     /// Writes a value as `expect` allows: create-or-replace, replace only
@@ -306,7 +328,9 @@ impl Store {
         expect: Expect,
     ) -> Result<Put, ApiError> {
         let now = self.clock.now_ms();
-        put_in(&self.db.write, writer.tenant(), item, expect, now).await
+        let put = put_in(&self.db.write, writer.tenant(), item, expect, now).await?;
+        self.publish_put(writer.tenant(), &put.object);
+        Ok(put)
     }
 
     /// Deletes the live value under `key` (at `expected` version, if given).
@@ -317,7 +341,10 @@ impl Store {
         expected: Option<i64>,
     ) -> Result<(), ApiError> {
         let now = self.clock.now_ms();
-        delete_in(&self.db.write, writer.tenant(), key, expected, now).await
+        let version = delete_in(&self.db.write, writer.tenant(), key, expected, now).await?;
+        self.events
+            .publish(vec![delete_event(writer.tenant(), key, version)]);
+        Ok(())
     }
 
     /// Creates several values in one transaction, with one result per item in
@@ -325,45 +352,85 @@ impl Store {
     pub async fn batch_create(
         &self,
         writer: Writer<'_>,
-        items: Vec<(String, Result<Item, ApiError>)>,
+        items: Vec<BatchInput<Item>>,
         atomicity: Atomicity,
     ) -> Result<Vec<Result<Object, ApiError>>, ApiError> {
-        self.batch(writer, items, atomicity, |txn, tenant, item, now| {
-            Box::pin(create_in(txn, tenant, item, now))
-        })
-        .await
+        let tenant = writer.tenant();
+        let results = self
+            .batch(writer, items, atomicity, |txn, tenant, item, now| {
+                Box::pin(create_in(txn, tenant, item, now))
+            })
+            .await?;
+        self.events.publish(
+            results
+                .iter()
+                .flatten()
+                .map(|o| put_event(tenant, o))
+                .collect(),
+        );
+        Ok(results)
     }
 
-    /// Creates or replaces several values in one transaction, one result per item.
+    /// Writes several values in one transaction, each as its `Expect`
+    /// allows, with one result per item.
     pub async fn batch_put(
         &self,
         writer: Writer<'_>,
-        items: Vec<(String, Result<Item, ApiError>)>,
+        items: Vec<BatchInput<(Item, Expect)>>,
         atomicity: Atomicity,
     ) -> Result<Vec<Result<Put, ApiError>>, ApiError> {
-        self.batch(writer, items, atomicity, |txn, tenant, item, now| {
-            Box::pin(put_in(txn, tenant, item, Expect::Any, now))
-        })
-        .await
+        let tenant = writer.tenant();
+        let results = self
+            .batch(
+                writer,
+                items,
+                atomicity,
+                |txn, tenant, (item, expect), now| {
+                    Box::pin(put_in(txn, tenant, item, *expect, now))
+                },
+            )
+            .await?;
+        self.events.publish(
+            results
+                .iter()
+                .flatten()
+                .map(|p| put_event(tenant, &p.object))
+                .collect(),
+        );
+        Ok(results)
     }
 
     /// Deletes several keys in one transaction; `NOT_FOUND` for keys with no live value.
     pub async fn batch_delete(
         &self,
         writer: Writer<'_>,
-        keys: Vec<(String, Result<Key, ApiError>)>,
+        keys: Vec<BatchInput<Key>>,
         atomicity: Atomicity,
     ) -> Result<Vec<Result<(), ApiError>>, ApiError> {
-        self.batch(writer, keys, atomicity, |txn, tenant, key, now| {
-            Box::pin(delete_in(txn, tenant, key, None, now))
-        })
-        .await
+        let tenant = writer.tenant();
+        let parsed: Vec<Option<Key>> = keys.iter().map(|(_, k)| k.as_ref().ok().cloned()).collect();
+        let results = self
+            .batch(writer, keys, atomicity, |txn, tenant, key, now| {
+                Box::pin(delete_in(txn, tenant, key, None, now))
+            })
+            .await?;
+        self.events.publish(
+            results
+                .iter()
+                .zip(&parsed)
+                .filter_map(|(r, k)| match (r, k) {
+                    (Ok(version), Some(key)) => Some(delete_event(tenant, key, *version)),
+                    _ => None,
+                })
+                .collect(),
+        );
+        Ok(results.into_iter().map(|r| r.map(|_| ())).collect())
     }
 
     async fn batch<I, O, F>(
         &self,
         writer: Writer<'_>,
-        items: Vec<(String, Result<I, ApiError>)>,
+        items: Vec<BatchInput<I>>,
         atomicity: Atomicity,
         op: F,
     ) -> Result<Vec<Result<O, ApiError>>, ApiError>
@@ -398,9 +465,10 @@ impl Store {
         Ok(results)
     }
 
-    /// Deletes up to `limit` expired rows of any tenant in one transaction.
-    /// Returns how many were deleted. Safe to run on several nodes at once.
-    pub async fn sweep(&self, limit: u32) -> Result<u64, ApiError> {
+    /// Deletes up to `limit` expired rows of any tenant in one statement and
+    /// publishes an `Expire` event for each. Returns how many were deleted.
+    /// Safe to run on several nodes at once.
+    pub async fn sweep(&self, limit: u32) -> Result<usize, ApiError> {
         let now = self.clock.now_ms();
         let mut sql = Sql::new(self.backend());
         let n1 = sql.arg(now);
@@ -414,15 +482,50 @@ impl Store {
                  SELECT tenant_id, "key" FROM object
                  WHERE expires_at IS NOT NULL AND expires_at <= {n1}
                  ORDER BY expires_at LIMIT {l}{lock})
-               AND expires_at IS NOT NULL AND expires_at <= {n1}"#
+               AND expires_at IS NOT NULL AND expires_at <= {n1}
+               RETURNING tenant_id, "key", version"#
         ));
-        let result = self.db.write.execute_raw(sql.build()).await?;
-        Ok(result.rows_affected())
+        let rows = self.db.write.query_all_raw(sql.build()).await?;
+        let events = rows
+            .iter()
+            .map(|r| {
+                Ok(Event {
+                    tenant: r.try_get("", "tenant_id")?,
+                    kind: EventKind::Expire,
+                    key: r.try_get("", "key")?,
+                    version: r.try_get("", "version")?,
+                    object: None,
+                })
+            })
+            .collect::<Result<Vec<_>, DbErr>>()?;
+        let n = events.len();
+        self.events.publish(events);
+        Ok(n)
+    }
+}
+
+fn put_event(tenant: TenantId, object: &Object) -> Event {
+    Event {
+        tenant: tenant.get(),
+        kind: EventKind::Put,
+        key: object.key.clone(),
+        version: object.version,
+        object: Some(object.clone()),
+    }
+}
+
+fn delete_event(tenant: TenantId, key: &Key, version: i64) -> Event {
+    Event {
+        tenant: tenant.get(),
+        kind: EventKind::Delete,
+        key: key.as_str().to_owned(),
+        version,
+        object: None,
     }
 }
 
 /// Seconds left until `expires_at`, rounded up, as clients see `ttl`.
-fn seconds_left(expires_at: i64, now: i64) -> i64 {
+pub(crate) fn seconds_left(expires_at: i64, now: i64) -> i64 {
     let ms = (expires_at - now).max(0);
     (ms + 999) / 1000
 }
@@ -555,7 +658,7 @@ async fn delete_in<C: ConnectionTrait>(
     key: &Key,
     expected: Option<i64>,
     now: i64,
-) -> Result<(), ApiError> {
+) -> Result<i64, ApiError> {
     let mut sql = Sql::new(conn.get_database_backend());
     let t = sql.arg(tenant.get());
     let k = sql.arg(key.as_str());
@@ -568,11 +671,10 @@ async fn delete_in<C: ConnectionTrait>(
         let v = sql.arg(v);
         sql.push(&format!(" AND version = {v}"));
     }
-    let result = conn.execute_raw(sql.build()).await?;
-    if result.rows_affected() > 0 {
-        Ok(())
-    } else {
-        Err(missing_or_moved(conn, tenant, key, expected, now).await)
+    sql.push(" RETURNING version");
+    match conn.query_one_raw(sql.build()).await? {
+        Some(row) => Ok(row.try_get("", "version")?),
+        None => Err(missing_or_moved(conn, tenant, key, expected, now).await),
     }
 }
 
