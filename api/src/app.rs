@@ -15,7 +15,7 @@ use crate::db::Db;
 use crate::events::Events;
 use crate::store::{Limits, Store};
 use crate::sweeper::Sweeper;
-use crate::{middleware, rest, users};
+use crate::{graphql, middleware, rest, users};
 
 /// What every request handler may use.
 #[derive(Clone)]
@@ -82,15 +82,17 @@ impl App {
         })
     }
 
-    /// The HTTP endpoint: REST, OpenAPI, Swagger UI, health probes.
+    /// The HTTP endpoint: REST, GraphQL, OpenAPI, Swagger UI, health probes.
     pub fn endpoint(&self) -> impl Endpoint + 'static {
         let api = rest::service();
         let spec = api.spec_endpoint();
         let docs = api.swagger_ui();
         let body_limit = self.config.body_limit();
+        let schema = graphql::schema(&self.config.graphql, Some(self.state.clone()));
         Route::new()
             .at("/openapi.json", spec)
             .nest("/docs", docs)
+            .nest("/graphql", graphql::routes(schema))
             .nest("/", api)
             .data(self.state.clone())
             .around(move |ep, req| middleware::around(ep, req, body_limit))

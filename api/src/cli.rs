@@ -11,7 +11,7 @@ use crate::auth::Role;
 use crate::clock::{Clock, rfc3339};
 use crate::config::{Config, DatabaseArgs};
 use crate::db::Db;
-use crate::{rest, users};
+use crate::{graphql, rest, users};
 
 /// kvql: a multi-tenant JSON key-value store over GraphQL and REST.
 ///
@@ -41,6 +41,8 @@ enum Command {
     },
     /// Print the OpenAPI document of the REST API (as checked in at openapi.json).
     Openapi,
+    /// Print the GraphQL schema in SDL (as checked in at schema.graphql).
+    Schema,
 }
 
 #[derive(Subcommand)]
@@ -123,6 +125,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::User { command }) => user(command).await,
         Some(Command::Openapi) => {
             println!("{}", rest::openapi_json());
+            Ok(())
+        }
+        Some(Command::Schema) => {
+            print!("{}", graphql::sdl());
             Ok(())
         }
     }

@@ -113,9 +113,41 @@ pub struct Config {
     #[arg(long, env = "KVQL_BOOTSTRAP_ADMIN_PASSWORD", hide_env_values = true)]
     pub bootstrap_admin_password: Option<String>,
 
+    #[command(flatten)]
+    pub graphql: GraphqlConfig,
+
     /// Log filter in `tracing` syntax, e.g. `info`, `kvql=debug,api=debug`.
     #[arg(long, env = "KVQL_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// Limits on GraphQL operations, checked before any resolver runs.
+#[derive(Clone, Args)]
+pub struct GraphqlConfig {
+    /// Deepest selection nesting accepted in a GraphQL operation.
+    #[arg(long, env = "KVQL_GRAPHQL_MAX_DEPTH", default_value_t = 16)]
+    pub graphql_max_depth: usize,
+
+    /// Highest complexity (number of fields selected, lists counted once) of a GraphQL operation.
+    #[arg(long, env = "KVQL_GRAPHQL_MAX_COMPLEXITY", default_value_t = 500)]
+    pub graphql_max_complexity: usize,
+
+    /// Most aliased fields in one GraphQL document.
+    #[arg(long, env = "KVQL_GRAPHQL_MAX_ALIASES", default_value_t = 30)]
+    pub graphql_max_aliases: usize,
+
+    /// Most top-level fields in one GraphQL operation.
+    #[arg(long, env = "KVQL_GRAPHQL_MAX_ROOT_FIELDS", default_value_t = 20)]
+    pub graphql_max_root_fields: usize,
+
+    /// Largest GraphQL query text in bytes (variables are not counted; the
+    /// request body limit applies to the whole request).
+    #[arg(long, env = "KVQL_GRAPHQL_MAX_QUERY_BYTES", default_value_t = 32 * 1024)]
+    pub graphql_max_query_bytes: usize,
+
+    /// Whether GraphQL introspection (used by GraphiQL and code generators) is on.
+    #[arg(long, env = "KVQL_GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub graphql_introspection: bool,
 }
 
 /// Room for JSON punctuation, keys and TTLs around the values of a request.

@@ -56,6 +56,12 @@ pub enum ApiError {
     /// 413 `PAYLOAD_TOO_LARGE`: a value, a batch or a request body over its limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// `EVENTS_LOST` (GraphQL subscriptions only): the subscriber fell too far
+    /// behind and missed this many events; the stream ends.
+    #[error(
+        "this subscription fell behind and missed {0} events; re-read the data and subscribe again"
+    )]
+    EventsLost(u64),
     /// An item of an atomic batch failed: the status and code are the item's,
     /// the message names its index and key. Nothing of the batch was written.
     #[error("item {index} (key {key:?}): {source}")]
@@ -97,6 +103,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BatchItem { source, .. } => source.status(),
+            ApiError::EventsLost(_) => StatusCode::GONE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,6 +119,7 @@ impl ApiError {
             ApiError::InvalidInput { .. } | ApiError::UnsupportedMediaType(_) => "INVALID_INPUT",
             ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
             ApiError::BatchItem { source, .. } => source.code(),
+            ApiError::EventsLost(_) => "EVENTS_LOST",
             ApiError::Internal(_) => "INTERNAL",
         }
     }

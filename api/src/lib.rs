@@ -9,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod events;
+pub mod graphql;
 mod middleware;
 pub mod rest;
 pub mod store;

@@ -407,3 +407,127 @@ fn replace_db_name_keeps_the_rest_of_the_url() {
         "postgres://u:p@h/x?sslmode=disable"
     );
 }
+
+impl TestApp {
+    /// `POST /graphql` with a query and variables.
+    pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Resp {
+        self.post(
+            "/graphql",
+            token,
+            &json!({"query": query, "variables": variables}),
+        )
+        .await
+    }
+}
+
+impl Resp {
+    /// The `extensions.code` of the first GraphQL error.
+    #[track_caller]
+    pub fn gql_error_code(&self) -> &str {
+        assert_eq!(
+            self.status, 200,
+            "GraphQL errors come with HTTP 200: {}",
+            self.text
+        );
+        self.body["errors"][0]["extensions"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error code in {}", self.text))
+    }
+
+    /// `data` of a GraphQL answer without errors.
+    #[track_caller]
+    pub fn gql_data(&self) -> &Value {
+        assert_eq!(self.status, 200, "{}", self.text);
+        assert!(
+            self.body.get("errors").is_none(),
+            "unexpected errors: {}",
+            self.text
+        );
+        &self.body["data"]
+    }
+}
+
+/// A graphql-transport-ws client.
+pub struct WsClient {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl WsClient {
+    /// Connects to `base` + `path` and completes `connection_init` with `payload`.
+    pub async fn connect(base: &str, path: &str, payload: Value) -> WsClient {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}{}", base.replacen("http://", "ws://", 1), path);
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "graphql-transport-ws".parse().unwrap(),
+        );
+        let (ws, resp) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("websocket connect");
+        assert_eq!(
+            resp.headers()
+                .get("sec-websocket-protocol")
+                .and_then(|v| v.to_str().ok()),
+            Some("graphql-transport-ws")
+        );
+        let mut client = WsClient { ws };
+        client
+            .send(json!({"type": "connection_init", "payload": payload}))
+            .await;
+        let ack = client.next().await;
+        assert_eq!(ack["type"], "connection_ack", "{ack}");
+        client
+    }
+
+    pub async fn send(&mut self, message: Value) {
+        use futures_util::SinkExt;
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                message.to_string().into(),
+            ))
+            .await
+            .expect("websocket send");
+    }
+
+    pub async fn subscribe(&mut self, id: &str, query: &str, variables: Value) {
+        self.send(json!({
+            "id": id,
+            "type": "subscribe",
+            "payload": {"query": query, "variables": variables}
+        }))
+        .await;
+    }
+
+    /// The next protocol message (pings are answered), within 10 seconds.
+    pub async fn next(&mut self) -> Value {
+        self.try_next(Duration::from_secs(10))
+            .await
+            .expect("a websocket message within 10 s")
+    }
+
+    /// The next protocol message within `wait`, or `None`.
+    pub async fn try_next(&mut self, wait: Duration) -> Option<Value> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let msg = tokio::time::timeout(wait, self.ws.next()).await.ok()??;
+            match msg.expect("websocket message") {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).expect("JSON message");
+                    if v["type"] == "ping" {
+                        self.send(json!({"type": "pong"})).await;
+                        continue;
+                    }
+                    return Some(v);
+                }
+                Message::Close(frame) => {
+                    return Some(json!({"type": "closed", "frame": format!("{frame:?}")}));
+                }
+                _ => continue,
+            }
+        }
+    }
+}

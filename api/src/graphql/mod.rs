@@ -1,0 +1,231 @@
+//! The GraphQL door: queries, mutations and subscriptions over the same
+//! `store` functions as REST. The HTTP handler reads the bearer token once
+//! per request (WebSocket: from `connection_init`) and puts a [`Caller`] in
+//! the context; resolvers never parse tokens.
+
+mod mutation;
+mod policy;
+mod query;
+mod subscription;
+pub mod types;
+
+use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
+use async_graphql::{Context, Data, Schema};
+use async_graphql_poem::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use poem::web::Html;
+use poem::web::websocket::WebSocket;
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Route, get, handler};
+
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::config::GraphqlConfig;
+use crate::error::ApiError;
+pub use mutation::Mutation;
+pub use query::Query;
+pub use subscription::Subscription;
+
+pub type KvSchema = Schema<Query, Mutation, Subscription>;
+
+/// Who is calling, as established once per request or connection.
+pub enum Caller {
+    /// No token was sent.
+    Anonymous,
+    Authenticated(Principal),
+    /// A token was sent and refused; the message says why.
+    Refused(String),
+    /// Checking the token failed on the server side (already logged).
+    Failed,
+}
+
+impl Caller {
+    async fn from_authorization(state: &AppState, header: Option<&str>) -> Caller {
+        let Some(header) = header.map(str::trim).filter(|h| !h.is_empty()) else {
+            return Caller::Anonymous;
+        };
+        let token = match header.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+            _ => {
+                return Caller::Refused(
+                    "the Authorization header must be `Bearer <access_token>`".into(),
+                );
+            }
+        };
+        match state.auth().authenticate(token).await {
+            Ok(p) => Caller::Authenticated(p),
+            Err(ApiError::Unauthenticated(m)) => Caller::Refused(m),
+            Err(e) => {
+                e.body();
+                Caller::Failed
+            }
+        }
+    }
+}
+
+pub(crate) trait ContextExt {
+    /// The authenticated caller, or `UNAUTHENTICATED`.
+    fn principal(&self) -> Result<&Principal, ApiError>;
+    fn state(&self) -> &AppState;
+}
+
+impl ContextExt for Context<'_> {
+    fn principal(&self) -> Result<&Principal, ApiError> {
+        match self.data_opt::<Caller>() {
+            Some(Caller::Authenticated(p)) => Ok(p),
+            Some(Caller::Refused(m)) => Err(ApiError::Unauthenticated(m.clone())),
+            Some(Caller::Failed) => Err(ApiError::internal(anyhow::anyhow!(
+                "authentication failed earlier in this request"
+            ))),
+            Some(Caller::Anonymous) | None => Err(ApiError::Unauthenticated(
+                "this field needs an access token: send `Authorization: Bearer <access_token>` \
+                 (over WebSocket, in the connection_init payload)"
+                    .into(),
+            )),
+        }
+    }
+
+    fn state(&self) -> &AppState {
+        self.data_unchecked::<AppState>()
+    }
+}
+
+/// The schema with its limits; `state` is `None` only to print the SDL.
+pub fn schema(config: &GraphqlConfig, state: Option<AppState>) -> KvSchema {
+    let mut builder = Schema::build(Query, Mutation, Subscription)
+        .limit_depth(config.graphql_max_depth)
+        .limit_complexity(config.graphql_max_complexity)
+        .extension(policy::Policy {
+            max_aliases: config.graphql_max_aliases,
+            max_root_fields: config.graphql_max_root_fields,
+            max_query_bytes: config.graphql_max_query_bytes,
+        });
+    if !config.graphql_introspection {
+        builder = builder.disable_introspection();
+    }
+    if let Some(state) = state {
+        builder = builder.data(state);
+    }
+    builder.finish()
+}
+
+/// The schema in SDL, as checked in at `schema.graphql`.
+pub fn sdl() -> String {
+    let config = crate::config::Config::from_env()
+        .map(|c| c.graphql)
+        .unwrap_or_else(|_| panic!("default configuration"));
+    schema(&config, None).sdl()
+}
+
+#[handler]
+async fn execute(
+    req: &Request,
+    gql: GraphQLRequest,
+    state: poem::web::Data<&AppState>,
+    schema: poem::web::Data<&KvSchema>,
+) -> GraphQLResponse {
+    let header = req.header("authorization");
+    let caller = Caller::from_authorization(&state, header).await;
+    GraphQLResponse(schema.execute(gql.0.data(caller)).await)
+}
+
+/// The token in a `connection_init` payload: `{"Authorization": "Bearer …"}`
+/// (any case), also accepted nested under `headers`.
+fn init_authorization(payload: &serde_json::Value) -> Option<String> {
+    let find = |v: &serde_json::Value| {
+        v.as_object().and_then(|m| {
+            m.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+                .and_then(|(_, v)| v.as_str().map(str::to_owned))
+        })
+    };
+    find(payload).or_else(|| payload.get("headers").and_then(find))
+}
+
+#[handler]
+async fn playground_or_websocket(
+    req: &Request,
+    ws: Option<WebSocket>,
+    protocol: Option<GraphQLProtocol>,
+    state: poem::web::Data<&AppState>,
+    schema: poem::web::Data<&KvSchema>,
+) -> poem::Result<poem::Response> {
+    let Some(ws) = ws else {
+        return Ok(Html(graphiql_page()).into_response());
+    };
+    let protocol = protocol.ok_or_else(|| {
+        ApiError::invalid(
+            "Sec-WebSocket-Protocol",
+            "use graphql-transport-ws (or the legacy graphql-ws)",
+        )
+    })?;
+    let schema = (*schema).clone();
+    let state = (*state).clone();
+    let upgrade_header = req.header("authorization").map(str::to_owned);
+    Ok(ws
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |stream| {
+            GraphQLWebSocket::new(stream, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let header = init_authorization(&payload).or(upgrade_header);
+                    let caller = Caller::from_authorization(&state, header.as_deref()).await;
+                    let mut data = Data::default();
+                    data.insert(caller);
+                    Ok(data)
+                })
+                .serve()
+        })
+        .into_response())
+}
+
+/// GraphiQL, wired to `/graphql` and `/graphql/ws`. Headers typed into its
+/// Headers tab are also sent in `connection_init`, so subscriptions work.
+fn graphiql_page() -> String {
+    let page = GraphiQLSource::build()
+        .endpoint("/graphql")
+        .subscription_endpoint("/graphql/ws")
+        .title("kvql GraphiQL")
+        .finish();
+    page.replacen(
+        "subscriptionUrl: createUrl('/graphql/ws', true),",
+        "subscriptionUrl: createUrl('/graphql/ws', true),\n            \
+         wsConnectionParams: () => { try { return JSON.parse(localStorage.getItem('graphiql:headers') || '{}'); } catch (e) { return {}; } },",
+        1,
+    )
+}
+
+/// `/graphql` (POST queries and mutations; GET GraphiQL or a WebSocket) and
+/// `/graphql/ws` (WebSocket).
+pub fn routes(schema: KvSchema) -> impl Endpoint {
+    Route::new()
+        .at("/", get(playground_or_websocket).post(execute))
+        .at("/ws", get(playground_or_websocket))
+        .data(schema)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn connection_init_tokens_are_found_in_the_usual_places() {
+        assert_eq!(
+            init_authorization(&json!({"Authorization": "Bearer t"})).as_deref(),
+            Some("Bearer t")
+        );
+        assert_eq!(
+            init_authorization(&json!({"authorization": "Bearer t"})).as_deref(),
+            Some("Bearer t")
+        );
+        assert_eq!(
+            init_authorization(&json!({"headers": {"Authorization": "Bearer t"}})).as_deref(),
+            Some("Bearer t")
+        );
+        assert_eq!(init_authorization(&json!({})), None);
+        assert_eq!(init_authorization(&json!(null)), None);
+    }
+
+    #[test]
+    fn graphiql_sends_its_headers_when_subscribing() {
+        assert!(graphiql_page().contains("wsConnectionParams"));
+    }
+}

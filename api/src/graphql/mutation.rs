@@ -1,0 +1,192 @@
+use async_graphql::{Context, Object};
+
+use super::ContextExt;
+use super::types::{
+    BatchItemResult, BatchPayload, CreateObjectInput, KvObject, LoginPayload, PutObjectInput,
+    PutObjectPayload, Version, input_data,
+};
+use crate::error::ApiError;
+use crate::store::{Atomicity, BatchInput, Expect, Item, Key, Store};
+
+pub struct Mutation;
+
+fn atomicity(atomic: bool) -> Atomicity {
+    if atomic {
+        Atomicity::Atomic
+    } else {
+        Atomicity::PerItem
+    }
+}
+
+fn create_item(store: &Store, input: &CreateObjectInput) -> Result<Item, ApiError> {
+    store.item(input.key.clone(), &input_data(&input.data)?, input.ttl)
+}
+
+fn put_item(store: &Store, input: &PutObjectInput) -> Result<(Item, Expect), ApiError> {
+    let item = store.item(input.key.clone(), &input_data(&input.data)?, input.ttl)?;
+    let expect = match input.expected_version {
+        Some(Version(v)) => Expect::Version(v),
+        None => Expect::Any,
+    };
+    Ok((item, expect))
+}
+
+/// Writes, and `login`. Writes need a token whose role is owner or writer.
+#[Object]
+impl Mutation {
+    /// Exchanges a username and password for a bearer token; no token needed.
+    /// An unknown user and a wrong password get the same `UNAUTHENTICATED` error.
+    async fn login(
+        &self,
+        ctx: &Context<'_>,
+        username: String,
+        password: String,
+    ) -> async_graphql::Result<LoginPayload> {
+        let token = ctx.state().auth().login(&username, &password).await?;
+        Ok(LoginPayload {
+            access_token: token.access_token,
+            token_type: "Bearer".into(),
+            expires_in: token.expires_in,
+        })
+    }
+
+    /// Creates a value; `ALREADY_EXISTS` if the key holds a live one (an
+    /// expired value counts as absent).
+    async fn create_object(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateObjectInput,
+    ) -> async_graphql::Result<KvObject> {
+        let writer = ctx.principal()?.writer()?;
+        let store = ctx.state().store();
+        let item = create_item(store, &input)?;
+        Ok(KvObject(store.create(writer, &item).await?))
+    }
+
+    /// Creates or replaces a value. With `expectedVersion`, replaces only
+    /// that version (`VERSION_MISMATCH` otherwise, `NOT_FOUND` if absent).
+    async fn put_object(
+        &self,
+        ctx: &Context<'_>,
+        input: PutObjectInput,
+    ) -> async_graphql::Result<PutObjectPayload> {
+        let writer = ctx.principal()?.writer()?;
+        let store = ctx.state().store();
+        let (item, expect) = put_item(store, &input)?;
+        let put = store.put(writer, &item, expect).await?;
+        Ok(PutObjectPayload {
+            object: KvObject(put.object),
+            created: put.created,
+        })
+    }
+
+    /// Deletes the live value under `key`: true when deleted, `NOT_FOUND`
+    /// when there is none. With `expectedVersion`, deletes only that version.
+    async fn delete_object(
+        &self,
+        ctx: &Context<'_>,
+        key: String,
+        expected_version: Option<Version>,
+    ) -> async_graphql::Result<bool> {
+        let writer = ctx.principal()?.writer()?;
+        let key = Key::parse(key)?;
+        ctx.state()
+            .store()
+            .delete(writer, &key, expected_version.map(|v| v.0))
+            .await?;
+        Ok(true)
+    }
+
+    /// Creates several values in one transaction, with one result per item.
+    /// By default each item succeeds or fails on its own. With `atomic: true`
+    /// the first failing item fails the whole call (its code, plus `index`
+    /// and `key` in the error's extensions) and nothing is written.
+    async fn batch_create(
+        &self,
+        ctx: &Context<'_>,
+        items: Vec<CreateObjectInput>,
+        #[graphql(default = false)] atomic: bool,
+    ) -> async_graphql::Result<BatchPayload> {
+        let writer = ctx.principal()?.writer()?;
+        let store = ctx.state().store();
+        store.check_batch_len(items.len())?;
+        let inputs: Vec<BatchInput<Item>> = items
+            .iter()
+            .map(|i| (i.key.clone(), create_item(store, i)))
+            .collect();
+        let keys: Vec<String> = items.into_iter().map(|i| i.key).collect();
+        let outcomes = store
+            .batch_create(writer, inputs, atomicity(atomic))
+            .await?;
+        Ok(BatchPayload::new(
+            keys.into_iter()
+                .zip(outcomes)
+                .enumerate()
+                .map(|(i, (key, r))| match r {
+                    Ok(o) => BatchItemResult::done(i, key, None, Some(o)),
+                    Err(e) => BatchItemResult::failed(i, key, &e),
+                })
+                .collect(),
+        ))
+    }
+
+    /// Creates or replaces several values in one transaction, each honouring
+    /// its `expectedVersion`. All-or-nothing unless `atomic: false`.
+    async fn batch_put(
+        &self,
+        ctx: &Context<'_>,
+        items: Vec<PutObjectInput>,
+        #[graphql(default = true)] atomic: bool,
+    ) -> async_graphql::Result<BatchPayload> {
+        let writer = ctx.principal()?.writer()?;
+        let store = ctx.state().store();
+        store.check_batch_len(items.len())?;
+        let inputs: Vec<BatchInput<(Item, Expect)>> = items
+            .iter()
+            .map(|i| (i.key.clone(), put_item(store, i)))
+            .collect();
+        let keys: Vec<String> = items.into_iter().map(|i| i.key).collect();
+        let outcomes = store.batch_put(writer, inputs, atomicity(atomic)).await?;
+        Ok(BatchPayload::new(
+            keys.into_iter()
+                .zip(outcomes)
+                .enumerate()
+                .map(|(i, (key, r))| match r {
+                    Ok(p) => BatchItemResult::done(i, key, Some(p.created), Some(p.object)),
+                    Err(e) => BatchItemResult::failed(i, key, &e),
+                })
+                .collect(),
+        ))
+    }
+
+    /// Deletes several keys in one transaction, with one result per key
+    /// (`NOT_FOUND` for keys without a live value). With `atomic: true`,
+    /// all-or-nothing.
+    async fn batch_delete(
+        &self,
+        ctx: &Context<'_>,
+        keys: Vec<String>,
+        #[graphql(default = false)] atomic: bool,
+    ) -> async_graphql::Result<BatchPayload> {
+        let writer = ctx.principal()?.writer()?;
+        let store = ctx.state().store();
+        store.check_batch_len(keys.len())?;
+        let inputs: Vec<BatchInput<Key>> = keys
+            .iter()
+            .map(|k| (k.clone(), Key::parse(k.clone())))
+            .collect();
+        let outcomes = store
+            .batch_delete(writer, inputs, atomicity(atomic))
+            .await?;
+        Ok(BatchPayload::new(
+            keys.into_iter()
+                .zip(outcomes)
+                .enumerate()
+                .map(|(i, (key, r))| match r {
+                    Ok(()) => BatchItemResult::done(i, key, None, None),
+                    Err(e) => BatchItemResult::failed(i, key, &e),
+                })
+                .collect(),
+        ))
+    }
+}

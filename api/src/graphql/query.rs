@@ -1,0 +1,99 @@
+use async_graphql::{Context, Object};
+
+use super::ContextExt;
+use super::types::{DateTime, KvObject, KvObjectConnection, KvObjectEdge, Me, PageInfo};
+use crate::error::ApiError;
+use crate::store::{Cursor, Key, Limit, Prefix};
+
+pub struct Query;
+
+/// Reads. Every field needs an access token.
+#[Object]
+impl Query {
+    /// The live value under `key`, or null if there is none (absent or expired).
+    async fn object(
+        &self,
+        ctx: &Context<'_>,
+        key: String,
+    ) -> async_graphql::Result<Option<KvObject>> {
+        let principal = ctx.principal()?;
+        let key = Key::parse(key)?;
+        let found = ctx.state().store().get(principal.tenant(), &key).await?;
+        Ok(found.map(KvObject))
+    }
+
+    /// The live values under `keys`, in the same order, null where there is
+    /// none. At most the batch limit (1000 by default) keys.
+    async fn objects(
+        &self,
+        ctx: &Context<'_>,
+        keys: Vec<String>,
+    ) -> async_graphql::Result<Vec<Option<KvObject>>> {
+        let principal = ctx.principal()?;
+        let store = ctx.state().store();
+        store.check_batch_len(keys.len())?;
+        let keys = keys
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| {
+                Key::parse(k).map_err(|e| match e {
+                    ApiError::InvalidInput { message, .. } => {
+                        ApiError::invalid(format!("keys[{i}]"), message)
+                    }
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let found = store.get_many(principal.tenant(), &keys).await?;
+        Ok(found.into_iter().map(|o| o.map(KvObject)).collect())
+    }
+
+    /// Live values whose keys start with `prefix`, in byte order of keys.
+    /// `first` is the page size (1 to 1000, default 100); pass
+    /// `pageInfo.endCursor` as `after` for the next page.
+    async fn list_objects(
+        &self,
+        ctx: &Context<'_>,
+        prefix: Option<String>,
+        first: Option<i64>,
+        after: Option<String>,
+    ) -> async_graphql::Result<KvObjectConnection> {
+        let principal = ctx.principal()?;
+        let prefix = Prefix::parse(prefix)?;
+        let limit = Limit::parse("first", first)?;
+        let after = after.as_deref().map(Cursor::parse).transpose()?;
+        let page = ctx
+            .state()
+            .store()
+            .list(principal.tenant(), &prefix, limit, after.as_ref())
+            .await?;
+        let edges: Vec<KvObjectEdge> = page
+            .objects
+            .into_iter()
+            .map(|o| KvObjectEdge {
+                cursor: Cursor::after(&o.key).encode(),
+                node: KvObject(o),
+            })
+            .collect();
+        Ok(KvObjectConnection {
+            page_info: PageInfo {
+                has_next_page: page.next.is_some(),
+                end_cursor: edges.last().map(|e| e.cursor.clone()),
+                has_previous_page: false,
+                start_cursor: edges.first().map(|e| e.cursor.clone()),
+            },
+            edges,
+        })
+    }
+
+    /// Who the access token belongs to.
+    async fn me(&self, ctx: &Context<'_>) -> async_graphql::Result<Me> {
+        let p = ctx.principal()?;
+        Ok(Me {
+            username: p.username.clone(),
+            tenant: p.tenant_name.clone(),
+            role: p.role.into(),
+            token_expires_at: DateTime(p.expires_at),
+        })
+    }
+}

@@ -1,0 +1,346 @@
+//! GraphQL types. They are API types, separate from the entities: a column
+//! rename does not change the schema.
+
+use async_graphql::{
+    ComplexObject, Enum, InputObject, InputValueError, InputValueResult, Json, MaybeUndefined,
+    Object, Scalar, ScalarType, SimpleObject, Value,
+};
+
+use crate::clock::rfc3339;
+use crate::error::ApiError;
+use crate::store;
+
+/// A 64-bit version number, sent as a decimal string (e.g. `"3"`) so that
+/// JavaScript clients never lose precision. Inputs accept the string or an Int.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Version(pub i64);
+
+/// A 64-bit version number, sent as a decimal string (e.g. `"3"`) so that
+/// JavaScript clients never lose precision. Inputs accept the string or an Int.
+#[Scalar(name = "Version")]
+impl ScalarType for Version {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        let raw = match &value {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return Err(InputValueError::expected_type(value)),
+        };
+        store::parse_version("expectedVersion", &raw)
+            .map(Version)
+            .map_err(|e| InputValueError::custom(e.to_string()))
+    }
+
+    fn to_value(&self) -> Value {
+        Value::String(self.0.to_string())
+    }
+}
+
+/// A point in time, RFC 3339 in UTC with milliseconds, e.g. `2026-11-24T10:00:00.000Z`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DateTime(pub i64);
+
+/// A point in time, RFC 3339 in UTC with milliseconds, e.g. `2026-11-24T10:00:00.000Z`.
+#[Scalar(name = "DateTime")]
+impl ScalarType for DateTime {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        match &value {
+            Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+                .map(|d| DateTime(d.timestamp_millis()))
+                .map_err(|e| InputValueError::custom(e.to_string())),
+            _ => Err(InputValueError::expected_type(value)),
+        }
+    }
+
+    fn to_value(&self) -> Value {
+        Value::String(rfc3339(self.0))
+    }
+}
+
+/// A value stored under a key of your tenant.
+pub struct KvObject(pub store::Object);
+
+/// A value stored under a key of your tenant.
+#[Object]
+impl KvObject {
+    /// The key: 1 to 512 bytes of UTF-8 without control characters.
+    async fn key(&self) -> &str {
+        &self.0.key
+    }
+
+    /// The stored JSON value; null when the value is JSON `null`.
+    async fn data(&self) -> Option<Json<serde_json::Value>> {
+        match self.0.data_json() {
+            serde_json::Value::Null => None,
+            v => Some(Json(v)),
+        }
+    }
+
+    /// Starts at 1 when the key is created and grows by one on every write.
+    /// Pass it as `expectedVersion` to write only if nobody else has.
+    async fn version(&self) -> Version {
+        Version(self.0.version)
+    }
+
+    /// Whole seconds left before the value expires, rounded up; null if it never expires.
+    async fn ttl(&self) -> Option<i64> {
+        self.0.ttl
+    }
+
+    /// When the value expires; null if it never expires.
+    async fn expires_at(&self) -> Option<DateTime> {
+        self.0.expires_at.map(DateTime)
+    }
+
+    /// When the key was created.
+    async fn created_at(&self) -> DateTime {
+        DateTime(self.0.created_at)
+    }
+
+    /// When the value was last written.
+    async fn updated_at(&self) -> DateTime {
+        DateTime(self.0.updated_at)
+    }
+}
+
+/// A value to create.
+#[derive(InputObject)]
+pub struct CreateObjectInput {
+    /// 1 to 512 bytes of UTF-8 without control characters.
+    pub key: String,
+    /// Required: any JSON value. An explicit null stores JSON `null`.
+    pub data: MaybeUndefined<Json<serde_json::Value>>,
+    /// Seconds until the value expires, 1 to 315360000; omit for never.
+    pub ttl: Option<i64>,
+}
+
+/// A value to create or replace.
+#[derive(InputObject)]
+pub struct PutObjectInput {
+    /// 1 to 512 bytes of UTF-8 without control characters.
+    pub key: String,
+    /// Required: any JSON value. An explicit null stores JSON `null`.
+    pub data: MaybeUndefined<Json<serde_json::Value>>,
+    /// Seconds until the value expires, 1 to 315360000; omit for never. A put
+    /// replaces the TTL along with the data.
+    pub ttl: Option<i64>,
+    /// Write only if the current version is this one (`VERSION_MISMATCH`
+    /// otherwise, `NOT_FOUND` if there is no value). Omit to create or replace.
+    pub expected_version: Option<Version>,
+}
+
+/// The JSON value of an input's `data`, which must be present.
+pub fn input_data(
+    data: &MaybeUndefined<Json<serde_json::Value>>,
+) -> Result<serde_json::Value, ApiError> {
+    match data {
+        MaybeUndefined::Undefined => Err(ApiError::invalid(
+            "data",
+            "required (any JSON value; null stores JSON null)",
+        )),
+        MaybeUndefined::Null => Ok(serde_json::Value::Null),
+        MaybeUndefined::Value(Json(v)) => Ok(v.clone()),
+    }
+}
+
+/// A bearer token.
+#[derive(SimpleObject)]
+pub struct LoginPayload {
+    /// Send it as `Authorization: Bearer <accessToken>`.
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds until the token expires.
+    pub expires_in: u64,
+}
+
+/// The outcome of `putObject`.
+#[derive(SimpleObject)]
+pub struct PutObjectPayload {
+    /// The value as now stored.
+    pub object: KvObject,
+    /// True if the key had no live value and was created; false if replaced.
+    pub created: bool,
+}
+
+/// One item's outcome in a batch.
+#[derive(SimpleObject)]
+pub struct BatchItemResult {
+    /// Position of the item in the request.
+    pub index: i32,
+    /// The item's key, as sent.
+    pub key: String,
+    /// Whether this item was applied.
+    pub ok: bool,
+    /// The error code when `ok` is false (`ALREADY_EXISTS`, `NOT_FOUND`, ...).
+    pub code: Option<String>,
+    /// The error message when `ok` is false.
+    pub message: Option<String>,
+    /// For batchPut: whether the key was created (true) or replaced (false).
+    pub created: Option<bool>,
+    /// For batchCreate and batchPut: the value as now stored.
+    pub object: Option<KvObject>,
+}
+
+impl BatchItemResult {
+    pub fn failed(index: usize, key: String, e: &ApiError) -> Self {
+        BatchItemResult {
+            index: index as i32,
+            key,
+            ok: false,
+            code: Some(e.code().to_owned()),
+            message: Some(e.to_string()),
+            created: None,
+            object: None,
+        }
+    }
+
+    pub fn done(
+        index: usize,
+        key: String,
+        created: Option<bool>,
+        object: Option<store::Object>,
+    ) -> Self {
+        BatchItemResult {
+            index: index as i32,
+            key,
+            ok: true,
+            code: None,
+            message: None,
+            created,
+            object: object.map(KvObject),
+        }
+    }
+}
+
+/// Per-item results of a batch, in request order.
+#[derive(SimpleObject)]
+pub struct BatchPayload {
+    /// One result per item, in request order.
+    pub results: Vec<BatchItemResult>,
+    /// How many items were applied.
+    pub succeeded: i32,
+    /// How many items failed (and wrote nothing).
+    pub failed: i32,
+}
+
+impl BatchPayload {
+    pub fn new(results: Vec<BatchItemResult>) -> Self {
+        let succeeded = results.iter().filter(|r| r.ok).count() as i32;
+        let failed = results.len() as i32 - succeeded;
+        BatchPayload {
+            results,
+            succeeded,
+            failed,
+        }
+    }
+}
+
+/// A page of values.
+#[derive(SimpleObject)]
+pub struct KvObjectConnection {
+    /// The values of this page, in byte order of keys.
+    pub edges: Vec<KvObjectEdge>,
+    /// Whether there is a next page, and where it starts.
+    pub page_info: PageInfo,
+}
+
+/// A value and its position in the listing.
+#[derive(SimpleObject)]
+pub struct KvObjectEdge {
+    /// The value.
+    pub node: KvObject,
+    /// Pass as `after` to continue after this value.
+    pub cursor: String,
+}
+
+/// Where a page sits in the listing.
+#[derive(SimpleObject)]
+pub struct PageInfo {
+    /// Whether more values follow; pass `endCursor` as `after` to get them.
+    pub has_next_page: bool,
+    /// The cursor of the last edge; null on an empty page.
+    pub end_cursor: Option<String>,
+    /// Always false: listings go forward only.
+    pub has_previous_page: bool,
+    /// The cursor of the first edge; null on an empty page.
+    pub start_cursor: Option<String>,
+}
+
+/// What a user may do.
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+pub enum Role {
+    /// Reads and writes (the bootstrap `admin` is an owner).
+    Owner,
+    /// Reads and writes.
+    Writer,
+    /// Reads only.
+    Reader,
+}
+
+impl From<crate::auth::Role> for Role {
+    fn from(r: crate::auth::Role) -> Self {
+        match r {
+            crate::auth::Role::Owner => Role::Owner,
+            crate::auth::Role::Writer => Role::Writer,
+            crate::auth::Role::Reader => Role::Reader,
+        }
+    }
+}
+
+/// The caller, as named by the access token.
+#[derive(SimpleObject)]
+#[graphql(complex)]
+pub struct Me {
+    /// The user the token was issued to.
+    pub username: String,
+    /// The tenant whose data this token reads and writes.
+    pub tenant: String,
+    /// What the user may do; readers cannot write.
+    pub role: Role,
+    /// When the access token expires.
+    pub token_expires_at: DateTime,
+}
+
+#[ComplexObject]
+impl Me {
+    /// Whether this token may write.
+    async fn can_write(&self) -> bool {
+        self.role != Role::Reader
+    }
+}
+
+/// What happened to a key.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+pub enum EventKind {
+    /// The value was created or replaced.
+    Put,
+    /// The value was deleted by a client.
+    Delete,
+    /// The value expired and the sweeper removed it.
+    Expire,
+}
+
+impl From<crate::events::EventKind> for EventKind {
+    fn from(k: crate::events::EventKind) -> Self {
+        match k {
+            crate::events::EventKind::Put => EventKind::Put,
+            crate::events::EventKind::Delete => EventKind::Delete,
+            crate::events::EventKind::Expire => EventKind::Expire,
+        }
+    }
+}
+
+/// A change to one key of your tenant.
+#[derive(SimpleObject)]
+pub struct ObjectEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// The key it happened to.
+    pub key: String,
+    /// The version written (PUT), deleted (DELETE) or expired (EXPIRE).
+    pub version: Version,
+    /// For PUT: the value written. Null for DELETE and EXPIRE, and for a PUT
+    /// made on another node whose value was too large to travel with the
+    /// event and has changed again since.
+    pub object: Option<KvObject>,
+}
