@@ -50,11 +50,24 @@ pub struct App {
     pub config: Config,
     /// The bootstrap admin's password, when this start generated one.
     pub generated_admin_password: Option<String>,
+    /// Held while serving: on SQLite, one server per database file.
+    _server_lock: Option<std::fs::File>,
+    _checkpointer: Option<AbortOnDrop>,
+}
+
+/// A background task that stops with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl App {
     /// Connects, migrates, bootstraps and starts the sweeper.
     pub async fn build(config: Config, clock: Clock) -> anyhow::Result<App> {
+        let server_lock = crate::db::lock_for_server(&config.database)?;
         let db = Db::connect(&config.database).await?;
         db.migrate().await?;
         let generated_admin_password =
@@ -69,8 +82,12 @@ impl App {
                 max_batch_items: config.max_batch_items,
             },
             events,
+            config.cache_bytes,
         );
         let sweeper = Sweeper::spawn(store.clone(), config.sweep_interval, config.sweep_batch);
+        let checkpointer = db
+            .start_checkpointer(std::time::Duration::from_millis(200))
+            .map(AbortOnDrop);
         let state = AppState {
             inner: Arc::new(StateInner { db, store, auth }),
         };
@@ -79,6 +96,8 @@ impl App {
             sweeper,
             config,
             generated_admin_password,
+            _server_lock: server_lock,
+            _checkpointer: checkpointer,
         })
     }
 

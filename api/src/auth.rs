@@ -5,7 +5,7 @@
 //! Writes take a [`Writer`], which only [`Principal::writer`] hands out.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -141,6 +141,26 @@ struct Claims {
     aud: String,
 }
 
+/// At most one argon2 computation per CPU at a time: each takes ~19 MiB and
+/// tens of milliseconds, so a burst of logins queues here instead of
+/// multiplying memory use.
+static HASHING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+    tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+});
+
+/// Runs an argon2 computation on the blocking pool, one per CPU at a time.
+pub async fn hashing<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let _permit = HASHING
+        .acquire()
+        .await
+        .context("hashing semaphore closed")?;
+    tokio::task::spawn_blocking(work)
+        .await
+        .context("hashing task failed")
+}
+
 /// Hashes a password with argon2id (default parameters, random salt) into a PHC string.
 pub fn hash_password(password: &str) -> anyhow::Result<String> {
     Argon2::default()
@@ -183,6 +203,10 @@ struct AuthInner {
     db: Db,
     clock: Clock,
     keys: RwLock<SigningKeys>,
+    /// Tokens verified recently, so that a request with a known token costs
+    /// a hash lookup instead of a signature check and a database query.
+    verified: RwLock<HashMap<Box<str>, Verified>>,
+    cache_ttl_ms: i64,
     validation: Validation,
     issuer: String,
     audience: String,
@@ -191,6 +215,17 @@ struct AuthInner {
     /// as long as a wrong password.
     dummy_hash: String,
 }
+
+/// A verified token: good until `valid_until` (Unix ms), the earlier of its
+/// expiry and the end of the cache window.
+struct Verified {
+    principal: Arc<Principal>,
+    valid_until: i64,
+}
+
+/// Most tokens remembered; beyond it, entries past their window are dropped,
+/// then all of them.
+const MAX_CACHED_TOKENS: usize = 10_000;
 
 const ALGORITHM: Algorithm = Algorithm::HS256;
 const UNKNOWN_KID_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
@@ -214,14 +249,14 @@ impl Auth {
         // Expiry is checked against the server clock in `authenticate`, exactly.
         validation.validate_exp = false;
         validation.leeway = 0;
-        let dummy_hash = tokio::task::spawn_blocking(|| hash_password("kvql dummy password"))
-            .await
-            .context("hashing task failed")??;
+        let dummy_hash = hashing(|| hash_password("kvql dummy password")).await??;
         Ok(Auth {
             inner: Arc::new(AuthInner {
                 db,
                 clock,
                 keys: RwLock::new(keys),
+                verified: RwLock::new(HashMap::new()),
+                cache_ttl_ms: config.auth_cache_ttl.as_millis() as i64,
                 validation,
                 issuer: config.token_issuer.clone(),
                 audience: config.token_audience.clone(),
@@ -244,7 +279,7 @@ impl Auth {
             _ => self.inner.dummy_hash.clone(),
         };
         let password = password.to_owned();
-        let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        let ok = hashing(move || verify_password(&password, &hash))
             .await
             .map_err(ApiError::internal)?;
         match found {
@@ -279,8 +314,43 @@ impl Auth {
     }
 
     /// Verifies a bearer token (algorithm pinned, signature, `exp`, `iss`,
-    /// `aud`) and that its user still exists and is enabled.
-    pub async fn authenticate(&self, token: &str) -> Result<Principal, ApiError> {
+    /// `aud`) and that its user still exists and is enabled. A token verified
+    /// less than `--auth-cache-ttl` ago is trusted without checking again,
+    /// until it expires.
+    pub async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, ApiError> {
+        let now = self.inner.clock.now_ms();
+        if let Some(hit) = self
+            .inner
+            .verified
+            .read()
+            .map_err(|_| poisoned())?
+            .get(token)
+            .filter(|v| now < v.valid_until)
+        {
+            return Ok(hit.principal.clone());
+        }
+        let principal = Arc::new(self.verify(token).await?);
+        if self.inner.cache_ttl_ms > 0 {
+            let valid_until = principal.expires_at.min(now + self.inner.cache_ttl_ms);
+            let mut cache = self.inner.verified.write().map_err(|_| poisoned())?;
+            if cache.len() >= MAX_CACHED_TOKENS {
+                cache.retain(|_, v| now < v.valid_until);
+                if cache.len() >= MAX_CACHED_TOKENS {
+                    cache.clear();
+                }
+            }
+            cache.insert(
+                token.into(),
+                Verified {
+                    principal: principal.clone(),
+                    valid_until,
+                },
+            );
+        }
+        Ok(principal)
+    }
+
+    async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| bad_token())?;
         if header.alg != ALGORITHM {
             return Err(bad_token());
@@ -336,7 +406,7 @@ impl Auth {
         if stale {
             let fresh = load_keys(&self.inner.db)
                 .await
-                .map_err(ApiError::Internal)?;
+                .map_err(ApiError::internal)?;
             if let Some(fresh) = fresh {
                 *self.inner.keys.write().map_err(|_| poisoned())? = fresh;
             }

@@ -81,6 +81,12 @@ pub struct Config {
     #[arg(long, env = "KVQL_TOKEN_AUDIENCE", default_value = "kvql")]
     pub token_audience: String,
 
+    /// How long a verified token is trusted without checking again that its
+    /// user still exists and keeps its role; `0s` checks on every request.
+    /// Removing a user or changing a role takes effect within this time.
+    #[arg(long, env = "KVQL_AUTH_CACHE_TTL", default_value = "1s", value_parser = parse_duration_or_zero)]
+    pub auth_cache_ttl: Duration,
+
     /// How often the sweeper deletes expired values, e.g. `500ms`, `1s`.
     #[arg(long, env = "KVQL_SWEEP_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
@@ -101,6 +107,11 @@ pub struct Config {
     /// items, capped at 64 MiB but never below one full value.
     #[arg(long, env = "KVQL_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
+
+    /// Bytes of values kept in the SQLite read cache (0 turns it off). On
+    /// PostgreSQL, which several nodes share, there is no cache.
+    #[arg(long, env = "KVQL_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub cache_bytes: u64,
 
     /// Change events buffered per node for subscribers; a subscriber that falls
     /// further behind loses its subscription (with an `EVENTS_LOST` error).
@@ -187,6 +198,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Like [`parse_duration`], but `0s` (or `0`) is allowed.
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (expected e.g. 0s, 500ms, 1s)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +217,8 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_duration_or_zero("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("0s"), Ok(Duration::ZERO));
     }
 
     #[test]

@@ -87,8 +87,84 @@ impl Db {
         self.read.execute_unprepared("SELECT 1").await.is_ok()
     }
 
+    /// On SQLite, copies the write-ahead log into the database file every
+    /// `interval` from a read connection (a PASSIVE checkpoint blocks
+    /// nobody), so that commits never wait for a checkpoint and its fsync.
+    pub fn start_checkpointer(&self, interval: Duration) -> Option<tokio::task::JoinHandle<()>> {
+        if self.backend != DatabaseBackend::Sqlite {
+            return None;
+        }
+        let read = self.read.clone();
+        Some(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if let Err(e) = read
+                    .execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)")
+                    .await
+                {
+                    tracing::warn!(error = %e, "WAL checkpoint failed");
+                }
+            }
+        }))
+    }
+
     pub fn is_postgres(&self) -> bool {
         self.backend == DatabaseBackend::Postgres
+    }
+}
+
+/// The path of a SQLite database URL's file, if it names one.
+fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or("");
+    (!path.is_empty() && !path.starts_with(":memory:")).then(|| path.into())
+}
+
+/// On SQLite, one kvql server owns the database file: its write queue and
+/// cache must see every write. Holds an exclusive lock on `<file>-kvql.lock`
+/// for as long as the returned file lives; a second server on the same file
+/// is refused. (The `kvql user` commands do not take it.) `None` on PostgreSQL.
+pub fn lock_for_server(args: &DatabaseArgs) -> anyhow::Result<Option<std::fs::File>> {
+    let Some(path) = sqlite_path(&args.database_url) else {
+        return Ok(None);
+    };
+    let mut lock_path = path.clone().into_os_string();
+    lock_path.push("-kvql.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", std::path::Path::new(&lock_path).display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another kvql server is already serving {}: on SQLite one server owns the \
+             database (use PostgreSQL to run several nodes)",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e)
+            .with_context(|| format!("cannot lock {}", std::path::Path::new(&lock_path).display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_path;
+
+    #[test]
+    fn sqlite_paths_come_from_the_url() {
+        assert_eq!(
+            sqlite_path("sqlite://kvql.db?mode=rwc"),
+            Some("kvql.db".into())
+        );
+        assert_eq!(sqlite_path("sqlite:///tmp/a.db"), Some("/tmp/a.db".into()));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://h/db"), None);
     }
 }
 
@@ -106,6 +182,10 @@ fn sqlite_options(url: &str, max_connections: u32, sync: SqliteSync) -> ConnectO
                 })
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
+                // Checkpoints run in the background (see `Db::start_checkpointer`);
+                // a committing connection checkpoints itself only if that falls
+                // far behind.
+                .pragma("wal_autocheckpoint", "10000")
         });
     opts
 }

@@ -22,7 +22,7 @@ pub fn request_id() -> Option<String> {
     REQUEST_ID.try_with(Clone::clone).ok()
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     /// 401 `UNAUTHENTICATED`: no token, a bad or expired token, or wrong credentials.
     #[error("{0}")]
@@ -72,7 +72,7 @@ pub enum ApiError {
     },
     /// 500 `INTERNAL`: logged with the request id; the client sees only the id.
     #[error("internal error")]
-    Internal(#[source] anyhow::Error),
+    Internal(std::sync::Arc<anyhow::Error>),
 }
 
 impl ApiError {
@@ -84,7 +84,7 @@ impl ApiError {
     }
 
     pub fn internal(err: impl Into<anyhow::Error>) -> Self {
-        ApiError::Internal(err.into())
+        ApiError::Internal(std::sync::Arc::new(err.into()))
     }
 
     pub fn not_found() -> Self {
@@ -212,7 +212,7 @@ fn tidy_framework_message(message: &str) -> String {
 
 impl From<sea_orm::DbErr> for ApiError {
     fn from(err: sea_orm::DbErr) -> Self {
-        ApiError::Internal(err.into())
+        ApiError::internal(err)
     }
 }
 

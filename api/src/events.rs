@@ -173,7 +173,7 @@ fn to_wire(e: Event) -> WireEvent {
         key: e.key,
         v: e.version,
         o: e.object.map(|o| WireObject {
-            d: o.data,
+            d: o.data.to_string(),
             x: o.expires_at,
             c: o.created_at,
             u: o.updated_at,
@@ -188,7 +188,7 @@ fn from_wire(e: WireEvent, clock: &Clock) -> Event {
         kind: e.k,
         object: e.o.map(|o| Object {
             key: e.key.clone(),
-            data: o.d,
+            data: o.d.into(),
             version: e.v,
             ttl: o.x.map(|x| crate::store::seconds_left(x, now)),
             expires_at: o.x,
@@ -246,7 +246,7 @@ mod tests {
             version: 1,
             object: Some(Object {
                 key: key.into(),
-                data: format!("\"{}\"", "x".repeat(data_len)),
+                data: format!("\"{}\"", "x".repeat(data_len)).into(),
                 version: 1,
                 ttl: None,
                 expires_at: None,

@@ -8,7 +8,7 @@ use sea_orm::{
     TransactionTrait,
 };
 
-use crate::auth::{Role, check_password_strength, hash_password};
+use crate::auth::{Role, check_password_strength, hash_password, hashing};
 use crate::clock::Clock;
 use crate::db::Db;
 
@@ -43,9 +43,7 @@ fn check_name(what: &str, name: &str, extra: &str) -> anyhow::Result<()> {
 async fn hash(password: &str) -> anyhow::Result<String> {
     check_password_strength(password).map_err(anyhow::Error::msg)?;
     let password = password.to_owned();
-    tokio::task::spawn_blocking(move || hash_password(&password))
-        .await
-        .context("hashing task failed")?
+    hashing(move || hash_password(&password)).await?
 }
 
 /// Creates a user, and its tenant if the tenant does not exist yet.

@@ -209,6 +209,8 @@ async fn a_removed_users_token_stops_working() {
     api::users::remove_user(app.node.state.db(), &u.username)
         .await
         .unwrap();
+    // Verified tokens are trusted for the auth cache window, then checked again.
+    app.clock.advance(app.config.auth_cache_ttl);
     app.get("/api/objects", Some(&u.token))
         .await
         .assert_error(401, "UNAUTHENTICATED");
@@ -223,6 +225,7 @@ async fn a_user_removed_and_recreated_under_the_same_name_does_not_revive_old_to
     api::users::add_user(db, &app.clock, &u.username, "other", Role::Writer, PASSWORD)
         .await
         .unwrap();
+    app.clock.advance(app.config.auth_cache_ttl);
     app.get("/api/objects", Some(&u.token))
         .await
         .assert_error(401, "UNAUTHENTICATED");
@@ -262,4 +265,36 @@ async fn owners_and_writers_can_write() {
         let key = format!("by-{}", role.as_str());
         assert_eq!(app.create(&u, &key, json!(1), None).await.status, 201);
     }
+}
+
+#[tokio::test]
+async fn with_the_auth_cache_off_a_removed_user_is_refused_at_once() {
+    let app = TestApp::spawn_with(|c| c.auth_cache_ttl = Duration::ZERO).await;
+    let u = app.writer().await;
+    assert_eq!(app.get("/api/objects", Some(&u.token)).await.status, 200);
+    api::users::remove_user(app.node.state.db(), &u.username)
+        .await
+        .unwrap();
+    app.get("/api/objects", Some(&u.token))
+        .await
+        .assert_error(401, "UNAUTHENTICATED");
+}
+
+#[tokio::test]
+async fn a_role_change_takes_effect_after_the_auth_cache_window() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    assert_eq!(app.create(&u, "before", json!(1), None).await.status, 201);
+    let db = app.node.state.db();
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, sea_query::Expr};
+    entity::user::Entity::update_many()
+        .col_expr(entity::user::Column::Role, Expr::value("reader"))
+        .filter(entity::user::Column::Username.eq(&u.username))
+        .exec(&db.write)
+        .await
+        .unwrap();
+    app.clock.advance(app.config.auth_cache_ttl);
+    app.create(&u, "after", json!(1), None)
+        .await
+        .assert_error(403, "FORBIDDEN");
 }

@@ -209,6 +209,7 @@ async fn user_remove_revokes_the_users_tokens_and_keeps_the_data() {
     .await;
     let out = kvql(&app, &["user", "remove", "ivy"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    app.clock.advance(app.config.auth_cache_ttl);
     app.get("/api/objects", Some(&token))
         .await
         .assert_error(401, "UNAUTHENTICATED");

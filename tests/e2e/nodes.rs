@@ -1,13 +1,44 @@
-//! Several nodes on one database act as one server.
+//! Several nodes on one PostgreSQL database act as one server; on SQLite a
+//! second server on the same file is refused.
 
 use futures_util::future::join_all;
 use serde_json::json;
 
 use crate::support::{TestApp, object_path};
 
+/// Whether the test runs on PostgreSQL; says why it is skipped otherwise.
+fn on_postgres(app: &TestApp) -> bool {
+    let pg = app.node.state.db().is_postgres();
+    if !pg {
+        eprintln!("several nodes need PostgreSQL (set KVQL_TEST_DATABASE_URL); skipped on SQLite");
+    }
+    pg
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_sqlite_file_is_refused() {
+    let app = TestApp::spawn().await;
+    if app.node.state.db().is_postgres() {
+        return;
+    }
+    let err = api::app::App::build(app.config.clone(), app.clock.clone())
+        .await
+        .err()
+        .expect("a second server must be refused");
+    assert!(
+        format!("{err:#}").contains("another kvql server is already serving"),
+        "{err:#}"
+    );
+    // The first one keeps serving.
+    assert_eq!(app.get("/healthz", None).await.status, 200);
+}
+
 #[tokio::test]
 async fn two_nodes_share_tokens_and_data() {
     let app = TestApp::spawn().await;
+    if !on_postgres(&app) {
+        return;
+    }
     let b = app.second_node().await;
     let u = app.writer().await;
 
@@ -42,6 +73,9 @@ async fn two_nodes_share_tokens_and_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_creates_across_two_nodes_give_exactly_one_winner() {
     let app = TestApp::spawn().await;
+    if !on_postgres(&app) {
+        return;
+    }
     let b = app.second_node().await;
     let u = app.writer().await;
     let bases = [app.node.base.clone(), b.base.clone()];
@@ -62,6 +96,9 @@ async fn concurrent_creates_across_two_nodes_give_exactly_one_winner() {
 #[tokio::test]
 async fn nodes_started_on_one_database_sign_with_keys_both_accept() {
     let app = TestApp::spawn().await;
+    if !on_postgres(&app) {
+        return;
+    }
     let b = app.second_node().await;
     let c = app.second_node().await;
     let u = app.writer().await;

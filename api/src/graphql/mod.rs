@@ -9,6 +9,8 @@ mod query;
 mod subscription;
 pub mod types;
 
+use std::sync::Arc;
+
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
 use async_graphql::{Context, Data, Schema};
 use async_graphql_poem::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
@@ -30,7 +32,7 @@ pub type KvSchema = Schema<Query, Mutation, Subscription>;
 pub enum Caller {
     /// No token was sent.
     Anonymous,
-    Authenticated(Principal),
+    Authenticated(Arc<Principal>),
     /// A token was sent and refused; the message says why.
     Refused(String),
     /// Checking the token failed on the server side (already logged).
@@ -63,12 +65,12 @@ impl Caller {
 
 pub(crate) trait ContextExt {
     /// The authenticated caller, or `UNAUTHENTICATED`.
-    fn principal(&self) -> Result<&Principal, ApiError>;
+    fn principal(&self) -> Result<&Arc<Principal>, ApiError>;
     fn state(&self) -> &AppState;
 }
 
 impl ContextExt for Context<'_> {
-    fn principal(&self) -> Result<&Principal, ApiError> {
+    fn principal(&self) -> Result<&Arc<Principal>, ApiError> {
         match self.data_opt::<Caller>() {
             Some(Caller::Authenticated(p)) => Ok(p),
             Some(Caller::Refused(m)) => Err(ApiError::Unauthenticated(m.clone())),

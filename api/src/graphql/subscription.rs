@@ -30,7 +30,7 @@ impl Filter {
 struct Watch {
     rx: broadcast::Receiver<Arc<Event>>,
     store: Store,
-    principal: Principal,
+    principal: Arc<Principal>,
     filter: Filter,
     deadline: tokio::time::Instant,
     done: bool,

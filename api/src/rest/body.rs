@@ -112,3 +112,43 @@ mod tests {
         assert!(!is_json("application/x-www-form-urlencoded"));
     }
 }
+
+/// A JSON response body written ahead of time, documented as `T`. Used where
+/// the stored JSON text can be passed through without parsing it.
+pub struct RawJson<T> {
+    body: String,
+    _schema: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> RawJson<T> {
+    pub fn new(body: String) -> Self {
+        RawJson {
+            body,
+            _schema: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Type> poem_openapi::payload::Payload for RawJson<T> {
+    const CONTENT_TYPE: &'static str = CONTENT_TYPE;
+
+    fn check_content_type(content_type: &str) -> bool {
+        is_json(content_type)
+    }
+
+    fn schema_ref() -> poem_openapi::registry::MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T: Send> poem::IntoResponse for RawJson<T> {
+    fn into_response(self) -> poem::Response {
+        poem::Response::builder()
+            .content_type(CONTENT_TYPE)
+            .body(self.body)
+    }
+}

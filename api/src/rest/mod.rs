@@ -4,6 +4,7 @@
 mod body;
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use poem::Request;
 use poem::web::Data;
@@ -19,7 +20,7 @@ use crate::auth::Principal;
 use crate::clock::rfc3339;
 use crate::error::ApiError;
 use crate::store::{self, Atomicity, Cursor, Expect, Key, Limit, Prefix};
-use body::JsonBody;
+use body::{JsonBody, RawJson};
 
 #[derive(Tags)]
 enum Tag {
@@ -36,9 +37,9 @@ enum Tag {
 /// A bearer token from `POST /login`: `Authorization: Bearer <access_token>`.
 #[derive(SecurityScheme)]
 #[oai(ty = "bearer", bearer_format = "JWT", checker = "check_bearer")]
-pub struct BearerAuth(Principal);
+pub struct BearerAuth(Arc<Principal>);
 
-async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal> {
+async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Arc<Principal>> {
     let state = req
         .data::<AppState>()
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("app state missing")))?;
@@ -143,6 +144,34 @@ struct ObjectView {
     created_at: String,
     /// When the value was last written (RFC 3339, UTC).
     updated_at: String,
+}
+
+/// `o` as the JSON of [`ObjectView`], with the stored value passed through
+/// as it is instead of parsed and serialized again.
+fn object_view_json(o: &store::Object) -> String {
+    use std::fmt::Write;
+    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut out = String::with_capacity(o.data.len() + o.key.len() + 192);
+    let _ = write!(
+        out,
+        "{{\"key\":{},\"data\":{},\"version\":{},\"ttl\":",
+        quoted(&o.key),
+        o.data,
+        o.version
+    );
+    match (o.ttl, o.expires_at) {
+        (Some(ttl), Some(at)) => {
+            let _ = write!(out, "{ttl},\"expires_at\":\"{}\"", rfc3339(at));
+        }
+        _ => out.push_str("null,\"expires_at\":null"),
+    }
+    let _ = write!(
+        out,
+        ",\"created_at\":\"{}\",\"updated_at\":\"{}\"}}",
+        rfc3339(o.created_at),
+        rfc3339(o.updated_at)
+    );
+    out
 }
 
 impl From<store::Object> for ObjectView {
@@ -300,7 +329,7 @@ struct Health {
 enum GetResponse {
     /// The value.
     #[oai(status = 200)]
-    Ok(Json<ObjectView>, #[oai(header = "ETag")] String),
+    Ok(RawJson<ObjectView>, #[oai(header = "ETag")] String),
     /// `If-None-Match` named the current version.
     #[oai(status = 304)]
     NotModified(#[oai(header = "ETag")] String),
@@ -424,7 +453,10 @@ impl RestApi {
         if matches {
             return Ok(GetResponse::NotModified(etag));
         }
-        Ok(GetResponse::Ok(Json(object.into()), etag))
+        Ok(GetResponse::Ok(
+            RawJson::new(object_view_json(&object)),
+            etag,
+        ))
     }
 
     /// Create or replace a value
@@ -661,4 +693,27 @@ pub fn service() -> poem_openapi::OpenApiService<RestApi, ()> {
 /// The OpenAPI document as checked in at `openapi.json`.
 pub fn openapi_json() -> String {
     service().spec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_raw_object_json_equals_the_serialized_view() {
+        for (ttl, expires_at) in [(None, None), (Some(5), Some(1_795_000_005_000))] {
+            let o = store::Object {
+                key: "a \"quoted\" key/ü".into(),
+                data: r#"{"b":[1,2,{"c":null}],"a":"x"}"#.into(),
+                version: 42,
+                ttl,
+                expires_at,
+                created_at: 1_795_000_000_000,
+                updated_at: 1_795_000_000_123,
+            };
+            let raw: serde_json::Value = serde_json::from_str(&object_view_json(&o)).unwrap();
+            let view = ObjectView::from(o).to_json().unwrap();
+            assert_eq!(raw, view);
+        }
+    }
 }

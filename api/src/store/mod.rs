@@ -5,24 +5,31 @@
 //! parsed ([`Key`], [`Data`], [`Ttl`], ...). Both REST and GraphQL call these
 //! functions; no rule about objects lives anywhere else.
 //!
-//! The SQL is written once for both backends: `$n` parameters, `ON CONFLICT`
-//! and `RETURNING` work on SQLite and PostgreSQL alike. Time is the server
-//! clock in Unix milliseconds, so expiry is exact to the millisecond.
+//! Time is the server clock in Unix milliseconds, so expiry is exact to the
+//! millisecond. On SQLite, writes go through one committer task (group
+//! commit, see `write`) and reads through a cache (see `cache`); on
+//! PostgreSQL both go straight to the pool, since several nodes share it.
 
+mod cache;
+mod sql;
 mod types;
+mod write;
+
+use std::sync::Arc;
 
 pub use types::{Cursor, Data, Expect, Key, Limit, Prefix, Ttl, parse_version};
 
-use sea_orm::{
-    ConnectionTrait, DatabaseBackend, DatabaseTransaction, DbErr, QueryResult, Statement,
-    TransactionTrait, Value,
-};
+use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr};
+pub(crate) use sql::seconds_left;
 
 use crate::auth::{TenantId, Writer};
 use crate::clock::Clock;
 use crate::db::Db;
 use crate::error::ApiError;
 use crate::events::{Event, EventKind, Events};
+use cache::{Cache, Lookup};
+use sql::{Sql, object_from_row};
+use write::{Committer, Job, JobResult, Op, Outcome};
 
 /// Configured limits on values and batches.
 #[derive(Clone, Copy, Debug)]
@@ -36,7 +43,7 @@ pub struct Limits {
 pub struct Object {
     pub key: String,
     /// The value as compact JSON text.
-    pub data: String,
+    pub data: Arc<str>,
     pub version: i64,
     /// Whole seconds left before expiry, rounded up; `None` if it never expires.
     pub ttl: Option<i64>,
@@ -93,92 +100,100 @@ pub enum Atomicity {
     Atomic,
 }
 
-type BatchOp<'a, O> = std::pin::Pin<Box<dyn Future<Output = Result<O, ApiError>> + Send + 'a>>;
-
 #[derive(Clone)]
 pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     db: Db,
     clock: Clock,
     limits: Limits,
     events: Events,
+    cache: Option<Arc<Cache>>,
+    committer: Option<Committer>,
 }
 
-const COLUMNS: &str = r#""key", version, expires_at, created_at, updated_at"#;
-
-/// A statement under construction: text with `$n` placeholders and its values.
-struct Sql {
-    backend: DatabaseBackend,
-    text: String,
-    values: Vec<Value>,
+/// Publishes a job's committed writes and records them in the cache.
+fn after_commit(events: &Events, cache: Option<&Cache>, tenant: TenantId, result: &JobResult) {
+    let Ok(results) = result else {
+        return;
+    };
+    let done = || results.iter().filter_map(|r| r.as_ref().ok());
+    if let Some(cache) = cache {
+        cache.committed(
+            tenant.get(),
+            done().map(|o| match o {
+                Outcome::Written { object, .. } => (object.key.as_str(), Some(object)),
+                Outcome::Deleted { key, .. } => (key.as_str(), None),
+            }),
+        );
+    }
+    events.publish(
+        done()
+            .map(|o| match o {
+                Outcome::Written { object, .. } => Event {
+                    tenant: tenant.get(),
+                    kind: EventKind::Put,
+                    key: object.key.clone(),
+                    version: object.version,
+                    object: Some(object.clone()),
+                },
+                Outcome::Deleted { key, version } => Event {
+                    tenant: tenant.get(),
+                    kind: EventKind::Delete,
+                    key: key.clone(),
+                    version: *version,
+                    object: None,
+                },
+            })
+            .collect(),
+    );
 }
 
-impl Sql {
-    fn new(backend: DatabaseBackend) -> Self {
-        Sql {
-            backend,
-            text: String::new(),
-            values: Vec::new(),
-        }
-    }
-
-    /// Binds a value and returns its placeholder.
-    fn arg(&mut self, v: impl Into<Value>) -> String {
-        self.values.push(v.into());
-        format!("${}", self.values.len())
-    }
-
-    /// Binds JSON text as the `data` column's type (JSONB on PostgreSQL).
-    fn json_arg(&mut self, data: &Data) -> String {
-        let p = self.arg(data.as_str());
-        match self.backend {
-            DatabaseBackend::Postgres => format!("{p}::jsonb"),
-            _ => p,
-        }
-    }
-
-    fn push(&mut self, s: &str) -> &mut Self {
-        self.text.push_str(s);
-        self
-    }
-
-    fn build(self) -> Statement {
-        Statement::from_sql_and_values(self.backend, self.text, self.values)
-    }
-}
-
-/// The `data` column as JSON text.
-fn data_column(backend: DatabaseBackend) -> &'static str {
-    match backend {
-        DatabaseBackend::Postgres => "data::text AS data",
-        _ => "data",
-    }
+fn unexpected() -> ApiError {
+    ApiError::internal(anyhow::anyhow!("a write returned an unexpected outcome"))
 }
 
 impl Store {
-    pub fn new(db: Db, clock: Clock, limits: Limits, events: Events) -> Self {
+    /// `cache_bytes` sizes the SQLite read cache (0: none); PostgreSQL has none.
+    pub fn new(db: Db, clock: Clock, limits: Limits, events: Events, cache_bytes: u64) -> Self {
+        let sqlite = db.backend == DatabaseBackend::Sqlite;
+        let cache = (sqlite && cache_bytes > 0).then(|| Arc::new(Cache::new(cache_bytes)));
+        let committer = sqlite.then(|| {
+            let events = events.clone();
+            let cache = cache.clone();
+            Committer::start(
+                db.write.clone(),
+                clock.clone(),
+                Box::new(move |tenant, result| {
+                    after_commit(&events, cache.as_deref(), tenant, result)
+                }),
+            )
+        });
         Store {
-            db,
-            clock,
-            limits,
-            events,
+            inner: Arc::new(Inner {
+                db,
+                clock,
+                limits,
+                events,
+                cache,
+                committer,
+            }),
         }
     }
 
     /// The change events of this node, for subscriptions.
     pub fn events(&self) -> &Events {
-        &self.events
-    }
-
-    fn publish_put(&self, tenant: TenantId, object: &Object) {
-        self.events.publish(vec![put_event(tenant, object)]);
+        &self.inner.events
     }
 
     pub fn limits(&self) -> Limits {
-        self.limits
+        self.inner.limits
     }
 
     pub fn clock(&self) -> &Clock {
-        &self.clock
+        &self.inner.clock
     }
 
     /// Parses one value to write: key, JSON data within the size limit, optional TTL.
@@ -190,17 +205,17 @@ impl Store {
     ) -> Result<Item, ApiError> {
         Ok(Item {
             key: Key::parse(key)?,
-            data: Data::parse(data, self.limits.max_value_bytes)?,
+            data: Data::parse(data, self.inner.limits.max_value_bytes)?,
             ttl: Ttl::parse_opt(ttl)?,
         })
     }
 
     /// Refuses batches over the configured item count.
     pub fn check_batch_len(&self, len: usize) -> Result<(), ApiError> {
-        if len as u64 > self.limits.max_batch_items {
+        if len as u64 > self.inner.limits.max_batch_items {
             Err(ApiError::PayloadTooLarge(format!(
                 "a batch may hold at most {} items, got {len}",
-                self.limits.max_batch_items
+                self.inner.limits.max_batch_items
             )))
         } else {
             Ok(())
@@ -208,41 +223,28 @@ impl Store {
     }
 
     fn backend(&self) -> DatabaseBackend {
-        self.db.backend
-    }
-
-    fn select(&self, sql: &mut Sql, tenant: TenantId, now: i64) {
-        let data = data_column(self.backend());
-        let t = sql.arg(tenant.get());
-        let n = sql.arg(now);
-        sql.push(&format!(
-            "SELECT {COLUMNS}, {data} FROM object WHERE tenant_id = {t} \
-             AND (expires_at IS NULL OR expires_at > {n})"
-        ));
-    }
-
-    fn object_from_row(&self, row: &QueryResult, now: i64) -> Result<Object, DbErr> {
-        let expires_at: Option<i64> = row.try_get("", "expires_at")?;
-        Ok(Object {
-            key: row.try_get("", "key")?,
-            data: row.try_get("", "data")?,
-            version: row.try_get("", "version")?,
-            ttl: expires_at.map(|e| seconds_left(e, now)),
-            expires_at,
-            created_at: row.try_get("", "created_at")?,
-            updated_at: row.try_get("", "updated_at")?,
-        })
+        self.inner.db.backend
     }
 
     /// The live value under `key`, if any.
     pub async fn get(&self, tenant: TenantId, key: &Key) -> Result<Option<Object>, ApiError> {
-        let now = self.clock.now_ms();
-        let mut sql = Sql::new(self.backend());
-        self.select(&mut sql, tenant, now);
+        let now = self.inner.clock.now_ms();
+        let cache = self.inner.cache.as_deref();
+        let started = match cache.map(|c| (c, c.lookup(tenant.get(), key.as_str(), now))) {
+            Some((_, Lookup::Live(o))) => return Ok(Some(o)),
+            Some((_, Lookup::Gone)) => return Ok(None),
+            Some((c, Lookup::Unknown)) => Some(c.read_started()),
+            None => None,
+        };
+        let mut sql = Sql::select_live(self.backend(), tenant, now);
         let k = sql.arg(key.as_str());
         sql.push(&format!(r#" AND "key" = {k}"#));
-        let row = self.db.read.query_one_raw(sql.build()).await?;
-        Ok(row.map(|r| self.object_from_row(&r, now)).transpose()?)
+        let row = self.inner.db.read.query_one_raw(sql.build()).await?;
+        let found = row.map(|r| object_from_row(&r, now)).transpose()?;
+        if let (Some(c), Some(started)) = (cache, started) {
+            c.fill(started, tenant.get(), key.as_str(), found.as_ref());
+        }
+        Ok(found)
     }
 
     /// The live values under `keys`, in the same order, `None` where missing.
@@ -255,15 +257,14 @@ impl Store {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let now = self.clock.now_ms();
-        let mut sql = Sql::new(self.backend());
-        self.select(&mut sql, tenant, now);
+        let now = self.inner.clock.now_ms();
+        let mut sql = Sql::select_live(self.backend(), tenant, now);
         let placeholders: Vec<String> = keys.iter().map(|k| sql.arg(k.as_str())).collect();
         sql.push(&format!(r#" AND "key" IN ({})"#, placeholders.join(", ")));
-        let rows = self.db.read.query_all_raw(sql.build()).await?;
+        let rows = self.inner.db.read.query_all_raw(sql.build()).await?;
         let mut found = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
-            let o = self.object_from_row(row, now)?;
+            let o = object_from_row(row, now)?;
             found.insert(o.key.clone(), o);
         }
         Ok(keys
@@ -281,9 +282,8 @@ impl Store {
         limit: Limit,
         cursor: Option<&Cursor>,
     ) -> Result<Page, ApiError> {
-        let now = self.clock.now_ms();
-        let mut sql = Sql::new(self.backend());
-        self.select(&mut sql, tenant, now);
+        let now = self.inner.clock.now_ms();
+        let mut sql = Sql::select_live(self.backend(), tenant, now);
         let lower = sql.arg(prefix.as_str());
         sql.push(&format!(r#" AND "key" >= {lower}"#));
         if let Some(upper) = prefix.upper_bound() {
@@ -296,10 +296,10 @@ impl Store {
         }
         let fetch = sql.arg(i64::from(limit.get()) + 1);
         sql.push(&format!(r#" ORDER BY "key" LIMIT {fetch}"#));
-        let rows = self.db.read.query_all_raw(sql.build()).await?;
+        let rows = self.inner.db.read.query_all_raw(sql.build()).await?;
         let mut objects = rows
             .iter()
-            .map(|r| self.object_from_row(r, now))
+            .map(|r| object_from_row(r, now))
             .collect::<Result<Vec<_>, _>>()?;
         let next = if objects.len() > limit.get() as usize {
             objects.truncate(limit.get() as usize);
@@ -310,13 +310,61 @@ impl Store {
         Ok(Page { objects, next })
     }
 
+    /// Applies a job: through the committer on SQLite, directly on PostgreSQL.
+    async fn run(&self, job: Job) -> JobResult {
+        if let Some(committer) = &self.inner.committer {
+            return committer.submit(job).await;
+        }
+        let tenant = job.tenant;
+        let now = self.inner.clock.now_ms();
+        let result = write::run_alone(&self.inner.db.write, &job, now).await;
+        after_commit(&self.inner.events, None, tenant, &result);
+        result
+    }
+
+    /// Runs one operation; its outcome or error.
+    async fn run_one(&self, writer: Writer<'_>, key: &str, op: Op) -> Result<Outcome, ApiError> {
+        let job = Job {
+            tenant: writer.tenant(),
+            ops: vec![(key.to_owned(), Ok(op))],
+            atomic: false,
+        };
+        self.run(job)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(unexpected)?
+    }
+
+    async fn run_batch<T>(
+        &self,
+        writer: Writer<'_>,
+        items: Vec<BatchInput<T>>,
+        atomicity: Atomicity,
+        op: impl Fn(T) -> Op,
+    ) -> Result<Vec<Result<Outcome, ApiError>>, ApiError> {
+        self.check_batch_len(items.len())?;
+        let job = Job {
+            tenant: writer.tenant(),
+            ops: items
+                .into_iter()
+                .map(|(key, parsed)| (key, parsed.map(&op)))
+                .collect(),
+            atomic: atomicity == Atomicity::Atomic,
+        };
+        self.run(job).await
+    }
+
     /// Creates a value; `ALREADY_EXISTS` if a live one is stored under the key.
     /// An expired value under the key is replaced as if it were absent.
     pub async fn create(&self, writer: Writer<'_>, item: &Item) -> Result<Object, ApiError> {
-        let now = self.clock.now_ms();
-        let object = create_in(&self.db.write, writer.tenant(), item, now).await?;
-        self.publish_put(writer.tenant(), &object);
-        Ok(object)
+        match self
+            .run_one(writer, item.key.as_str(), Op::Create(item.clone()))
+            .await?
+        {
+            Outcome::Written { object, .. } => Ok(object),
+            Outcome::Deleted { .. } => Err(unexpected()),
+        }
     }
 
     /// Writes a value as `expect` allows: create-or-replace, replace only
@@ -327,10 +375,13 @@ impl Store {
         item: &Item,
         expect: Expect,
     ) -> Result<Put, ApiError> {
-        let now = self.clock.now_ms();
-        let put = put_in(&self.db.write, writer.tenant(), item, expect, now).await?;
-        self.publish_put(writer.tenant(), &put.object);
-        Ok(put)
+        match self
+            .run_one(writer, item.key.as_str(), Op::Put(item.clone(), expect))
+            .await?
+        {
+            Outcome::Written { object, created } => Ok(Put { object, created }),
+            Outcome::Deleted { .. } => Err(unexpected()),
+        }
     }
 
     /// Deletes the live value under `key` (at `expected` version, if given).
@@ -340,11 +391,9 @@ impl Store {
         key: &Key,
         expected: Option<i64>,
     ) -> Result<(), ApiError> {
-        let now = self.clock.now_ms();
-        let version = delete_in(&self.db.write, writer.tenant(), key, expected, now).await?;
-        self.events
-            .publish(vec![delete_event(writer.tenant(), key, version)]);
-        Ok(())
+        self.run_one(writer, key.as_str(), Op::Delete(key.clone(), expected))
+            .await
+            .map(|_| ())
     }
 
     /// Creates several values in one transaction, with one result per item in
@@ -355,20 +404,14 @@ impl Store {
         items: Vec<BatchInput<Item>>,
         atomicity: Atomicity,
     ) -> Result<Vec<Result<Object, ApiError>>, ApiError> {
-        let tenant = writer.tenant();
-        let results = self
-            .batch(writer, items, atomicity, |txn, tenant, item, now| {
-                Box::pin(create_in(txn, tenant, item, now))
+        let results = self.run_batch(writer, items, atomicity, Op::Create).await?;
+        Ok(results
+            .into_iter()
+            .map(|r| match r? {
+                Outcome::Written { object, .. } => Ok(object),
+                Outcome::Deleted { .. } => Err(unexpected()),
             })
-            .await?;
-        self.events.publish(
-            results
-                .iter()
-                .flatten()
-                .map(|o| put_event(tenant, o))
-                .collect(),
-        );
-        Ok(results)
+            .collect())
     }
 
     /// Writes several values in one transaction, each as its `Expect`
@@ -379,25 +422,18 @@ impl Store {
         items: Vec<BatchInput<(Item, Expect)>>,
         atomicity: Atomicity,
     ) -> Result<Vec<Result<Put, ApiError>>, ApiError> {
-        let tenant = writer.tenant();
         let results = self
-            .batch(
-                writer,
-                items,
-                atomicity,
-                |txn, tenant, (item, expect), now| {
-                    Box::pin(put_in(txn, tenant, item, *expect, now))
-                },
-            )
+            .run_batch(writer, items, atomicity, |(item, expect)| {
+                Op::Put(item, expect)
+            })
             .await?;
-        self.events.publish(
-            results
-                .iter()
-                .flatten()
-                .map(|p| put_event(tenant, &p.object))
-                .collect(),
-        );
-        Ok(results)
+        Ok(results
+            .into_iter()
+            .map(|r| match r? {
+                Outcome::Written { object, created } => Ok(Put { object, created }),
+                Outcome::Deleted { .. } => Err(unexpected()),
+            })
+            .collect())
     }
 
     /// Deletes several keys in one transaction; `NOT_FOUND` for keys with no live value.
@@ -407,71 +443,19 @@ impl Store {
         keys: Vec<BatchInput<Key>>,
         atomicity: Atomicity,
     ) -> Result<Vec<Result<(), ApiError>>, ApiError> {
-        let tenant = writer.tenant();
-        let parsed: Vec<Option<Key>> = keys.iter().map(|(_, k)| k.as_ref().ok().cloned()).collect();
         let results = self
-            .batch(writer, keys, atomicity, |txn, tenant, key, now| {
-                Box::pin(delete_in(txn, tenant, key, None, now))
-            })
+            .run_batch(writer, keys, atomicity, |key| Op::Delete(key, None))
             .await?;
-        self.events.publish(
-            results
-                .iter()
-                .zip(&parsed)
-                .filter_map(|(r, k)| match (r, k) {
-                    (Ok(version), Some(key)) => Some(delete_event(tenant, key, *version)),
-                    _ => None,
-                })
-                .collect(),
-        );
         Ok(results.into_iter().map(|r| r.map(|_| ())).collect())
-    }
-
-    async fn batch<I, O, F>(
-        &self,
-        writer: Writer<'_>,
-        items: Vec<BatchInput<I>>,
-        atomicity: Atomicity,
-        op: F,
-    ) -> Result<Vec<Result<O, ApiError>>, ApiError>
-    where
-        F: for<'a> Fn(&'a DatabaseTransaction, TenantId, &'a I, i64) -> BatchOp<'a, O>,
-    {
-        self.check_batch_len(items.len())?;
-        let tenant = writer.tenant();
-        let len = items.len();
-        let now = self.clock.now_ms();
-        let txn = self.db.write.begin().await?;
-        let mut results = Vec::with_capacity(len);
-        for (index, (key, parsed)) in items.into_iter().enumerate() {
-            let outcome = match parsed {
-                Ok(item) => op(&txn, tenant, &item, now).await,
-                Err(e) => Err(e),
-            };
-            match outcome {
-                Err(e @ ApiError::Internal(_)) => return Err(e),
-                Err(e) if atomicity == Atomicity::Atomic => {
-                    txn.rollback().await?;
-                    return Err(ApiError::BatchItem {
-                        index,
-                        key,
-                        source: Box::new(e),
-                    });
-                }
-                other => results.push(other),
-            }
-        }
-        txn.commit().await?;
-        Ok(results)
     }
 
     /// Deletes up to `limit` expired rows of any tenant in one statement and
     /// publishes an `Expire` event for each. Returns how many were deleted.
     /// Safe to run on several nodes at once.
     pub async fn sweep(&self, limit: u32) -> Result<usize, ApiError> {
-        let now = self.clock.now_ms();
+        let now = self.inner.clock.now_ms();
         let mut sql = Sql::new(self.backend());
-        let n1 = sql.arg(now);
+        let n = sql.arg(now);
         let l = sql.arg(i64::from(limit));
         let lock = match self.backend() {
             DatabaseBackend::Postgres => " FOR UPDATE SKIP LOCKED",
@@ -480,12 +464,12 @@ impl Store {
         sql.push(&format!(
             r#"DELETE FROM object WHERE (tenant_id, "key") IN (
                  SELECT tenant_id, "key" FROM object
-                 WHERE expires_at IS NOT NULL AND expires_at <= {n1}
+                 WHERE expires_at IS NOT NULL AND expires_at <= {n}
                  ORDER BY expires_at LIMIT {l}{lock})
-               AND expires_at IS NOT NULL AND expires_at <= {n1}
+               AND expires_at IS NOT NULL AND expires_at <= {n}
                RETURNING tenant_id, "key", version"#
         ));
-        let rows = self.db.write.query_all_raw(sql.build()).await?;
+        let rows = self.inner.db.write.query_all_raw(sql.build()).await?;
         let events = rows
             .iter()
             .map(|r| {
@@ -498,223 +482,13 @@ impl Store {
                 })
             })
             .collect::<Result<Vec<_>, DbErr>>()?;
+        if let Some(cache) = &self.inner.cache {
+            for e in &events {
+                cache.forget(e.tenant, &e.key);
+            }
+        }
         let n = events.len();
-        self.events.publish(events);
+        self.inner.events.publish(events);
         Ok(n)
-    }
-}
-
-fn put_event(tenant: TenantId, object: &Object) -> Event {
-    Event {
-        tenant: tenant.get(),
-        kind: EventKind::Put,
-        key: object.key.clone(),
-        version: object.version,
-        object: Some(object.clone()),
-    }
-}
-
-fn delete_event(tenant: TenantId, key: &Key, version: i64) -> Event {
-    Event {
-        tenant: tenant.get(),
-        kind: EventKind::Delete,
-        key: key.as_str().to_owned(),
-        version,
-        object: None,
-    }
-}
-
-/// Seconds left until `expires_at`, rounded up, as clients see `ttl`.
-pub(crate) fn seconds_left(expires_at: i64, now: i64) -> i64 {
-    let ms = (expires_at - now).max(0);
-    (ms + 999) / 1000
-}
-
-fn expires_at(item: &Item, now: i64) -> Option<i64> {
-    item.ttl.map(|t| now + t.millis())
-}
-
-fn written(item: &Item, row: &QueryResult, now: i64) -> Result<Object, DbErr> {
-    let expires_at = expires_at(item, now);
-    Ok(Object {
-        key: item.key.as_str().to_owned(),
-        data: item.data.as_str().to_owned(),
-        version: row.try_get("", "version")?,
-        ttl: expires_at.map(|e| seconds_left(e, now)),
-        expires_at,
-        created_at: row.try_get("", "created_at")?,
-        updated_at: now,
-    })
-}
-
-fn already_exists() -> ApiError {
-    ApiError::AlreadyExists("a value is already stored under this key".into())
-}
-
-fn version_mismatch(expected: i64) -> ApiError {
-    ApiError::VersionMismatch(format!(
-        "the value is no longer at version {expected}; read it again and retry"
-    ))
-}
-
-/// `INSERT` of a new row; `on_conflict` decides what happens to an existing one.
-fn insert(sql: &mut Sql, tenant: TenantId, item: &Item, now: i64) -> String {
-    let t = sql.arg(tenant.get());
-    let k = sql.arg(item.key.as_str());
-    let d = sql.json_arg(&item.data);
-    let e = sql.arg(expires_at(item, now));
-    let n = sql.arg(now);
-    format!(
-        r#"INSERT INTO object (tenant_id, "key", data, version, expires_at, created_at, updated_at)
-           VALUES ({t}, {k}, {d}, 1, {e}, {n}, {n})
-           ON CONFLICT (tenant_id, "key") DO UPDATE SET
-             data = excluded.data, expires_at = excluded.expires_at, updated_at = excluded.updated_at,"#
-    )
-}
-
-async fn create_in<C: ConnectionTrait>(
-    conn: &C,
-    tenant: TenantId,
-    item: &Item,
-    now: i64,
-) -> Result<Object, ApiError> {
-    let mut sql = Sql::new(conn.get_database_backend());
-    let head = insert(&mut sql, tenant, item, now);
-    let n = sql.arg(now);
-    sql.push(&head).push(&format!(
-        r#" version = 1, created_at = excluded.created_at
-           WHERE object.expires_at IS NOT NULL AND object.expires_at <= {n}
-           RETURNING version, created_at"#
-    ));
-    match conn.query_one_raw(sql.build()).await? {
-        Some(row) => Ok(written(item, &row, now)?),
-        None => Err(already_exists()),
-    }
-}
-
-async fn put_in<C: ConnectionTrait>(
-    conn: &C,
-    tenant: TenantId,
-    item: &Item,
-    expect: Expect,
-    now: i64,
-) -> Result<Put, ApiError> {
-    let backend = conn.get_database_backend();
-    let expected_version = match expect {
-        Expect::Absent => {
-            return create_in(conn, tenant, item, now).await.map(|object| Put {
-                object,
-                created: true,
-            });
-        }
-        Expect::Any => {
-            let mut sql = Sql::new(backend);
-            let head = insert(&mut sql, tenant, item, now);
-            let n = sql.arg(now);
-            let expired = format!("object.expires_at IS NOT NULL AND object.expires_at <= {n}");
-            sql.push(&head).push(&format!(
-                r#" version = CASE WHEN {expired} THEN 1 ELSE object.version + 1 END,
-                   created_at = CASE WHEN {expired} THEN excluded.created_at ELSE object.created_at END
-                   RETURNING version, created_at"#
-            ));
-            let row = conn
-                .query_one_raw(sql.build())
-                .await?
-                .ok_or_else(|| ApiError::internal(anyhow::anyhow!("upsert returned no row")))?;
-            let object = written(item, &row, now)?;
-            let created = object.version == 1;
-            return Ok(Put { object, created });
-        }
-        Expect::Exists => None,
-        Expect::Version(v) => Some(v),
-    };
-    let mut sql = Sql::new(backend);
-    let d = sql.json_arg(&item.data);
-    let e = sql.arg(expires_at(item, now));
-    let n = sql.arg(now);
-    let t = sql.arg(tenant.get());
-    let k = sql.arg(item.key.as_str());
-    sql.push(&format!(
-        r#"UPDATE object SET data = {d}, expires_at = {e}, updated_at = {n}, version = version + 1
-           WHERE tenant_id = {t} AND "key" = {k} AND (expires_at IS NULL OR expires_at > {n})"#
-    ));
-    if let Some(v) = expected_version {
-        let v = sql.arg(v);
-        sql.push(&format!(" AND version = {v}"));
-    }
-    sql.push(" RETURNING version, created_at");
-    match conn.query_one_raw(sql.build()).await? {
-        Some(row) => Ok(Put {
-            object: written(item, &row, now)?,
-            created: false,
-        }),
-        None => Err(missing_or_moved(conn, tenant, &item.key, expected_version, now).await),
-    }
-}
-
-async fn delete_in<C: ConnectionTrait>(
-    conn: &C,
-    tenant: TenantId,
-    key: &Key,
-    expected: Option<i64>,
-    now: i64,
-) -> Result<i64, ApiError> {
-    let mut sql = Sql::new(conn.get_database_backend());
-    let t = sql.arg(tenant.get());
-    let k = sql.arg(key.as_str());
-    let n = sql.arg(now);
-    sql.push(&format!(
-        r#"DELETE FROM object WHERE tenant_id = {t} AND "key" = {k}
-           AND (expires_at IS NULL OR expires_at > {n})"#
-    ));
-    if let Some(v) = expected {
-        let v = sql.arg(v);
-        sql.push(&format!(" AND version = {v}"));
-    }
-    sql.push(" RETURNING version");
-    match conn.query_one_raw(sql.build()).await? {
-        Some(row) => Ok(row.try_get("", "version")?),
-        None => Err(missing_or_moved(conn, tenant, key, expected, now).await),
-    }
-}
-
-/// Why a conditional write matched no row: no live value (`NOT_FOUND`) or a
-/// live value at another version (`VERSION_MISMATCH`).
-async fn missing_or_moved<C: ConnectionTrait>(
-    conn: &C,
-    tenant: TenantId,
-    key: &Key,
-    expected: Option<i64>,
-    now: i64,
-) -> ApiError {
-    let Some(expected) = expected else {
-        return ApiError::not_found();
-    };
-    let mut sql = Sql::new(conn.get_database_backend());
-    let t = sql.arg(tenant.get());
-    let k = sql.arg(key.as_str());
-    let n = sql.arg(now);
-    sql.push(&format!(
-        r#"SELECT version FROM object WHERE tenant_id = {t} AND "key" = {k}
-           AND (expires_at IS NULL OR expires_at > {n})"#
-    ));
-    match conn.query_one_raw(sql.build()).await {
-        Ok(Some(_)) => version_mismatch(expected),
-        Ok(None) => ApiError::not_found(),
-        Err(e) => e.into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::seconds_left;
-
-    #[test]
-    fn ttl_left_rounds_up_to_whole_seconds() {
-        assert_eq!(seconds_left(10_000, 10_000), 0);
-        assert_eq!(seconds_left(10_001, 10_000), 1);
-        assert_eq!(seconds_left(11_000, 10_000), 1);
-        assert_eq!(seconds_left(11_001, 10_000), 2);
-        assert_eq!(seconds_left(5_000, 10_000), 0);
     }
 }

@@ -1,0 +1,163 @@
+//! A read cache of objects for SQLite, where one kvql process owns the
+//! database and so sees every write.
+//!
+//! Writers (the committer, in commit order) store what they wrote, or a
+//! tombstone for a delete. Readers fill misses from the database, but only if
+//! no commit happened while they read: each commit bumps a sequence number
+//! under the same lock that guards fills, so a slow reader can never put an
+//! older value over a newer one.
+
+use std::sync::{Arc, Mutex};
+
+use super::Object;
+use super::sql::seconds_left;
+
+#[derive(Clone)]
+enum Entry {
+    Value(Arc<Object>),
+    /// Known to have no live value.
+    Absent,
+}
+
+/// What the cache knows about a key.
+pub(super) enum Lookup {
+    /// A live value (TTL recomputed for `now`).
+    Live(Object),
+    /// No live value: absent, deleted or expired.
+    Gone,
+    /// Not cached; read the database.
+    Unknown,
+}
+
+pub(super) struct Cache {
+    map: moka::sync::Cache<(i64, Box<str>), Entry>,
+    seq: Mutex<u64>,
+}
+
+/// Bytes counted for an entry besides its key and value.
+const ENTRY_OVERHEAD: u32 = 160;
+
+impl Cache {
+    pub(super) fn new(max_bytes: u64) -> Cache {
+        let map = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|k: &(i64, Box<str>), v: &Entry| {
+                let value = match v {
+                    Entry::Value(o) => o.data.len(),
+                    Entry::Absent => 0,
+                };
+                u32::try_from(k.1.len() + value)
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(ENTRY_OVERHEAD)
+            })
+            .build();
+        Cache {
+            map,
+            seq: Mutex::new(0),
+        }
+    }
+
+    pub(super) fn lookup(&self, tenant: i64, key: &str, now: i64) -> Lookup {
+        match self.map.get(&(tenant, key.into())) {
+            Some(Entry::Value(o)) => match o.expires_at {
+                Some(at) if at <= now => Lookup::Gone,
+                expires_at => {
+                    let mut object = (*o).clone();
+                    object.ttl = expires_at.map(|at| seconds_left(at, now));
+                    Lookup::Live(object)
+                }
+            },
+            Some(Entry::Absent) => Lookup::Gone,
+            None => Lookup::Unknown,
+        }
+    }
+
+    /// The commit sequence before a database read, for [`Cache::fill`].
+    pub(super) fn read_started(&self) -> u64 {
+        *self.seq.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores what a database read found, unless a commit happened since `started`.
+    pub(super) fn fill(&self, started: u64, tenant: i64, key: &str, found: Option<&Object>) {
+        let seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
+        if *seq == started {
+            let entry = match found {
+                Some(o) => Entry::Value(Arc::new(o.clone())),
+                None => Entry::Absent,
+            };
+            self.map.insert((tenant, key.into()), entry);
+        }
+    }
+
+    /// Records committed writes: `Some(object)` written, `None` deleted.
+    pub(super) fn committed<'a>(
+        &self,
+        tenant: i64,
+        writes: impl Iterator<Item = (&'a str, Option<&'a Object>)>,
+    ) {
+        let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
+        *seq += 1;
+        for (key, object) in writes {
+            let entry = match object {
+                Some(o) => Entry::Value(Arc::new(o.clone())),
+                None => Entry::Absent,
+            };
+            self.map.insert((tenant, key.into()), entry);
+        }
+    }
+
+    /// Drops keys the sweeper removed (they were expired, so already invisible).
+    pub(super) fn forget(&self, tenant: i64, key: &str) {
+        self.map.invalidate(&(tenant, key.into()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(key: &str, version: i64, expires_at: Option<i64>) -> Object {
+        Object {
+            key: key.into(),
+            data: "1".into(),
+            version,
+            ttl: None,
+            expires_at,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_fill_that_raced_a_commit_is_dropped() {
+        let cache = Cache::new(1 << 20);
+        let started = cache.read_started();
+        cache.committed(1, [("k", Some(&object("k", 2, None)))].into_iter());
+        cache.fill(started, 1, "k", Some(&object("k", 1, None)));
+        match cache.lookup(1, "k", 0) {
+            Lookup::Live(o) => assert_eq!(o.version, 2),
+            _ => panic!("expected the committed value"),
+        }
+    }
+
+    #[test]
+    fn tenants_are_kept_apart_and_deletes_are_remembered() {
+        let cache = Cache::new(1 << 20);
+        cache.committed(1, [("k", Some(&object("k", 1, None)))].into_iter());
+        assert!(matches!(cache.lookup(2, "k", 0), Lookup::Unknown));
+        cache.committed(1, [("k", None)].into_iter());
+        assert!(matches!(cache.lookup(1, "k", 0), Lookup::Gone));
+    }
+
+    #[test]
+    fn expired_values_are_gone_and_ttl_is_recomputed() {
+        let cache = Cache::new(1 << 20);
+        let started = cache.read_started();
+        cache.fill(started, 1, "k", Some(&object("k", 1, Some(10_000))));
+        match cache.lookup(1, "k", 8_500) {
+            Lookup::Live(o) => assert_eq!(o.ttl, Some(2)),
+            _ => panic!("live"),
+        }
+        assert!(matches!(cache.lookup(1, "k", 10_000), Lookup::Gone));
+    }
+}

@@ -1,0 +1,369 @@
+//! The SQL of the store, written once for both backends: `$n` parameters,
+//! `ON CONFLICT` and `RETURNING` work on SQLite and PostgreSQL alike.
+
+use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, QueryResult, Statement, Value};
+
+use super::types::{Data, Expect, Key};
+use super::{Item, Object};
+use crate::auth::TenantId;
+use crate::error::ApiError;
+
+pub(super) const COLUMNS: &str = r#""key", version, expires_at, created_at, updated_at"#;
+
+/// A statement under construction: text with `$n` placeholders and its values.
+pub(super) struct Sql {
+    backend: DatabaseBackend,
+    text: String,
+    values: Vec<Value>,
+}
+
+impl Sql {
+    pub(super) fn new(backend: DatabaseBackend) -> Self {
+        Sql {
+            backend,
+            text: String::new(),
+            values: Vec::new(),
+        }
+    }
+
+    /// Binds a value and returns its placeholder.
+    pub(super) fn arg(&mut self, v: impl Into<Value>) -> String {
+        self.values.push(v.into());
+        format!("${}", self.values.len())
+    }
+
+    /// Binds JSON text as the `data` column's type (JSONB on PostgreSQL).
+    fn json_arg(&mut self, data: &Data) -> String {
+        let p = self.arg(data.as_str());
+        match self.backend {
+            DatabaseBackend::Postgres => format!("{p}::jsonb"),
+            _ => p,
+        }
+    }
+
+    pub(super) fn push(&mut self, s: &str) -> &mut Self {
+        self.text.push_str(s);
+        self
+    }
+
+    pub(super) fn build(self) -> Statement {
+        Statement::from_sql_and_values(self.backend, self.text, self.values)
+    }
+
+    /// `SELECT` of the live objects of `tenant`; more conditions may follow.
+    pub(super) fn select_live(backend: DatabaseBackend, tenant: TenantId, now: i64) -> Sql {
+        let mut sql = Sql::new(backend);
+        let data = match backend {
+            DatabaseBackend::Postgres => "data::text AS data",
+            _ => "data",
+        };
+        let t = sql.arg(tenant.get());
+        let n = sql.arg(now);
+        sql.push(&format!(
+            "SELECT {COLUMNS}, {data} FROM object WHERE tenant_id = {t} \
+             AND (expires_at IS NULL OR expires_at > {n})"
+        ));
+        sql
+    }
+}
+
+/// Seconds left until `expires_at`, rounded up, as clients see `ttl`.
+pub(crate) fn seconds_left(expires_at: i64, now: i64) -> i64 {
+    let ms = (expires_at - now).max(0);
+    (ms + 999) / 1000
+}
+
+pub(super) fn object_from_row(row: &QueryResult, now: i64) -> Result<Object, DbErr> {
+    let expires_at: Option<i64> = row.try_get("", "expires_at")?;
+    let data: String = row.try_get("", "data")?;
+    Ok(Object {
+        key: row.try_get("", "key")?,
+        data: data.into(),
+        version: row.try_get("", "version")?,
+        ttl: expires_at.map(|e| seconds_left(e, now)),
+        expires_at,
+        created_at: row.try_get("", "created_at")?,
+        updated_at: row.try_get("", "updated_at")?,
+    })
+}
+
+fn expires_at(item: &Item, now: i64) -> Option<i64> {
+    item.ttl.map(|t| now + t.millis())
+}
+
+fn written(item: &Item, row: &QueryResult, now: i64) -> Result<Object, DbErr> {
+    Ok(object_written(
+        item,
+        row.try_get("", "version")?,
+        row.try_get("", "created_at")?,
+        now,
+    ))
+}
+
+fn object_written(item: &Item, version: i64, created_at: i64, now: i64) -> Object {
+    let expires_at = expires_at(item, now);
+    Object {
+        key: item.key.as_str().to_owned(),
+        data: item.data.as_str().into(),
+        version,
+        ttl: expires_at.map(|e| seconds_left(e, now)),
+        expires_at,
+        created_at,
+        updated_at: now,
+    }
+}
+
+fn already_exists() -> ApiError {
+    ApiError::AlreadyExists("a value is already stored under this key".into())
+}
+
+fn version_mismatch(expected: i64) -> ApiError {
+    ApiError::VersionMismatch(format!(
+        "the value is no longer at version {expected}; read it again and retry"
+    ))
+}
+
+/// `INSERT` of a new row, up to `DO UPDATE SET` and its common assignments.
+fn insert(sql: &mut Sql, tenant: TenantId, item: &Item, now: i64) -> String {
+    let t = sql.arg(tenant.get());
+    let k = sql.arg(item.key.as_str());
+    let d = sql.json_arg(&item.data);
+    let e = sql.arg(expires_at(item, now));
+    let n = sql.arg(now);
+    format!(
+        r#"INSERT INTO object (tenant_id, "key", data, version, expires_at, created_at, updated_at)
+           VALUES ({t}, {k}, {d}, 1, {e}, {n}, {n})
+           ON CONFLICT (tenant_id, "key") DO UPDATE SET
+             data = excluded.data, expires_at = excluded.expires_at, updated_at = excluded.updated_at,"#
+    )
+}
+
+/// Creates a value; `ALREADY_EXISTS` over a live one, replaces an expired one.
+pub(super) async fn create<C: ConnectionTrait>(
+    conn: &C,
+    tenant: TenantId,
+    item: &Item,
+    now: i64,
+) -> Result<Object, ApiError> {
+    let mut sql = Sql::new(conn.get_database_backend());
+    let head = insert(&mut sql, tenant, item, now);
+    let n = sql.arg(now);
+    sql.push(&head).push(&format!(
+        r#" version = 1, created_at = excluded.created_at
+           WHERE object.expires_at IS NOT NULL AND object.expires_at <= {n}
+           RETURNING version, created_at"#
+    ));
+    match conn.query_one_raw(sql.build()).await? {
+        Some(row) => Ok(written(item, &row, now)?),
+        None => Err(already_exists()),
+    }
+}
+
+/// Rows per multi-row statement: powers of two up to this, so that few
+/// distinct statements are prepared and cached.
+const MAX_ROWS_PER_STATEMENT: usize = 256;
+
+/// Creates (`create_only`) or creates-or-replaces several values of distinct
+/// `(tenant, key)` in as few statements as possible. One result per row, in
+/// order: the object and whether it was created, or `ALREADY_EXISTS`.
+pub(super) async fn write_many<C: ConnectionTrait>(
+    conn: &C,
+    create_only: bool,
+    rows: &[(TenantId, &Item)],
+    now: i64,
+) -> Result<Vec<Result<(Object, bool), ApiError>>, ApiError> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let size = MAX_ROWS_PER_STATEMENT.min(1 << rest.len().ilog2());
+        let (chunk, tail) = rest.split_at(size);
+        out.extend(write_chunk(conn, create_only, chunk, now).await?);
+        rest = tail;
+    }
+    Ok(out)
+}
+
+async fn write_chunk<C: ConnectionTrait>(
+    conn: &C,
+    create_only: bool,
+    rows: &[(TenantId, &Item)],
+    now: i64,
+) -> Result<Vec<Result<(Object, bool), ApiError>>, ApiError> {
+    let mut sql = Sql::new(conn.get_database_backend());
+    let n = sql.arg(now);
+    let values: Vec<String> = rows
+        .iter()
+        .map(|(tenant, item)| {
+            let t = sql.arg(tenant.get());
+            let k = sql.arg(item.key.as_str());
+            let d = sql.json_arg(&item.data);
+            let e = sql.arg(expires_at(item, now));
+            format!("({t}, {k}, {d}, 1, {e}, {n}, {n})")
+        })
+        .collect();
+    let expired = format!("object.expires_at IS NOT NULL AND object.expires_at <= {n}");
+    let on_conflict = if create_only {
+        format!("version = 1, created_at = excluded.created_at WHERE {expired}")
+    } else {
+        format!(
+            "version = CASE WHEN {expired} THEN 1 ELSE object.version + 1 END, \
+             created_at = CASE WHEN {expired} THEN excluded.created_at ELSE object.created_at END"
+        )
+    };
+    sql.push(&format!(
+        r#"INSERT INTO object (tenant_id, "key", data, version, expires_at, created_at, updated_at)
+           VALUES {}
+           ON CONFLICT (tenant_id, "key") DO UPDATE SET
+             data = excluded.data, expires_at = excluded.expires_at, updated_at = excluded.updated_at,
+             {on_conflict}
+           RETURNING tenant_id, "key", version, created_at"#,
+        values.join(", ")
+    ));
+    let returned = conn.query_all_raw(sql.build()).await?;
+    let mut written_rows = std::collections::HashMap::with_capacity(returned.len());
+    for row in &returned {
+        let tenant: i64 = row.try_get("", "tenant_id")?;
+        let key: String = row.try_get("", "key")?;
+        let version: i64 = row.try_get("", "version")?;
+        let created_at: i64 = row.try_get("", "created_at")?;
+        written_rows.insert((tenant, key), (version, created_at));
+    }
+    Ok(rows
+        .iter()
+        .map(|(tenant, item)| {
+            match written_rows.get(&(tenant.get(), item.key.as_str().to_owned())) {
+                Some(&(version, created_at)) => Ok((
+                    object_written(item, version, created_at, now),
+                    create_only || version == 1,
+                )),
+                None if create_only => Err(already_exists()),
+                None => Err(ApiError::internal(anyhow::anyhow!(
+                    "upsert returned no row"
+                ))),
+            }
+        })
+        .collect())
+}
+
+/// Writes a value as `expect` allows; the object and whether it was created.
+pub(super) async fn put<C: ConnectionTrait>(
+    conn: &C,
+    tenant: TenantId,
+    item: &Item,
+    expect: Expect,
+    now: i64,
+) -> Result<(Object, bool), ApiError> {
+    let backend = conn.get_database_backend();
+    let expected_version = match expect {
+        Expect::Absent => {
+            return create(conn, tenant, item, now).await.map(|o| (o, true));
+        }
+        Expect::Any => {
+            let mut sql = Sql::new(backend);
+            let head = insert(&mut sql, tenant, item, now);
+            let n = sql.arg(now);
+            let expired = format!("object.expires_at IS NOT NULL AND object.expires_at <= {n}");
+            sql.push(&head).push(&format!(
+                r#" version = CASE WHEN {expired} THEN 1 ELSE object.version + 1 END,
+                   created_at = CASE WHEN {expired} THEN excluded.created_at ELSE object.created_at END
+                   RETURNING version, created_at"#
+            ));
+            let row = conn
+                .query_one_raw(sql.build())
+                .await?
+                .ok_or_else(|| ApiError::internal(anyhow::anyhow!("upsert returned no row")))?;
+            let object = written(item, &row, now)?;
+            let created = object.version == 1;
+            return Ok((object, created));
+        }
+        Expect::Exists => None,
+        Expect::Version(v) => Some(v),
+    };
+    let mut sql = Sql::new(backend);
+    let d = sql.json_arg(&item.data);
+    let e = sql.arg(expires_at(item, now));
+    let n = sql.arg(now);
+    let t = sql.arg(tenant.get());
+    let k = sql.arg(item.key.as_str());
+    sql.push(&format!(
+        r#"UPDATE object SET data = {d}, expires_at = {e}, updated_at = {n}, version = version + 1
+           WHERE tenant_id = {t} AND "key" = {k} AND (expires_at IS NULL OR expires_at > {n})"#
+    ));
+    if let Some(v) = expected_version {
+        let v = sql.arg(v);
+        sql.push(&format!(" AND version = {v}"));
+    }
+    sql.push(" RETURNING version, created_at");
+    match conn.query_one_raw(sql.build()).await? {
+        Some(row) => Ok((written(item, &row, now)?, false)),
+        None => Err(missing_or_moved(conn, tenant, &item.key, expected_version, now).await),
+    }
+}
+
+/// Deletes the live value under `key` (at `expected`, if given); its version.
+pub(super) async fn delete<C: ConnectionTrait>(
+    conn: &C,
+    tenant: TenantId,
+    key: &Key,
+    expected: Option<i64>,
+    now: i64,
+) -> Result<i64, ApiError> {
+    let mut sql = Sql::new(conn.get_database_backend());
+    let t = sql.arg(tenant.get());
+    let k = sql.arg(key.as_str());
+    let n = sql.arg(now);
+    sql.push(&format!(
+        r#"DELETE FROM object WHERE tenant_id = {t} AND "key" = {k}
+           AND (expires_at IS NULL OR expires_at > {n})"#
+    ));
+    if let Some(v) = expected {
+        let v = sql.arg(v);
+        sql.push(&format!(" AND version = {v}"));
+    }
+    sql.push(" RETURNING version");
+    match conn.query_one_raw(sql.build()).await? {
+        Some(row) => Ok(row.try_get("", "version")?),
+        None => Err(missing_or_moved(conn, tenant, key, expected, now).await),
+    }
+}
+
+/// Why a conditional write matched no row: no live value (`NOT_FOUND`) or a
+/// live value at another version (`VERSION_MISMATCH`).
+async fn missing_or_moved<C: ConnectionTrait>(
+    conn: &C,
+    tenant: TenantId,
+    key: &Key,
+    expected: Option<i64>,
+    now: i64,
+) -> ApiError {
+    let Some(expected) = expected else {
+        return ApiError::not_found();
+    };
+    let mut sql = Sql::new(conn.get_database_backend());
+    let t = sql.arg(tenant.get());
+    let k = sql.arg(key.as_str());
+    let n = sql.arg(now);
+    sql.push(&format!(
+        r#"SELECT version FROM object WHERE tenant_id = {t} AND "key" = {k}
+           AND (expires_at IS NULL OR expires_at > {n})"#
+    ));
+    match conn.query_one_raw(sql.build()).await {
+        Ok(Some(_)) => version_mismatch(expected),
+        Ok(None) => ApiError::not_found(),
+        Err(e) => e.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seconds_left;
+
+    #[test]
+    fn ttl_left_rounds_up_to_whole_seconds() {
+        assert_eq!(seconds_left(10_000, 10_000), 0);
+        assert_eq!(seconds_left(10_001, 10_000), 1);
+        assert_eq!(seconds_left(11_000, 10_000), 1);
+        assert_eq!(seconds_left(11_001, 10_000), 2);
+        assert_eq!(seconds_left(5_000, 10_000), 0);
+    }
+}

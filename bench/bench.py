@@ -1,0 +1,449 @@
+#!/usr/bin/env python3
+"""kvql load benchmark. Run it through bench/run.sh, which builds the binary.
+
+Starts kvql (release build) on a fresh database, pre-loads keys, drives each
+scenario with wrk (-t1, on loopback) and reports req/s, p50, p99 and each
+scenario's ratio to the in-process ceiling (GET /healthz: no auth, no
+database) measured in the same run, plus the server's peak RSS. Absolute
+numbers vary between machines; the ratios are what to compare.
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+ADMIN_PASSWORD = "bench-admin-password"
+WRK_DONE = r"""
+done = function(summary, latency, requests)
+  io.write(string.format(
+    'WRK_JSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"max_us":%d,' ..
+    '"status_errors":%d,"connect_errors":%d,"read_errors":%d,"write_errors":%d,"timeouts":%d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    latency.max, summary.errors.status, summary.errors.connect, summary.errors.read,
+    summary.errors.write, summary.errors.timeout))
+end
+"""
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One kvql process."""
+
+    def __init__(self, binary, db_url, env=None):
+        self.binary = binary
+        self.db_url = db_url
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.extra_env = env or {}
+        self.proc = None
+        self.startup_s = None
+
+    def start(self):
+        env = dict(os.environ)
+        env.update(
+            KVQL_DATABASE_URL=self.db_url,
+            KVQL_LISTEN=f"127.0.0.1:{self.port}",
+            KVQL_BOOTSTRAP_ADMIN_PASSWORD=ADMIN_PASSWORD,
+            KVQL_LOG="warn",
+            KVQL_DATABASE_MAX_CONNECTIONS="8",
+        )
+        env.update(self.extra_env)
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [self.binary, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = t0 + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"kvql exited at start: {self.proc.stderr.read().decode()}")
+            try:
+                with urllib.request.urlopen(self.base + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        self.startup_s = time.monotonic() - t0
+                        return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.01)
+        raise SystemExit("kvql did not become ready within 120 s")
+
+    def rss_kib(self):
+        fields = {}
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                fields[k] = v.strip()
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def http(method, url, body=None, token=None, timeout=120):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, json.loads(r.read() or b"null")
+
+
+def login(server, username="admin", password=ADMIN_PASSWORD):
+    _, body = http("POST", server.base + "/login", {"username": username, "password": password})
+    return body["access_token"]
+
+
+def value(i):
+    return {"id": i, "name": f"item {i}", "tags": ["bench", "kvql"], "score": i * 0.5, "active": True}
+
+
+def preload(server, token, prefix, count, ttl=None):
+    """PUTs `count` keys `{prefix}{i}` in batches of 1,000; returns seconds taken."""
+    t0 = time.monotonic()
+    for start in range(0, count, 1000):
+        items = []
+        for i in range(start, min(start + 1000, count)):
+            item = {"key": f"{prefix}{i}", "data": value(i)}
+            if ttl is not None:
+                item["ttl"] = ttl
+            items.append(item)
+        status, body = http("PUT", server.base + "/api/batch/object?atomic=true", items, token)
+        if status != 200 or body["failed"]:
+            raise SystemExit(f"preload failed: {status} {body}")
+    return time.monotonic() - t0
+
+
+def lua(token, request_body, init=""):
+    """A wrk script; `request_body` is Lua returning wrk.format(...)."""
+    return f"""
+local token = "{token}"
+math.randomseed(os.time() + math.floor(os.clock() * 1000000))
+{init}
+request = function()
+{request_body}
+end
+{WRK_DONE}
+"""
+
+
+def lua_str(s):
+    return json.dumps(s)
+
+
+def scenario_scripts(token, nkeys, run_id):
+    auth = '{["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json"}'
+    body_value = '\'{"data":{"id":1,"name":"updated","tags":["bench","kvql"],"score":0.5,"active":true}}\''
+    def gql(query, variables_lua):
+        head = json.dumps({"query": query})[:-1] + ',"variables":'
+        return f"  local b = '{head}' .. {variables_lua} .. '}}'\n  return wrk.format(\"POST\", \"/graphql\", {auth}, b)"
+
+    rand_key = f"'\"k' .. math.random(0, {nkeys - 1}) .. '\"'"
+    gql_get = gql(
+        "query($k: String!) { object(key: $k) { key data version } }",
+        "'{\"k\":' .. " + rand_key + " .. '}'",
+    )
+    gql_put = gql(
+        "mutation($k: String!, $d: JSON) { putObject(input: {key: $k, data: $d}) { created object { version } } }",
+        "'{\"k\":' .. " + rand_key + " .. ',\"d\":{\"id\":1,\"name\":\"updated\"}}'",
+    )
+    create = (
+        'counter = counter + 1\n'
+        f'  local b = \'{{"key":"new-{run_id}-\' .. tid .. \'-\' .. counter .. \'","data":{{"id":1,"name":"created"}}}}\'\n'
+        f'  return wrk.format("POST", "/api/object", {auth}, b)'
+    )
+    return {
+        "ceiling": lua(token, '  return wrk.format("GET", "/healthz")'),
+        "rest_get": lua(
+            token,
+            f'  return wrk.format("GET", "/api/object/k" .. math.random(0, {nkeys - 1}), {auth})',
+        ),
+        "rest_put": lua(
+            token,
+            f'  return wrk.format("PUT", "/api/object/k" .. math.random(0, {nkeys - 1}), {auth}, {body_value})',
+        ),
+        "rest_create": lua(
+            token,
+            create,
+            init="counter = 0\ntid = string.format('%x', math.random(0, 2^30))",
+        ),
+        "gql_object": lua(token, gql_get),
+        "gql_put": lua(token, gql_put),
+        "login": lua(
+            token,
+            '  return wrk.format("POST", "/login", {["Content-Type"] = "application/json"}, '
+            + lua_str(json.dumps({"username": "admin", "password": ADMIN_PASSWORD}))
+            + ")",
+        ),
+    }
+
+
+def run_wrk(server, script, connections, seconds, tmpdir, name):
+    path = os.path.join(tmpdir, f"{name}.lua")
+    with open(path, "w") as f:
+        f.write(script)
+    cmd = [
+        "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+        "-s", path, server.base,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next((l for l in out.splitlines() if l.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise SystemExit(f"wrk printed no summary for {name}:\n{out}")
+    r = json.loads(line[len("WRK_JSON "):])
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    r["errors"] = sum(r[k] for k in ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts"))
+    return r
+
+
+def batch_latency(server, token, n_requests, prefix):
+    """Latency of 1,000-item batch puts, one at a time, each on fresh keys."""
+    times = []
+    for j in range(n_requests):
+        items = [{"key": f"{prefix}{j}-{i}", "data": value(i)} for i in range(1000)]
+        body = json.dumps(items).encode()
+        req = urllib.request.Request(
+            server.base + "/api/batch/object", data=body, method="PUT",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        )
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+            assert r.status == 200
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {
+        "p50_ms": times[len(times) // 2] * 1000,
+        "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))] * 1000,
+        "n": len(times),
+    }
+
+
+@contextlib.contextmanager
+def database(args, tmpdir, name):
+    if args.postgres:
+        import re
+
+        dbname = f"kvql_bench_{name}_{int(time.time())}"
+        base = args.postgres
+        subprocess.run(["psql", base, "-q", "-c", f"CREATE DATABASE {dbname}"], check=True)
+        url = re.sub(r"/[^/?]*(\?|$)", f"/{dbname}\\1", base.split("://", 1)[1], count=1)
+        url = base.split("://", 1)[0] + "://" + url
+        try:
+            yield url
+        finally:
+            subprocess.run(
+                ["psql", base, "-q", "-c", f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)"],
+                check=False,
+            )
+    else:
+        yield f"sqlite://{tmpdir}/{name}.db?mode=rwc"
+
+
+def fmt_row(name, c, r, ceiling):
+    ratio = r["rps"] / ceiling if ceiling else 0
+    err = f"  ({r['errors']} errors)" if r["errors"] else ""
+    return f"| {name} | {c} | {r['rps']:,.0f} | {r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} | {ratio:.2f} |{err}"
+
+
+def main_table(args, server, token, nkeys, seconds, run_id, tmpdir, results, out):
+    scripts = scenario_scripts(token, nkeys, run_id)
+    out("| scenario | conns | req/s | p50 ms | p99 ms | ratio to ceiling |")
+    out("|---|---|---|---|---|---|")
+    order = ["ceiling", "rest_get", "gql_object", "rest_put", "rest_create", "gql_put", "login"]
+    if args.only:
+        order = ["ceiling"] + [n for n in args.only.split(",") if n != "ceiling"]
+    for c in [int(x) for x in args.conns.split(",")]:
+        ceiling = None
+        for name in order:
+            log(f"{name} c={c}")
+            r = run_wrk(server, scripts[name], c, seconds, tmpdir, f"{name}-{c}")
+            if name == "ceiling":
+                ceiling = r["rps"]
+            results["scenarios"][f"{name}@{c}"] = r
+            out(fmt_row(name, c, r, ceiling))
+
+
+def extras(args, server, url, token, seconds, run_id, tmpdir, big, expiring, smoke, results, out):
+    log("batch put of 1000 items")
+    b = batch_latency(server, token, 10 if smoke else 50, f"batch-{run_id}-")
+    results["batch_put_1000"] = b
+    out()
+    out(f"1,000-item batch put (PUT /api/batch/object, one at a time, {b['n']} requests): "
+        f"p50 {b['p50_ms']:.1f} ms, p99 {b['p99_ms']:.1f} ms")
+
+    # Flat latency: GET from a tenant with few keys vs one with many.
+    env = dict(os.environ, KVQL_DATABASE_URL=url)
+    for user in ("small", "large"):
+        subprocess.run([args.binary, "user", "add", user, "--tenant", user, "--password-stdin"],
+                       input="bench password\n", text=True, env=env, check=True, capture_output=True)
+    small_token = login(server, "small", "bench password")
+    large_token = login(server, "large", "bench password")
+    log("pre-loading 1000 keys (small tenant)")
+    preload(server, small_token, "k", 1000)
+    log(f"pre-loading {big} keys (large tenant)")
+    t_big = preload(server, large_token, "k", big)
+    out(f"Pre-loading {big:,} keys with 1,000-item batch puts took {t_big:.1f} s ({big / t_big:,.0f} keys/s).")
+    out()
+    out("GET latency by tenant size (c=32):")
+    out()
+    out("| tenant keys | req/s | p50 ms | p99 ms |")
+    out("|---|---|---|---|")
+    for label, tok, n in (("1,000", small_token, 1000), (f"{big:,}", large_token, big)):
+        script = lua(tok, f'  return wrk.format("GET", "/api/object/k" .. math.random(0, {n - 1}), '
+                          '{["Authorization"] = "Bearer " .. token})')
+        r = run_wrk(server, script, 32, seconds, tmpdir, f"flat-{n}")
+        results["scenarios"][f"get_tenant_{n}"] = r
+        out(f"| {label} | {r['rps']:,.0f} | {r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} |"
+            + (f" ({r['errors']} errors)" if r["errors"] else ""))
+
+    # Sweeper impact: GET p99 while many keys expire at once.
+    ttl = 20 if not smoke else 8
+    log(f"pre-loading {expiring} keys expiring together in {ttl} s")
+    t0 = time.monotonic()
+    preload(server, small_token, "exp", expiring, ttl=ttl)
+    expiry_at = t0 + ttl
+    script = lua(small_token, '  return wrk.format("GET", "/api/object/k" .. math.random(0, 999), '
+                              '{["Authorization"] = "Bearer " .. token})')
+    before = run_wrk(server, script, 32, 2, tmpdir, "sweep-before")
+    wait = expiry_at - time.monotonic() - 0.5
+    if wait > 0:
+        time.sleep(wait)
+    during = run_wrk(server, script, 32, 4, tmpdir, "sweep-during")
+    results["sweeper"] = {"before": before, "during": during}
+    out()
+    out(f"Sweeper impact: GET p99 {before['p99_us'] / 1000:.2f} ms before, "
+        f"{during['p99_us'] / 1000:.2f} ms while {expiring:,} keys expire and are swept "
+        f"(p50 {before['p50_us'] / 1000:.2f} → {during['p50_us'] / 1000:.2f} ms).")
+
+
+def durable(args, tmpdir, nkeys, seconds, run_id, results, out):
+    with database(args, tmpdir, "durable") as url:
+        server = Server(args.binary, url, env={"KVQL_SQLITE_SYNCHRONOUS": "full"}).start()
+        try:
+            token = login(server)
+            preload(server, token, "k", nkeys)
+            scripts = scenario_scripts(token, nkeys, run_id)
+            out()
+            out("Full durability (KVQL_SQLITE_SYNCHRONOUS=full: fsync before every acknowledgement):")
+            out()
+            out("| scenario | conns | req/s | p50 ms | p99 ms | ratio to ceiling |")
+            out("|---|---|---|---|---|---|")
+            for c in [int(x) for x in args.conns.split(",")]:
+                ceiling = run_wrk(server, scripts["ceiling"], c, seconds, tmpdir, f"dceil-{c}")
+                for name in ("rest_put", "rest_create"):
+                    log(f"durable {name} c={c}")
+                    r = run_wrk(server, scripts[name], c, seconds, tmpdir, f"durable-{name}-{c}")
+                    results["scenarios"][f"durable_{name}@{c}"] = r
+                    out(fmt_row(f"{name} (full)", c, r, ceiling["rps"]))
+        finally:
+            server.stop()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--binary", default="target/release/kvql")
+    p.add_argument("--smoke", action="store_true", help="a few seconds per scenario, small data (CI)")
+    p.add_argument("--postgres", metavar="URL", help="run on a fresh database of this PostgreSQL server")
+    p.add_argument("--duration", type=int, help="seconds per scenario (default 10, smoke 2)")
+    p.add_argument("--keys", type=int, help="keys pre-loaded for GET/PUT (default 10000, smoke 1000)")
+    p.add_argument("--big", type=int, help="keys for the flat-latency check (default 1000000, smoke 20000)")
+    p.add_argument("--expiring", type=int, help="keys expiring at once in the sweeper check (default 100000, smoke 5000)")
+    p.add_argument("--out", help="results file (default bench/results/<time>.md)")
+    p.add_argument("--only", help="comma-separated scenarios of the main table; skips the other measurements")
+    p.add_argument("--conns", default="32,64", help="connection counts (default 32,64)")
+    args = p.parse_args()
+
+    smoke = args.smoke
+    seconds = args.duration or (2 if smoke else 10)
+    nkeys = args.keys or (1000 if smoke else 10_000)
+    big = args.big or (20_000 if smoke else 1_000_000)
+    expiring = args.expiring or (5_000 if smoke else 100_000)
+    backend = "PostgreSQL" if args.postgres else "SQLite"
+    run_id = f"{int(time.time())}"
+    tmpdir = tempfile.mkdtemp(prefix="kvql-bench-")
+    lines = []
+    results = {"backend": backend, "smoke": smoke, "seconds": seconds, "scenarios": {}}
+
+    def out(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    try:
+        with database(args, tmpdir, "main") as url:
+            server = Server(args.binary, url).start()
+            try:
+                token = login(server)
+                log(f"pre-loading {nkeys} keys")
+                preload(server, token, "k", nkeys)
+                out(f"# kvql benchmark — {backend}, {datetime.datetime.now().isoformat(timespec='seconds')}")
+                out()
+                out(f"wrk -t1, {seconds} s per scenario, {nkeys} keys pre-loaded, release build, loopback, "
+                    f"{os.cpu_count()} CPUs. Ratio = req/s ÷ the ceiling (GET /healthz) at the same concurrency.")
+                out()
+                main_table(args, server, token, nkeys, seconds, run_id, tmpdir, results, out)
+                if not args.only:
+                    extras(args, server, url, token, seconds, run_id, tmpdir, big, expiring, smoke, results, out)
+                rss, hwm = server.rss_kib()
+                results["rss_kib"] = rss
+                results["peak_rss_kib"] = hwm
+                out()
+                out(f"Server RSS at the end: {rss / 1024:.0f} MiB; peak RSS during the run: {hwm / 1024:.0f} MiB.")
+            finally:
+                server.stop()
+
+            if not args.only:
+                again = Server(args.binary, url).start()
+                results["startup_s"] = again.startup_s
+                again.stop()
+                out(f"Startup on the existing database ({big + nkeys + 1000:,}+ keys): "
+                    f"{again.startup_s * 1000:.0f} ms to ready.")
+
+        if not args.postgres and not args.only:
+            durable(args, tmpdir, nkeys, seconds, run_id, results, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    out_path = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results",
+        datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-smoke" if smoke else "") + ".md",
+    )
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.splitext(out_path)[0] + ".json", "w") as f:
+        json.dump(results, f, indent=2)
+    log(f"results written to {out_path}")
+    bad = {k: v["errors"] for k, v in results["scenarios"].items() if v["errors"]}
+    if bad:
+        log(f"some requests failed: {bad}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
