@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (the default command).
-    Serve(Config),
+    Serve(Box<Config>),
     /// Apply pending database migrations and exit. `serve` also applies them.
     Migrate {
         #[command(flatten)]
@@ -115,7 +115,7 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         None => serve(cli.serve).await,
-        Some(Command::Serve(config)) => serve(config).await,
+        Some(Command::Serve(config)) => serve(*config).await,
         Some(Command::Migrate { database }) => {
             let db = Db::connect(&database).await?;
             db.migrate().await?;

@@ -152,22 +152,6 @@ pub fn lock_for_server(args: &DatabaseArgs) -> anyhow::Result<Option<std::fs::Fi
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::sqlite_path;
-
-    #[test]
-    fn sqlite_paths_come_from_the_url() {
-        assert_eq!(
-            sqlite_path("sqlite://kvql.db?mode=rwc"),
-            Some("kvql.db".into())
-        );
-        assert_eq!(sqlite_path("sqlite:///tmp/a.db"), Some("/tmp/a.db".into()));
-        assert_eq!(sqlite_path("sqlite::memory:"), None);
-        assert_eq!(sqlite_path("postgres://h/db"), None);
-    }
-}
-
 fn sqlite_options(url: &str, max_connections: u32, sync: SqliteSync) -> ConnectOptions {
     let mut opts = ConnectOptions::new(url);
     opts.max_connections(max_connections)
@@ -188,4 +172,20 @@ fn sqlite_options(url: &str, max_connections: u32, sync: SqliteSync) -> ConnectO
                 .pragma("wal_autocheckpoint", "10000")
         });
     opts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_path;
+
+    #[test]
+    fn sqlite_paths_come_from_the_url() {
+        assert_eq!(
+            sqlite_path("sqlite://kvql.db?mode=rwc"),
+            Some("kvql.db".into())
+        );
+        assert_eq!(sqlite_path("sqlite:///tmp/a.db"), Some("/tmp/a.db".into()));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://h/db"), None);
+    }
 }

@@ -79,40 +79,6 @@ impl<'a, T: Type + DeserializeOwned + Send> ApiExtractor<'a> for JsonBody<T> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(serde::Deserialize, Debug)]
-    #[allow(dead_code)]
-    struct Item {
-        key: String,
-        ttl: Option<i64>,
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        let err = parse::<Item>(br#"{"key": "k", "ttl": 1.5}"#).unwrap_err();
-        assert_eq!(err.field(), Some("ttl"));
-        let err = parse::<Vec<Item>>(br#"[{"key": "k"}, {"key": 3}]"#).unwrap_err();
-        assert_eq!(err.field(), Some("[1].key"));
-        let err = parse::<Item>(br#"{"ttl": 1}"#).unwrap_err();
-        assert!(err.to_string().contains("missing field `key`"), "{err}");
-        let err = parse::<Item>(br#"{"key": "#).unwrap_err();
-        assert!(err.to_string().contains("not valid JSON"), "{err}");
-    }
-
-    #[test]
-    fn json_content_types() {
-        assert!(is_json("application/json"));
-        assert!(is_json("application/json; charset=utf-8"));
-        assert!(is_json("Application/JSON"));
-        assert!(is_json("application/merge-patch+json"));
-        assert!(!is_json("text/plain"));
-        assert!(!is_json("application/x-www-form-urlencoded"));
-    }
-}
-
 /// A JSON response body written ahead of time, documented as `T`. Used where
 /// the stored JSON text can be passed through without parsing it.
 pub struct RawJson<T> {
@@ -150,5 +116,39 @@ impl<T: Send> poem::IntoResponse for RawJson<T> {
         poem::Response::builder()
             .content_type(CONTENT_TYPE)
             .body(self.body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Item {
+        key: String,
+        ttl: Option<i64>,
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = parse::<Item>(br#"{"key": "k", "ttl": 1.5}"#).unwrap_err();
+        assert_eq!(err.field(), Some("ttl"));
+        let err = parse::<Vec<Item>>(br#"[{"key": "k"}, {"key": 3}]"#).unwrap_err();
+        assert_eq!(err.field(), Some("[1].key"));
+        let err = parse::<Item>(br#"{"ttl": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("missing field `key`"), "{err}");
+        let err = parse::<Item>(br#"{"key": "#).unwrap_err();
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json("application/json"));
+        assert!(is_json("application/json; charset=utf-8"));
+        assert!(is_json("Application/JSON"));
+        assert!(is_json("application/merge-patch+json"));
+        assert!(!is_json("text/plain"));
+        assert!(!is_json("application/x-www-form-urlencoded"));
     }
 }
