@@ -205,7 +205,7 @@ struct AuthInner {
     keys: RwLock<SigningKeys>,
     /// Tokens verified recently, so that a request with a known token costs
     /// a hash lookup instead of a signature check and a database query.
-    verified: RwLock<HashMap<Box<str>, Verified>>,
+    verified: RwLock<HashMap<Box<str>, Verified, foldhash::fast::RandomState>>,
     cache_ttl_ms: i64,
     validation: Validation,
     issuer: String,
@@ -255,7 +255,7 @@ impl Auth {
                 db,
                 clock,
                 keys: RwLock::new(keys),
-                verified: RwLock::new(HashMap::new()),
+                verified: RwLock::new(HashMap::default()),
                 cache_ttl_ms: config.auth_cache_ttl.as_millis() as i64,
                 validation,
                 issuer: config.token_issuer.clone(),

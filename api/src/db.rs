@@ -170,6 +170,7 @@ fn sqlite_options(url: &str, max_connections: u32, sync: SqliteSync) -> ConnectO
                 // a committing connection checkpoints itself only if that falls
                 // far behind.
                 .pragma("wal_autocheckpoint", "10000")
+                .page_size(1024)
         });
     opts
 }

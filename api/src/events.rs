@@ -161,6 +161,11 @@ impl Events {
         }
     }
 
+    /// Whether anyone may receive events: a local subscriber, or other nodes.
+    pub fn is_watched(&self) -> bool {
+        self.remote.is_some() || self.local.receiver_count() > 0
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.local.subscribe()
     }

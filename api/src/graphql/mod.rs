@@ -95,11 +95,11 @@ pub fn schema(config: &GraphqlConfig, state: Option<AppState>) -> KvSchema {
     let mut builder = Schema::build(Query, Mutation, Subscription)
         .limit_depth(config.graphql_max_depth)
         .limit_complexity(config.graphql_max_complexity)
-        .extension(policy::Policy {
-            max_aliases: config.graphql_max_aliases,
-            max_root_fields: config.graphql_max_root_fields,
-            max_query_bytes: config.graphql_max_query_bytes,
-        });
+        .extension(policy::Policy::new(
+            config.graphql_max_aliases,
+            config.graphql_max_root_fields,
+            config.graphql_max_query_bytes,
+        ));
     if !config.graphql_introspection {
         builder = builder.disable_introspection();
     }

@@ -60,7 +60,7 @@ impl Mutation {
         let writer = ctx.principal()?.writer()?;
         let store = ctx.state().store();
         let item = create_item(store, &input)?;
-        Ok(KvObject(store.create(writer, &item).await?))
+        Ok(KvObject(store.create(writer, item).await?))
     }
 
     /// Creates or replaces a value. With `expectedVersion`, replaces only
@@ -73,7 +73,7 @@ impl Mutation {
         let writer = ctx.principal()?.writer()?;
         let store = ctx.state().store();
         let (item, expect) = put_item(store, &input)?;
-        let put = store.put(writer, &item, expect).await?;
+        let put = store.put(writer, item, expect).await?;
         Ok(PutObjectPayload {
             object: KvObject(put.object),
             created: put.created,

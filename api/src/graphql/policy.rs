@@ -16,25 +16,49 @@ use futures_util::stream::BoxStream;
 use crate::error::ApiError;
 
 pub struct Policy {
-    pub max_aliases: usize,
-    pub max_root_fields: usize,
-    pub max_query_bytes: usize,
+    limits: Arc<Limits>,
+}
+
+struct Limits {
+    max_aliases: usize,
+    max_root_fields: usize,
+    max_query_bytes: usize,
+    /// Documents already parsed and checked, by query text: clients send the
+    /// same few queries over and over.
+    parsed: moka::sync::Cache<Arc<str>, ExecutableDocument>,
+}
+
+/// Bytes of query text whose parsed documents are kept.
+const PARSED_CACHE_BYTES: u64 = 4 * 1024 * 1024;
+
+impl Policy {
+    pub fn new(max_aliases: usize, max_root_fields: usize, max_query_bytes: usize) -> Policy {
+        Policy {
+            limits: Arc::new(Limits {
+                max_aliases,
+                max_root_fields,
+                max_query_bytes,
+                parsed: moka::sync::Cache::builder()
+                    .max_capacity(PARSED_CACHE_BYTES)
+                    .weigher(|q: &Arc<str>, _| {
+                        u32::try_from(q.len()).unwrap_or(u32::MAX).saturating_mul(4)
+                    })
+                    .build(),
+            }),
+        }
+    }
 }
 
 impl ExtensionFactory for Policy {
     fn create(&self) -> Arc<dyn Extension> {
         Arc::new(PolicyExtension {
-            max_aliases: self.max_aliases,
-            max_root_fields: self.max_root_fields,
-            max_query_bytes: self.max_query_bytes,
+            limits: self.limits.clone(),
         })
     }
 }
 
 struct PolicyExtension {
-    max_aliases: usize,
-    max_root_fields: usize,
-    max_query_bytes: usize,
+    limits: Arc<Limits>,
 }
 
 type Fragments = std::collections::HashMap<Name, Positioned<FragmentDefinition>>;
@@ -88,7 +112,7 @@ fn limit_error(message: String) -> ServerError {
     e
 }
 
-impl PolicyExtension {
+impl Limits {
     fn check(&self, doc: &ExecutableDocument) -> ServerResult<()> {
         let operations: Vec<&Positioned<OperationDefinition>> =
             doc.operations.iter().map(|(_, op)| op).collect();
@@ -177,15 +201,20 @@ impl Extension for PolicyExtension {
         variables: &Variables,
         next: NextParseQuery<'_>,
     ) -> ServerResult<ExecutableDocument> {
-        if query.len() > self.max_query_bytes {
+        let limits = &self.limits;
+        if query.len() > limits.max_query_bytes {
             return Err(limit_error(format!(
                 "the query text is {} bytes; the limit is {} (pass large values as variables)",
                 query.len(),
-                self.max_query_bytes
+                limits.max_query_bytes
             )));
         }
+        if let Some(doc) = limits.parsed.get(query) {
+            return Ok(doc);
+        }
         let doc = next.run(ctx, query, variables).await?;
-        self.check(&doc)?;
+        limits.check(&doc)?;
+        limits.parsed.insert(query.into(), doc.clone());
         Ok(doc)
     }
 }

@@ -419,7 +419,7 @@ impl RestApi {
         let store = state.store();
         let body = body.0;
         let item = store.item(body.key, &body.data.0, body.ttl)?;
-        let object = store.create(writer, &item).await?;
+        let object = store.create(writer, item).await?;
         Ok(CreateResponse::Created(
             Json(WriteResult::new(&object, true)),
             object.etag(),
@@ -500,7 +500,7 @@ impl RestApi {
         let store = state.store();
         let body = body.0;
         let item = store.item(key.0, &body.data.0, body.ttl)?;
-        let put = store.put(writer, &item, expect).await?;
+        let put = store.put(writer, item, expect).await?;
         let etag = put.object.etag();
         let result = Json(WriteResult::new(&put.object, put.created));
         Ok(if put.created {

@@ -129,6 +129,9 @@ fn after_commit(events: &Events, cache: Option<&Cache>, tenant: TenantId, result
             }),
         );
     }
+    if !events.is_watched() {
+        return;
+    }
     events.publish(
         done()
             .map(|o| match o {
@@ -323,10 +326,10 @@ impl Store {
     }
 
     /// Runs one operation; its outcome or error.
-    async fn run_one(&self, writer: Writer<'_>, key: &str, op: Op) -> Result<Outcome, ApiError> {
+    async fn run_one(&self, writer: Writer<'_>, key: String, op: Op) -> Result<Outcome, ApiError> {
         let job = Job {
             tenant: writer.tenant(),
-            ops: vec![(key.to_owned(), Ok(op))],
+            ops: vec![(key, Ok(op))],
             atomic: false,
         };
         self.run(job)
@@ -357,11 +360,9 @@ impl Store {
 
     /// Creates a value; `ALREADY_EXISTS` if a live one is stored under the key.
     /// An expired value under the key is replaced as if it were absent.
-    pub async fn create(&self, writer: Writer<'_>, item: &Item) -> Result<Object, ApiError> {
-        match self
-            .run_one(writer, item.key.as_str(), Op::Create(item.clone()))
-            .await?
-        {
+    pub async fn create(&self, writer: Writer<'_>, item: Item) -> Result<Object, ApiError> {
+        let key = item.key.as_str().to_owned();
+        match self.run_one(writer, key, Op::Create(item)).await? {
             Outcome::Written { object, .. } => Ok(object),
             Outcome::Deleted { .. } => Err(unexpected()),
         }
@@ -372,13 +373,11 @@ impl Store {
     pub async fn put(
         &self,
         writer: Writer<'_>,
-        item: &Item,
+        item: Item,
         expect: Expect,
     ) -> Result<Put, ApiError> {
-        match self
-            .run_one(writer, item.key.as_str(), Op::Put(item.clone(), expect))
-            .await?
-        {
+        let key = item.key.as_str().to_owned();
+        match self.run_one(writer, key, Op::Put(item, expect)).await? {
             Outcome::Written { object, created } => Ok(Put { object, created }),
             Outcome::Deleted { .. } => Err(unexpected()),
         }
@@ -391,9 +390,13 @@ impl Store {
         key: &Key,
         expected: Option<i64>,
     ) -> Result<(), ApiError> {
-        self.run_one(writer, key.as_str(), Op::Delete(key.clone(), expected))
-            .await
-            .map(|_| ())
+        self.run_one(
+            writer,
+            key.as_str().to_owned(),
+            Op::Delete(key.clone(), expected),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Creates several values in one transaction, with one result per item in
