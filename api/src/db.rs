@@ -12,6 +12,10 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseBackend, Databa
 
 use crate::config::{DatabaseArgs, SqliteSync};
 
+/// Prepared statements kept per connection: multi-row writes of every size
+/// up to 256 rows, for creates and for puts, plus the rest.
+const STATEMENT_CACHE: usize = 600;
+
 #[derive(Clone, Debug)]
 pub struct Db {
     pub read: DatabaseConnection,
@@ -45,7 +49,8 @@ impl Db {
             opts.max_connections(args.database_max_connections.max(2))
                 .min_connections(1)
                 .acquire_timeout(Duration::from_secs(10))
-                .sqlx_logging(false);
+                .sqlx_logging(false)
+                .map_sqlx_postgres_opts(|o| o.statement_cache_capacity(STATEMENT_CACHE));
             let pool = Database::connect(opts)
                 .await
                 .with_context(|| format!("cannot connect to {}", args.redacted_url()))?;
@@ -171,6 +176,7 @@ fn sqlite_options(url: &str, max_connections: u32, sync: SqliteSync) -> ConnectO
                 // far behind.
                 .pragma("wal_autocheckpoint", "10000")
                 .page_size(1024)
+                .statement_cache_capacity(STATEMENT_CACHE)
         });
     opts
 }

@@ -224,3 +224,47 @@ async fn an_atomic_batch_delete_with_a_missing_key_deletes_nothing() {
     assert_eq!(r.body["index"], 1);
     assert_eq!(app.snapshot().await, before);
 }
+
+#[tokio::test]
+async fn a_large_batch_keeps_per_item_results_across_statement_boundaries() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    for k in [100, 300, 599] {
+        app.create(&u, &format!("k{k:03}"), json!("old"), None)
+            .await;
+    }
+    let items: Vec<_> = (0..600)
+        .map(|i| json!({"key": format!("k{i:03}"), "data": i}))
+        .collect();
+    let r = app
+        .post("/api/batch/object", Some(&u.token), &json!(items))
+        .await;
+    assert_eq!(
+        r.body["succeeded"],
+        597,
+        "{}",
+        &r.text[..200.min(r.text.len())]
+    );
+    let results = r.body["results"].as_array().unwrap();
+    for (i, item) in results.iter().enumerate() {
+        let conflict = [100, 300, 599].contains(&i);
+        assert_eq!(item["index"], i);
+        assert_eq!(item["ok"], !conflict, "item {i}: {item}");
+        if conflict {
+            assert_eq!(item["code"], "ALREADY_EXISTS");
+        }
+    }
+    assert_eq!(app.read(&u, "k300").await.body["data"], "old");
+    assert_eq!(app.read(&u, "k301").await.body["data"], 301);
+
+    let put = app
+        .put("/api/batch/object", Some(&u.token), &json!(items))
+        .await;
+    assert_eq!(put.body["succeeded"], 600);
+    for (i, item) in put.body["results"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(item["status"], 200, "item {i}: {item}");
+        assert_eq!(item["version"], 2, "item {i}: {item}");
+    }
+    assert_eq!(app.read(&u, "k599").await.body["data"], 599);
+    assert_eq!(app.row_count().await, 600);
+}

@@ -34,8 +34,9 @@ pub(super) struct Cache {
     seq: Mutex<u64>,
 }
 
-/// Bytes counted for an entry besides its key and value.
-const ENTRY_OVERHEAD: u32 = 160;
+/// Bytes counted for an entry besides its key and value: the map's own
+/// bookkeeping, the object's fields and a second copy of the key.
+const ENTRY_OVERHEAD: u32 = 320;
 
 impl Cache {
     pub(super) fn new(max_bytes: u64) -> Cache {
@@ -46,7 +47,7 @@ impl Cache {
                     Entry::Value(o) => o.data.len(),
                     Entry::Absent => 0,
                 };
-                u32::try_from(k.1.len() + value)
+                u32::try_from(2 * k.1.len() + value)
                     .unwrap_or(u32::MAX)
                     .saturating_add(ENTRY_OVERHEAD)
             })

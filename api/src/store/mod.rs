@@ -240,7 +240,7 @@ impl Store {
             None => None,
         };
         let mut sql = Sql::select_live(self.backend(), tenant, now);
-        let k = sql.arg(key.as_str());
+        let k = sql.next(key.as_str());
         sql.push(&format!(r#" AND "key" = {k}"#));
         let row = self.inner.db.read.query_one_raw(sql.build()).await?;
         let found = row.map(|r| object_from_row(&r, now)).transpose()?;
@@ -262,7 +262,7 @@ impl Store {
         }
         let now = self.inner.clock.now_ms();
         let mut sql = Sql::select_live(self.backend(), tenant, now);
-        let placeholders: Vec<String> = keys.iter().map(|k| sql.arg(k.as_str())).collect();
+        let placeholders: Vec<String> = keys.iter().map(|k| sql.next(k.as_str())).collect();
         sql.push(&format!(r#" AND "key" IN ({})"#, placeholders.join(", ")));
         let rows = self.inner.db.read.query_all_raw(sql.build()).await?;
         let mut found = std::collections::HashMap::with_capacity(rows.len());
@@ -287,17 +287,17 @@ impl Store {
     ) -> Result<Page, ApiError> {
         let now = self.inner.clock.now_ms();
         let mut sql = Sql::select_live(self.backend(), tenant, now);
-        let lower = sql.arg(prefix.as_str());
+        let lower = sql.next(prefix.as_str());
         sql.push(&format!(r#" AND "key" >= {lower}"#));
         if let Some(upper) = prefix.upper_bound() {
-            let u = sql.arg(upper);
+            let u = sql.next(upper);
             sql.push(&format!(r#" AND "key" < {u}"#));
         }
         if let Some(c) = cursor {
-            let a = sql.arg(c.key());
+            let a = sql.next(c.key());
             sql.push(&format!(r#" AND "key" > {a}"#));
         }
-        let fetch = sql.arg(i64::from(limit.get()) + 1);
+        let fetch = sql.next(i64::from(limit.get()) + 1);
         sql.push(&format!(r#" ORDER BY "key" LIMIT {fetch}"#));
         let rows = self.inner.db.read.query_all_raw(sql.build()).await?;
         let mut objects = rows

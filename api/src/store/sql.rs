@@ -32,13 +32,25 @@ impl Sql {
         format!("${}", self.values.len())
     }
 
+    /// Binds a value for the next placeholder of the text: `?` on SQLite,
+    /// `$n` on PostgreSQL. For statements with many parameters: SQLite binds
+    /// anonymous `?` in constant time but looks up each named one (`$n`)
+    /// through a list. Placeholders made by `next` must appear in the text in
+    /// the order they were made, and a statement must not mix `next` and `arg`.
+    pub(super) fn next(&mut self, v: impl Into<Value>) -> String {
+        match self.backend {
+            DatabaseBackend::Postgres => self.arg(v),
+            _ => {
+                self.values.push(v.into());
+                "?".to_owned()
+            }
+        }
+    }
+
     /// Binds JSON text as the `data` column's type (JSONB on PostgreSQL).
     fn json_arg(&mut self, data: &Data) -> String {
         let p = self.arg(data.as_str());
-        match self.backend {
-            DatabaseBackend::Postgres => format!("{p}::jsonb"),
-            _ => p,
-        }
+        json_cast(self.backend, p)
     }
 
     pub(super) fn push(&mut self, s: &str) -> &mut Self {
@@ -57,13 +69,20 @@ impl Sql {
             DatabaseBackend::Postgres => "data::text AS data",
             _ => "data",
         };
-        let t = sql.arg(tenant.get());
-        let n = sql.arg(now);
+        let t = sql.next(tenant.get());
+        let n = sql.next(now);
         sql.push(&format!(
             "SELECT {COLUMNS}, {data} FROM object WHERE tenant_id = {t} \
              AND (expires_at IS NULL OR expires_at > {n})"
         ));
         sql
+    }
+}
+
+fn json_cast(backend: DatabaseBackend, placeholder: String) -> String {
+    match backend {
+        DatabaseBackend::Postgres => format!("{placeholder}::jsonb"),
+        _ => placeholder,
     }
 }
 
@@ -159,8 +178,8 @@ pub(super) async fn create<C: ConnectionTrait>(
     }
 }
 
-/// Rows per multi-row statement: powers of two up to this, so that few
-/// distinct statements are prepared and cached.
+/// Rows per multi-row statement. Each row count is its own prepared
+/// statement; connections cache enough of them (see `db`).
 const MAX_ROWS_PER_STATEMENT: usize = 256;
 
 /// Creates (`create_only`) or creates-or-replaces several values of distinct
@@ -175,8 +194,7 @@ pub(super) async fn write_many<C: ConnectionTrait>(
     let mut out = Vec::with_capacity(rows.len());
     let mut rest = rows;
     while !rest.is_empty() {
-        let size = MAX_ROWS_PER_STATEMENT.min(1 << rest.len().ilog2());
-        let (chunk, tail) = rest.split_at(size);
+        let (chunk, tail) = rest.split_at(MAX_ROWS_PER_STATEMENT.min(rest.len()));
         out.extend(write_chunk(conn, create_only, chunk, now).await?);
         rest = tail;
     }
@@ -189,25 +207,34 @@ async fn write_chunk<C: ConnectionTrait>(
     rows: &[(TenantId, &Item)],
     now: i64,
 ) -> Result<Vec<Result<(Object, bool), ApiError>>, ApiError> {
-    let mut sql = Sql::new(conn.get_database_backend());
-    let n = sql.arg(now);
+    let backend = conn.get_database_backend();
+    let mut sql = Sql::new(backend);
     let values: Vec<String> = rows
         .iter()
         .map(|(tenant, item)| {
-            let t = sql.arg(tenant.get());
-            let k = sql.arg(item.key.as_str());
-            let d = sql.json_arg(&item.data);
-            let e = sql.arg(expires_at(item, now));
-            format!("({t}, {k}, {d}, 1, {e}, {n}, {n})")
+            let t = sql.next(tenant.get());
+            let k = sql.next(item.key.as_str());
+            let d = json_cast(backend, sql.next(item.data.as_str()));
+            let e = sql.next(expires_at(item, now));
+            let c = sql.next(now);
+            let u = sql.next(now);
+            format!("({t}, {k}, {d}, 1, {e}, {c}, {u})")
         })
         .collect();
-    let expired = format!("object.expires_at IS NOT NULL AND object.expires_at <= {n}");
+    let mut expired = || {
+        let n = sql.next(now);
+        format!("object.expires_at IS NOT NULL AND object.expires_at <= {n}")
+    };
     let on_conflict = if create_only {
-        format!("version = 1, created_at = excluded.created_at WHERE {expired}")
-    } else {
         format!(
-            "version = CASE WHEN {expired} THEN 1 ELSE object.version + 1 END, \
-             created_at = CASE WHEN {expired} THEN excluded.created_at ELSE object.created_at END"
+            "version = 1, created_at = excluded.created_at WHERE {}",
+            expired()
+        )
+    } else {
+        let (a, b) = (expired(), expired());
+        format!(
+            "version = CASE WHEN {a} THEN 1 ELSE object.version + 1 END, \
+             created_at = CASE WHEN {b} THEN excluded.created_at ELSE object.created_at END"
         )
     };
     sql.push(&format!(
