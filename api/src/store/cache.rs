@@ -36,20 +36,23 @@ pub(super) struct Cache {
 
 /// Bytes counted for an entry besides its key and value: the map's own
 /// bookkeeping, the object's fields and a second copy of the key.
-const ENTRY_OVERHEAD: u32 = 320;
+const ENTRY_OVERHEAD: usize = 320;
+
+/// The cache counts weight in units of this many bytes: moka sizes its
+/// frequency sketch by the capacity, which must therefore not be in bytes.
+const UNIT: u64 = 256;
 
 impl Cache {
     pub(super) fn new(max_bytes: u64) -> Cache {
         let map = moka::sync::Cache::builder()
-            .max_capacity(max_bytes)
+            .max_capacity((max_bytes / UNIT).max(1))
             .weigher(|k: &(i64, Box<str>), v: &Entry| {
                 let value = match v {
                     Entry::Value(o) => o.data.len(),
                     Entry::Absent => 0,
                 };
-                u32::try_from(2 * k.1.len() + value)
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(ENTRY_OVERHEAD)
+                let bytes = (2 * k.1.len() + value + ENTRY_OVERHEAD) as u64;
+                u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX)
             })
             .build();
         Cache {
