@@ -81,7 +81,7 @@ enum UserCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Remove a user; their tokens stop working at once. The tenant's data stays.
+    /// Remove a user; their tokens stop working within the auth cache TTL (1 s). The tenant's data stays.
     Remove {
         username: String,
         #[command(flatten)]

@@ -126,19 +126,18 @@ impl Events {
         });
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Event>>();
         tokio::spawn(async move {
+            // A connection of its own, whose commits do not wait for fsync:
+            // notifications are best effort, and every queued event goes out
+            // in one statement (one transaction) instead of one each.
+            let mut conn = None;
             while let Some(mut batch) = rx.recv().await {
                 while let Ok(more) = rx.try_recv() {
                     batch.extend(more);
                 }
-                for payload in payloads(&node, batch) {
-                    let sent = sea_orm::sqlx::query("SELECT pg_notify($1, $2)")
-                        .bind(CHANNEL)
-                        .bind(&payload)
-                        .execute(&pool)
-                        .await;
-                    if let Err(e) = sent {
-                        tracing::warn!(error = %e, "could not NOTIFY other nodes of a change");
-                    }
+                let payloads = payloads(&node, batch);
+                if let Err(e) = notify(&pool, &mut conn, &payloads).await {
+                    conn = None;
+                    tracing::warn!(error = %e, lost = payloads.len(), "could not NOTIFY other nodes of changes");
                 }
             }
         });
@@ -169,6 +168,31 @@ impl Events {
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.local.subscribe()
     }
+}
+
+async fn notify(
+    pool: &sea_orm::sqlx::PgPool,
+    conn: &mut Option<sea_orm::sqlx::pool::PoolConnection<sea_orm::sqlx::Postgres>>,
+    payloads: &[String],
+) -> Result<(), sea_orm::sqlx::Error> {
+    if conn.is_none() {
+        let mut fresh = pool.acquire().await?;
+        sea_orm::sqlx::query("SET synchronous_commit = off")
+            .execute(&mut *fresh)
+            .await?;
+        *conn = Some(fresh);
+    }
+    let Some(c) = conn.as_mut() else {
+        return Ok(());
+    };
+    // unnest yields the payloads in array order, and NOTIFYs of one
+    // transaction are delivered in the order they were made.
+    sea_orm::sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+        .bind(CHANNEL)
+        .bind(payloads)
+        .execute(&mut **c)
+        .await?;
+    Ok(())
 }
 
 fn to_wire(e: Event) -> WireEvent {

@@ -134,7 +134,8 @@ pub async fn set_password(db: &Db, username: &str, password: &str) -> anyhow::Re
     Ok(())
 }
 
-/// Deletes a user; their tokens stop working at once. The tenant and its data stay.
+/// Deletes a user; their tokens stop working once the servers' auth caches
+/// expire (`KVQL_AUTH_CACHE_TTL`). The tenant and its data stay.
 pub async fn remove_user(db: &Db, username: &str) -> anyhow::Result<()> {
     let found = find(db, username).await?;
     user::Entity::delete_by_id(found.id).exec(&db.write).await?;

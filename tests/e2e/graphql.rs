@@ -477,3 +477,33 @@ async fn a_malformed_graphql_request_is_a_json_400() {
     let unknown = app.gql(None, "{ nosuchfield }", json!({})).await;
     assert_eq!(unknown.gql_error_code(), "INVALID_INPUT");
 }
+
+#[tokio::test]
+async fn objects_reads_many_keys_in_order() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let t = Some(u.token.as_str());
+    let items: Vec<_> = (0..300)
+        .step_by(2)
+        .map(|i| json!({"key": format!("m{i:03}"), "data": i}))
+        .collect();
+    app.post("/api/batch/object", t, &json!(items)).await;
+    let keys: Vec<String> = (0..300).rev().map(|i| format!("m{i:03}")).collect();
+    let r = app
+        .gql(
+            t,
+            "query($k: [String!]!) { objects(keys: $k) { data } }",
+            json!({"k": keys}),
+        )
+        .await;
+    let got = r.gql_data()["objects"].as_array().unwrap().clone();
+    assert_eq!(got.len(), 300);
+    for (n, (key, value)) in keys.iter().zip(&got).enumerate() {
+        let i: i64 = key[1..].parse().unwrap();
+        if i % 2 == 0 {
+            assert_eq!(value["data"], i, "position {n}");
+        } else {
+            assert_eq!(value, &json!(null), "position {n}");
+        }
+    }
+}

@@ -261,14 +261,15 @@ impl Store {
             return Ok(Vec::new());
         }
         let now = self.inner.clock.now_ms();
-        let mut sql = Sql::select_live(self.backend(), tenant, now);
-        let placeholders: Vec<String> = keys.iter().map(|k| sql.next(k.as_str())).collect();
-        sql.push(&format!(r#" AND "key" IN ({})"#, placeholders.join(", ")));
-        let rows = self.inner.db.read.query_all_raw(sql.build()).await?;
-        let mut found = std::collections::HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let o = object_from_row(row, now)?;
-            found.insert(o.key.clone(), o);
+        let mut found = std::collections::HashMap::with_capacity(keys.len());
+        for chunk in keys.chunks(sql::max_rows_per_statement(self.backend())) {
+            let mut sql = Sql::select_live(self.backend(), tenant, now);
+            let placeholders: Vec<String> = chunk.iter().map(|k| sql.next(k.as_str())).collect();
+            sql.push(&format!(r#" AND "key" IN ({})"#, placeholders.join(", ")));
+            for row in self.inner.db.read.query_all_raw(sql.build()).await? {
+                let o = object_from_row(&row, now)?;
+                found.insert(o.key.clone(), o);
+            }
         }
         Ok(keys
             .iter()

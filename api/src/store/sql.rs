@@ -179,8 +179,15 @@ pub(super) async fn create<C: ConnectionTrait>(
 }
 
 /// Rows per multi-row statement. Each row count is its own prepared
-/// statement; connections cache enough of them (see `db`).
-const MAX_ROWS_PER_STATEMENT: usize = 256;
+/// statement; connections cache enough of them (see `db`). PostgreSQL gets
+/// smaller statements: with sqlx, statements of over ~100 rows stall about
+/// 40 ms each on the socket (measured on loopback), while 64 rows do not.
+pub(super) fn max_rows_per_statement(backend: DatabaseBackend) -> usize {
+    match backend {
+        DatabaseBackend::Postgres => 64,
+        _ => 256,
+    }
+}
 
 /// Creates (`create_only`) or creates-or-replaces several values of distinct
 /// `(tenant, key)` in as few statements as possible. One result per row, in
@@ -193,8 +200,9 @@ pub(super) async fn write_many<C: ConnectionTrait>(
 ) -> Result<Vec<Result<(Object, bool), ApiError>>, ApiError> {
     let mut out = Vec::with_capacity(rows.len());
     let mut rest = rows;
+    let max_rows = max_rows_per_statement(conn.get_database_backend());
     while !rest.is_empty() {
-        let (chunk, tail) = rest.split_at(MAX_ROWS_PER_STATEMENT.min(rest.len()));
+        let (chunk, tail) = rest.split_at(max_rows.min(rest.len()));
         out.extend(write_chunk(conn, create_only, chunk, now).await?);
         rest = tail;
     }
