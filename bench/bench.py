@@ -304,8 +304,9 @@ def extras(args, server, url, token, seconds, run_id, tmpdir, big, expiring, smo
     t_big = preload(server, large_token, "k", big)
     out(f"Pre-loading {big:,} keys with 1,000-item batch puts took {t_big:.1f} s ({big / t_big:,.0f} keys/s).")
     results["tokens"] = {"small": small_token, "large": large_token}
+    cache = "with the read cache" if not args.postgres else "PostgreSQL, no read cache"
     flat_table(server, {"small": small_token, "large": large_token}, big, seconds, tmpdir, results, out,
-               "GET latency by tenant size, with the read cache (c=32):", "cached")
+               f"GET latency by tenant size, {cache} (c=32):", "cached")
 
     # Sweeper impact: GET p99 while many keys expire at once.
     ttl = 20 if not smoke else 8
