@@ -30,6 +30,12 @@ impl TenantId {
     pub(crate) fn get(self) -> i64 {
         self.0
     }
+
+    /// For the store's own tests, which have no tokens.
+    #[cfg(test)]
+    pub(crate) fn for_store_tests(id: i64) -> TenantId {
+        TenantId(id)
+    }
 }
 
 /// What a user may do.

@@ -157,6 +157,18 @@ fn insert(sql: &mut Sql, tenant: TenantId, item: &Item, now: i64) -> String {
     )
 }
 
+/// Runs a write with `RETURNING` and gives its first row. The statement is
+/// stepped to its end: outside a transaction SQLite commits when the statement
+/// finishes, and a commit that fails (disk full, I/O error, a deferred
+/// constraint) is reported only there. Fetching a single row would reset the
+/// statement early and lose that error, acknowledging an uncommitted write.
+async fn returning_one<C: ConnectionTrait>(
+    conn: &C,
+    sql: Sql,
+) -> Result<Option<QueryResult>, DbErr> {
+    Ok(conn.query_all_raw(sql.build()).await?.into_iter().next())
+}
+
 /// Creates a value; `ALREADY_EXISTS` over a live one, replaces an expired one.
 pub(super) async fn create<C: ConnectionTrait>(
     conn: &C,
@@ -172,7 +184,7 @@ pub(super) async fn create<C: ConnectionTrait>(
            WHERE object.expires_at IS NOT NULL AND object.expires_at <= {n}
            RETURNING version, created_at"#
     ));
-    match conn.query_one_raw(sql.build()).await? {
+    match returning_one(conn, sql).await? {
         Some(row) => Ok(written(item, &row, now)?),
         None => Err(already_exists()),
     }
@@ -303,8 +315,7 @@ pub(super) async fn put<C: ConnectionTrait>(
                    created_at = CASE WHEN {expired} THEN excluded.created_at ELSE object.created_at END
                    RETURNING version, created_at"#
             ));
-            let row = conn
-                .query_one_raw(sql.build())
+            let row = returning_one(conn, sql)
                 .await?
                 .ok_or_else(|| ApiError::internal(anyhow::anyhow!("upsert returned no row")))?;
             let object = written(item, &row, now)?;
@@ -329,7 +340,7 @@ pub(super) async fn put<C: ConnectionTrait>(
         sql.push(&format!(" AND version = {v}"));
     }
     sql.push(" RETURNING version, created_at");
-    match conn.query_one_raw(sql.build()).await? {
+    match returning_one(conn, sql).await? {
         Some(row) => Ok((written(item, &row, now)?, false)),
         None => Err(missing_or_moved(conn, tenant, &item.key, expected_version, now).await),
     }
@@ -356,7 +367,7 @@ pub(super) async fn delete<C: ConnectionTrait>(
         sql.push(&format!(" AND version = {v}"));
     }
     sql.push(" RETURNING version");
-    match conn.query_one_raw(sql.build()).await? {
+    match returning_one(conn, sql).await? {
         Some(row) => Ok(row.try_get("", "version")?),
         None => Err(missing_or_moved(conn, tenant, key, expected, now).await),
     }
@@ -391,7 +402,64 @@ async fn missing_or_moved<C: ConnectionTrait>(
 
 #[cfg(test)]
 mod tests {
-    use super::seconds_left;
+    use super::*;
+    use migration::{Migrator, MigratorTrait};
+    use sea_orm::{ConnectOptions, Database};
+
+    /// A migrated SQLite file with one connection whose foreign keys are
+    /// checked only when a transaction commits, so a commit can fail.
+    async fn sqlite_with_deferred_checks() -> (sea_orm::DatabaseConnection, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!(
+            "kvql-sql-{}-{}.db",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
+        let mut opts = ConnectOptions::new(format!("sqlite://{}?mode=rwc", path.display()));
+        opts.max_connections(1)
+            .min_connections(1)
+            .sqlx_logging(false);
+        let conn = Database::connect(opts).await.expect("open sqlite");
+        Migrator::up(&conn, None).await.expect("migrate");
+        conn.execute_unprepared("PRAGMA foreign_keys = ON")
+            .await
+            .expect("foreign keys");
+        conn.execute_unprepared("PRAGMA defer_foreign_keys = ON")
+            .await
+            .expect("defer foreign keys");
+        (conn, path)
+    }
+
+    async fn count_objects(conn: &sea_orm::DatabaseConnection) -> i64 {
+        let row = conn
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Sqlite,
+                "SELECT COUNT(*) AS n FROM object",
+            ))
+            .await
+            .expect("count")
+            .expect("a row");
+        row.try_get("", "n").expect("n")
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_commit_fails_is_an_error_not_an_acknowledgement() {
+        let (conn, path) = sqlite_with_deferred_checks().await;
+        let no_such_tenant = TenantId::for_store_tests(424_242);
+        let item = Item {
+            key: Key::parse("k".to_owned()).expect("key"),
+            data: Data::parse(&serde_json::json!({"a": 1}), 1024).expect("data"),
+            ttl: None,
+        };
+        let created = create(&conn, no_such_tenant, &item, 1_000).await;
+        assert!(created.is_err(), "create acknowledged: {created:?}");
+        let put = put(&conn, no_such_tenant, &item, Expect::Any, 1_000).await;
+        assert!(put.is_err(), "put acknowledged: {put:?}");
+        assert_eq!(count_objects(&conn).await, 0);
+        drop(conn);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
 
     #[test]
     fn ttl_left_rounds_up_to_whole_seconds() {
