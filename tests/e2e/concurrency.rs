@@ -93,3 +93,75 @@ async fn concurrent_unconditional_puts_each_bump_the_version_once() {
     versions.sort();
     assert_eq!(versions, (1..=32).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_over_the_same_keys_in_opposite_orders_all_succeed() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    const KEYS: usize = 150;
+    const ROUNDS: usize = 4;
+    let forward: Vec<String> = (0..KEYS).map(|i| format!("shared-{i:03}")).collect();
+    let backward: Vec<String> = forward.iter().rev().cloned().collect();
+    let put =
+        "mutation($items: [PutObjectInput!]!) { batchPut(items: $items) { succeeded failed } }";
+    let putter = |keys: &Vec<String>, tag: &'static str| {
+        let items: Vec<_> = keys
+            .iter()
+            .map(|k| json!({"key": k, "data": tag}))
+            .collect();
+        let (app, u) = (&app, &u);
+        async move {
+            for _ in 0..ROUNDS {
+                let r = app
+                    .gql(Some(&u.token), put, json!({ "items": items }))
+                    .await;
+                assert_eq!(
+                    r.gql_data()["batchPut"],
+                    json!({"succeeded": KEYS, "failed": 0}),
+                    "{}",
+                    r.text
+                );
+            }
+        }
+    };
+    futures_util::join!(putter(&forward, "forward"), putter(&backward, "backward"));
+    for key in [&forward[0], &forward[KEYS - 1]] {
+        assert_eq!(app.read(&u, key).await.body["version"], 2 * ROUNDS);
+    }
+
+    let delete =
+        "mutation($keys: [String!]!) { batchDelete(keys: $keys) { results { key ok code } } }";
+    let deleter = |keys: &Vec<String>| {
+        let (app, u) = (&app, &u);
+        let keys = keys.clone();
+        async move {
+            let r = app
+                .gql(Some(&u.token), delete, json!({ "keys": keys }))
+                .await;
+            r.gql_data()["batchDelete"]["results"]
+                .as_array()
+                .expect("results")
+                .clone()
+        }
+    };
+    let (a, b) = futures_util::join!(deleter(&forward), deleter(&backward));
+    for key in &forward {
+        let outcomes: Vec<_> = a
+            .iter()
+            .chain(b.iter())
+            .filter(|r| r["key"] == json!(key))
+            .collect();
+        assert_eq!(outcomes.len(), 2);
+        let deleted = outcomes.iter().filter(|r| r["ok"] == json!(true)).count();
+        assert_eq!(
+            deleted, 1,
+            "{key} deleted by exactly one batch: {outcomes:?}"
+        );
+        assert!(
+            outcomes
+                .iter()
+                .any(|r| r["ok"] == json!(false) && r["code"] == "NOT_FOUND")
+        );
+    }
+    assert_eq!(app.row_count().await, 0);
+}

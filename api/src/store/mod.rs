@@ -31,6 +31,10 @@ use cache::{Cache, Lookup};
 use sql::{Sql, object_from_row};
 use write::{Committer, Job, JobResult, Op, Outcome};
 
+/// Times a PostgreSQL write job is tried when it keeps being chosen as a
+/// deadlock victim.
+const MAX_ATTEMPTS: u32 = 5;
+
 /// Configured limits on values and batches.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -314,14 +318,29 @@ impl Store {
         Ok(Page { objects, next })
     }
 
-    /// Applies a job: through the committer on SQLite, directly on PostgreSQL.
+    /// Applies a job: through the committer on SQLite, directly on PostgreSQL,
+    /// where a transaction PostgreSQL aborted to break a deadlock (e.g. two
+    /// batches touching the same keys in opposite orders) is run again.
     async fn run(&self, job: Job) -> JobResult {
         if let Some(committer) = &self.inner.committer {
             return committer.submit(job).await;
         }
         let tenant = job.tenant;
-        let now = self.inner.clock.now_ms();
-        let result = write::run_alone(&self.inner.db.write, &job, now).await;
+        let mut attempt = 1;
+        let result = loop {
+            let now = self.inner.clock.now_ms();
+            let result = write::run_alone(&self.inner.db.write, &job, now).await;
+            match &result {
+                Err(e) if attempt < MAX_ATTEMPTS && write::is_transient(e) => {
+                    tracing::debug!(
+                        attempt,
+                        "transaction aborted by PostgreSQL (deadlock or serialization); retrying"
+                    );
+                    attempt += 1;
+                }
+                _ => break result,
+            }
+        };
         after_commit(&self.inner.events, None, tenant, &result);
         result
     }

@@ -1,7 +1,7 @@
 //! How writes reach the database.
 //!
 //! A request's writes form a job: one or more operations for one tenant,
-//! applied in order, each failing on its own or (atomic) all together. On
+//! applied in key order (writes to one key in request order), each failing on its own or (atomic) all together. On
 //! PostgreSQL a job runs in the request's task on the pool. On SQLite, which
 //! has one writer at a time, every job goes to one committer task that owns
 //! the writer connection and applies the jobs queued at that moment in one
@@ -86,14 +86,12 @@ fn mergeable(op: &Op) -> Option<(bool, &Item)> {
 }
 
 /// Executes operations in order, merging runs of same-kind mergeable writes
-/// to distinct keys into multi-row statements. With `stop_on_error`, stops
-/// after the run holding the first failure (the caller rolls back). `Err`
-/// only for database failures.
+/// to distinct keys into multi-row statements. `Err` only for database
+/// failures.
 async fn exec_seq<C: ConnectionTrait>(
     conn: &C,
     ops: &[(TenantId, Result<&Op, &ApiError>)],
     now: i64,
-    stop_on_error: bool,
 ) -> Result<Vec<Result<Outcome, ApiError>>, ApiError> {
     let mut results: Vec<Result<Outcome, ApiError>> = Vec::with_capacity(ops.len());
     let mut i = 0;
@@ -135,9 +133,6 @@ async fn exec_seq<C: ConnectionTrait>(
             results.push(result);
             i += 1;
         }
-        if stop_on_error && results.iter().any(Result::is_err) {
-            break;
-        }
     }
     Ok(results)
 }
@@ -155,12 +150,31 @@ async fn apply<C: ConnectionTrait>(
     if savepoint {
         conn.execute_unprepared("SAVEPOINT kvql_job").await?;
     }
-    let ops: Vec<_> = job
-        .ops
+    // Operations run in key order, and writes to one key in request order:
+    // concurrent jobs over the same keys then lock rows in the same order and
+    // cannot deadlock (PostgreSQL). An atomic job runs to the end so that
+    // its first failing item in request order is the one reported.
+    let mut order: Vec<usize> = (0..job.ops.len()).collect();
+    order.sort_by(|&a, &b| job.ops[a].0.cmp(&job.ops[b].0));
+    let ops: Vec<_> = order
         .iter()
-        .map(|(_, op)| (job.tenant, op.as_ref()))
+        .map(|&i| (job.tenant, job.ops[i].1.as_ref()))
         .collect();
-    let results = exec_seq(conn, &ops, now, job.atomic).await?;
+    let mut by_index: Vec<Option<Result<Outcome, ApiError>>> = Vec::new();
+    by_index.resize_with(ops.len(), || None);
+    for (position, result) in exec_seq(conn, &ops, now).await?.into_iter().enumerate() {
+        by_index[order[position]] = Some(result);
+    }
+    let results: Vec<Result<Outcome, ApiError>> = by_index
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(ApiError::internal(anyhow::anyhow!(
+                    "an operation got no result"
+                )))
+            })
+        })
+        .collect();
     if job.atomic
         && let Some(index) = results.iter().position(Result::is_err)
     {
@@ -186,6 +200,24 @@ async fn apply<C: ConnectionTrait>(
             .await?;
     }
     Ok(Ok(results))
+}
+
+/// Whether the database aborted the transaction only because of other
+/// transactions (PostgreSQL's deadlock_detected or serialization_failure),
+/// so that running it again can succeed and nothing of it was written.
+pub(super) fn is_transient(err: &ApiError) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
+    let ApiError::Internal(cause) = err else {
+        return false;
+    };
+    let Some(DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e))) =
+        cause.downcast_ref::<DbErr>()
+    else {
+        return false;
+    };
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "40P01" || code == "40001")
 }
 
 /// Runs one job on its own: a single operation as one statement, several in
@@ -324,7 +356,7 @@ async fn run_group_in<C: ConnectionTrait>(
             .iter()
             .flat_map(|j| j.ops.iter().map(|(_, op)| (j.tenant, op.as_ref())))
             .collect();
-        let mut flat = exec_seq(conn, &ops, now, false).await?.into_iter();
+        let mut flat = exec_seq(conn, &ops, now).await?.into_iter();
         for job in &jobs[i..end] {
             results.push(Ok(flat.by_ref().take(job.ops.len()).collect()));
         }
