@@ -28,6 +28,14 @@ impl Db {
     pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<Db> {
         let url = args.database_url.as_str();
         if url.starts_with("sqlite:") {
+            if sqlite_path(url).is_none() || url.contains("mode=memory") {
+                anyhow::bail!(
+                    "in-memory SQLite ({}) is not supported: kvql's reader and writer \
+                     connections would each get a database of their own; use a file \
+                     such as sqlite://kvql.db?mode=rwc",
+                    args.redacted_url()
+                );
+            }
             let write = Database::connect(sqlite_options(url, 1, args.sqlite_synchronous))
                 .await
                 .with_context(|| format!("cannot open {}", args.redacted_url()))?;

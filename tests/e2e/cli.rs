@@ -242,3 +242,20 @@ async fn migrate_applies_migrations_to_an_empty_database() {
         .unwrap();
     assert!(again.status.success(), "migrate is idempotent");
 }
+
+#[test]
+fn an_in_memory_sqlite_url_is_refused_with_a_clear_error() {
+    for url in ["sqlite::memory:", "sqlite://file.db?mode=memory"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvql"))
+            .arg("migrate")
+            .env("KVQL_DATABASE_URL", url)
+            .output()
+            .expect("run kvql");
+        assert!(!out.status.success(), "{url} was accepted");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("in-memory SQLite") && stderr.contains("use a file"),
+            "{url}: {stderr}"
+        );
+    }
+}
