@@ -162,3 +162,59 @@ fragment TypeRef on __Type {
   ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name } } } } } } }
 }
 "#;
+
+/// Validation results are reused for a query text seen before, but only when
+/// the variables certainly pass: bad variables still get the full
+/// validation's answer, and nothing runs.
+#[tokio::test]
+async fn a_repeated_query_with_bad_variables_is_refused_like_a_new_one() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let put = "mutation($input: PutObjectInput!) { putObject(input: $input) { object { data version } } }";
+    for n in 1..=2 {
+        let r = app
+            .gql(Some(&u.token), put, json!({"input": {"key": "a", "data": n}}))
+            .await;
+        assert_eq!(r.gql_data()["putObject"]["object"]["version"], json!(n.to_string()));
+    }
+    for bad in [
+        json!({"input": {"key": "a", "data": 3, "bogus": 1}}),
+        json!({"input": {"key": 5, "data": 3}}),
+        json!({"input": {"data": 3}}),
+        json!({"input": null}),
+        json!({"input": {"key": "a", "data": 3, "ttl": "soon"}}),
+    ] {
+        let r = app.gql(Some(&u.token), put, bad.clone()).await;
+        assert_eq!(r.gql_error_code(), "INVALID_INPUT", "{bad}: {}", r.text);
+        assert_eq!(r.body["data"], json!(null), "{bad}: {}", r.text);
+        assert!(
+            r.body["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("Invalid value for argument"),
+            "{bad}: {}",
+            r.text
+        );
+    }
+    let read = app.read(&u, "a").await;
+    assert_eq!((read.body["data"].clone(), read.body["version"].clone()), (json!(2), json!(2)));
+
+    let doc = "query Me { me { username } } query One($k: String!) { object(key: $k) { key } }";
+    let named = |operation: &'static str, variables: serde_json::Value| {
+        let body = json!({"query": doc, "operationName": operation, "variables": variables});
+        let token = u.token.clone();
+        let app = &app;
+        async move { app.post("/graphql", Some(&token), &body).await }
+    };
+    for _ in 0..2 {
+        let r = named("One", json!({"k": "a"})).await;
+        assert_eq!(r.gql_data()["object"]["key"], "a");
+        let r = named("Me", json!({})).await;
+        assert_eq!(r.gql_data()["me"]["username"], json!(u.username));
+    }
+    let r = named("One", json!({"k": 7})).await;
+    assert_eq!(r.gql_error_code(), "INVALID_INPUT", "{}", r.text);
+    assert_eq!(r.body["data"], json!(null), "{}", r.text);
+    let r = named("Nope", json!({})).await;
+    assert_eq!(r.gql_error_code(), "INVALID_INPUT", "{}", r.text);
+}

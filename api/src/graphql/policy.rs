@@ -1,15 +1,24 @@
-//! Operation limits checked before any resolver runs, and one place that
-//! gives every GraphQL error its `extensions.code`.
+//! Operation limits checked before any resolver runs, parsed documents and
+//! their validation reused across requests, and one place that gives every
+//! GraphQL error its `extensions.code`.
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextRequest, NextSubscribe,
+    Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextPrepareRequest, NextRequest,
+    NextSubscribe, NextValidation,
 };
 use async_graphql::parser::types::{
     ExecutableDocument, FragmentDefinition, OperationDefinition, Selection, SelectionSet,
 };
-use async_graphql::{Name, Positioned, Response, ServerError, ServerResult, Value, Variables};
+use async_graphql::registry::{MetaType, MetaTypeName, Registry};
+use async_graphql::{
+    Name, Positioned, Request, Response, ServerError, ServerResult, ValidationResult, Value,
+    Variables,
+};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 
@@ -25,7 +34,117 @@ struct Limits {
     max_query_bytes: usize,
     /// Documents already parsed and checked, by query text: clients send the
     /// same few queries over and over.
-    parsed: moka::sync::Cache<Arc<str>, ExecutableDocument>,
+    parsed: moka::sync::Cache<Arc<str>, Arc<Parsed>>,
+}
+
+/// A parsed document and the outcome of its successful validations.
+struct Parsed {
+    doc: ExecutableDocument,
+    /// By operation name. Validation depends on the document, the operation
+    /// and the variables' values; a result is reused only when the values
+    /// certainly fit their declared types (see [`fits`]), so a request gets
+    /// exactly the answer a full validation would give.
+    validated: Mutex<HashMap<Option<String>, ValidationResult>>,
+}
+
+impl Parsed {
+    fn operation(&self, name: Option<&str>) -> Option<&OperationDefinition> {
+        let mut ops = self.doc.operations.iter();
+        match name {
+            Some(name) => ops
+                .find(|(n, _)| n.is_some_and(|n| n.as_str() == name))
+                .map(|(_, op)| &op.node),
+            None => match (ops.next(), ops.next()) {
+                (Some((_, op)), None) => Some(&op.node),
+                _ => None,
+            },
+        }
+    }
+
+    /// The validation result of an earlier request of `operation`, if these
+    /// variables certainly pass validation as well.
+    fn validated(
+        &self,
+        registry: &Registry,
+        operation: Option<&str>,
+        variables: &Variables,
+    ) -> Option<ValidationResult> {
+        let result = *self
+            .validated
+            .lock()
+            .ok()?
+            .get(&operation.map(str::to_owned))?;
+        let op = self.operation(operation)?;
+        op.variable_definitions
+            .iter()
+            .all(|def| match variables.get(&def.node.name.node) {
+                // Validation does not look at absent variables either.
+                None => true,
+                Some(value) => fits(registry, &def.node.var_type.node.to_string(), value, 0),
+            })
+            .then_some(result)
+    }
+
+    fn remember(&self, operation: Option<String>, result: ValidationResult) {
+        if self.operation(operation.as_deref()).is_none() {
+            return;
+        }
+        if let Ok(mut validated) = self.validated.lock() {
+            validated.insert(operation, result);
+        }
+    }
+}
+
+/// Whether `value` is certainly valid for the input type `ty` (`String!`,
+/// `[Int]`, an input object...), by the same checks as async-graphql's
+/// validation. `false` when in doubt: the request is then fully validated.
+fn fits(registry: &Registry, ty: &str, value: &Value, depth: usize) -> bool {
+    if depth > 32 {
+        return false;
+    }
+    match MetaTypeName::create(ty) {
+        MetaTypeName::NonNull(inner) => {
+            !matches!(value, Value::Null) && fits(registry, inner, value, depth + 1)
+        }
+        MetaTypeName::List(inner) => match value {
+            Value::Null => true,
+            Value::List(items) => items.iter().all(|v| fits(registry, inner, v, depth + 1)),
+            _ => false,
+        },
+        MetaTypeName::Named(name) => {
+            if matches!(value, Value::Null) {
+                return true;
+            }
+            match registry.types.get(name) {
+                Some(MetaType::Scalar { is_valid, .. }) => {
+                    is_valid.as_ref().is_none_or(|f| f(value))
+                }
+                Some(MetaType::InputObject {
+                    input_fields,
+                    oneof: false,
+                    ..
+                }) => {
+                    let Value::Object(fields) = value else {
+                        return false;
+                    };
+                    fields.keys().all(|k| input_fields.contains_key(k.as_str()))
+                        && input_fields.values().all(|field| {
+                            match fields.get(field.name.as_str()) {
+                                Some(v) => fits(registry, &field.ty, v, depth + 1),
+                                None => {
+                                    field.default_value.is_some()
+                                        || !matches!(
+                                            MetaTypeName::create(&field.ty),
+                                            MetaTypeName::NonNull(_)
+                                        )
+                                }
+                            }
+                        })
+                }
+                _ => false,
+            }
+        }
+    }
 }
 
 /// Bytes of query text whose parsed documents are kept.
@@ -53,12 +172,21 @@ impl ExtensionFactory for Policy {
     fn create(&self) -> Arc<dyn Extension> {
         Arc::new(PolicyExtension {
             limits: self.limits.clone(),
+            operation: Mutex::new(None),
+            parsed: Mutex::new(None),
+            validated: Mutex::new(None),
         })
     }
 }
 
 struct PolicyExtension {
     limits: Arc<Limits>,
+    /// This request's operation name, then its parsed document.
+    operation: Mutex<Option<String>>,
+    parsed: Mutex<Option<Arc<Parsed>>>,
+    /// Set when an earlier validation of this document and operation holds
+    /// for this request.
+    validated: Mutex<Option<ValidationResult>>,
 }
 
 type Fragments = std::collections::HashMap<Name, Positioned<FragmentDefinition>>;
@@ -209,12 +337,57 @@ impl Extension for PolicyExtension {
                 limits.max_query_bytes
             )));
         }
-        if let Some(doc) = limits.parsed.get(query) {
-            return Ok(doc);
+        let parsed = match limits.parsed.get(query) {
+            Some(parsed) => parsed,
+            None => {
+                let doc = next.run(ctx, query, variables).await?;
+                limits.check(&doc)?;
+                let parsed = Arc::new(Parsed {
+                    doc,
+                    validated: Mutex::new(HashMap::new()),
+                });
+                limits.parsed.insert(query.into(), parsed.clone());
+                parsed
+            }
+        };
+        let operation = self.operation.lock().ok().and_then(|o| o.clone());
+        let validated = parsed.validated(&ctx.schema_env.registry, operation.as_deref(), variables);
+        if let Ok(mut slot) = self.validated.lock() {
+            *slot = validated;
         }
-        let doc = next.run(ctx, query, variables).await?;
-        limits.check(&doc)?;
-        limits.parsed.insert(query.into(), doc.clone());
+        let doc = parsed.doc.clone();
+        if let Ok(mut slot) = self.parsed.lock() {
+            *slot = Some(parsed);
+        }
         Ok(doc)
+    }
+
+    async fn prepare_request(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        request: Request,
+        next: NextPrepareRequest<'_>,
+    ) -> ServerResult<Request> {
+        if let Ok(mut slot) = self.operation.lock() {
+            slot.clone_from(&request.operation_name);
+        }
+        next.run(ctx, request).await
+    }
+
+    async fn validation(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        next: NextValidation<'_>,
+    ) -> Result<ValidationResult, Vec<ServerError>> {
+        if let Some(result) = self.validated.lock().ok().and_then(|mut v| v.take()) {
+            return Ok(result);
+        }
+        let result = next.run(ctx).await?;
+        let parsed = self.parsed.lock().ok().and_then(|mut p| p.take());
+        if let Some(parsed) = parsed {
+            let operation = self.operation.lock().ok().and_then(|mut o| o.take());
+            parsed.remember(operation, result);
+        }
+        Ok(result)
     }
 }
