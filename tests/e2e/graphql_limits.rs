@@ -173,9 +173,16 @@ async fn a_repeated_query_with_bad_variables_is_refused_like_a_new_one() {
     let put = "mutation($input: PutObjectInput!) { putObject(input: $input) { object { data version } } }";
     for n in 1..=2 {
         let r = app
-            .gql(Some(&u.token), put, json!({"input": {"key": "a", "data": n}}))
+            .gql(
+                Some(&u.token),
+                put,
+                json!({"input": {"key": "a", "data": n}}),
+            )
             .await;
-        assert_eq!(r.gql_data()["putObject"]["object"]["version"], json!(n.to_string()));
+        assert_eq!(
+            r.gql_data()["putObject"]["object"]["version"],
+            json!(n.to_string())
+        );
     }
     for bad in [
         json!({"input": {"key": "a", "data": 3, "bogus": 1}}),
@@ -197,7 +204,10 @@ async fn a_repeated_query_with_bad_variables_is_refused_like_a_new_one() {
         );
     }
     let read = app.read(&u, "a").await;
-    assert_eq!((read.body["data"].clone(), read.body["version"].clone()), (json!(2), json!(2)));
+    assert_eq!(
+        (read.body["data"].clone(), read.body["version"].clone()),
+        (json!(2), json!(2))
+    );
 
     let doc = "query Me { me { username } } query One($k: String!) { object(key: $k) { key } }";
     let named = |operation: &'static str, variables: serde_json::Value| {
