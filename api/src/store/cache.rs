@@ -81,9 +81,16 @@ impl Cache {
         *self.seq.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores what a database read found, unless a commit happened since `started`.
+    /// Stores what a database read found, unless a commit happened since
+    /// `started`, or another fill or a commit holds the lock: a fill is only
+    /// an optimisation, and readers must not queue behind each other when
+    /// most reads miss (a working set larger than the cache).
     pub(super) fn fill(&self, started: u64, tenant: i64, key: &str, found: Option<&Object>) {
-        let seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = match self.seq.try_lock() {
+            Ok(seq) => seq,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         if *seq == started {
             let entry = match found {
                 Some(o) => Entry::Value(Arc::new(o.clone())),
@@ -142,6 +149,18 @@ mod tests {
             Lookup::Live(o) => assert_eq!(o.version, 2),
             _ => panic!("expected the committed value"),
         }
+    }
+
+    #[test]
+    fn a_fill_never_waits_for_the_lock() {
+        let cache = Cache::new(1 << 20);
+        let started = cache.read_started();
+        let held = cache.seq.lock().expect("lock");
+        cache.fill(started, 1, "k", Some(&object("k", 1, None)));
+        drop(held);
+        assert!(matches!(cache.lookup(1, "k", 0), Lookup::Unknown));
+        cache.fill(started, 1, "k", Some(&object("k", 1, None)));
+        assert!(matches!(cache.lookup(1, "k", 0), Lookup::Live(_)));
     }
 
     #[test]
