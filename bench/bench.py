@@ -343,7 +343,67 @@ def flat_table(server, tokens, big, seconds, tmpdir, results, out, title, label)
             + (f" ({r['errors']} errors)" if r["errors"] else ""))
 
 
+class Etcd:
+    """A one-member etcd, the durable-write baseline: its JSON gateway's
+    put, fsync'd before it answers, measured on this machine in this run."""
+
+    def __init__(self, binary, tmpdir):
+        self.port, peer = free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        peer_url = f"http://127.0.0.1:{peer}"
+        self.proc = subprocess.Popen(
+            [binary, "--data-dir", os.path.join(tmpdir, "etcd"),
+             "--listen-client-urls", self.base, "--advertise-client-urls", self.base,
+             "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+             "--initial-cluster", f"default={peer_url}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                http("POST", self.base + "/v3/kv/range", {"key": "YQ=="}, timeout=1)
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.05)
+        self.stop()
+        raise SystemExit("etcd did not answer within 30 s")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+# Keys of 8 digits are valid base64, as etcd's gateway wants.
+ETCD_PUT = """
+math.randomseed(os.time() + math.floor(os.clock() * 1000000))
+request = function()
+  local body = '{"key":"' .. string.format("%%08d", math.random(0, %d)) .. '","value":"eyJpZCI6MSwibmFtZSI6InVwZGF0ZWQifQ=="}'
+  return wrk.format("POST", "/v3/kv/put", {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+
+def etcd_puts(args, tmpdir, nkeys, seconds, results):
+    """etcd put req/s by connection count, or None when etcd is not installed."""
+    binary = shutil.which("etcd")
+    if binary is None:
+        return None
+    etcd = Etcd(binary, tmpdir)
+    try:
+        rates = {}
+        for c in [int(x) for x in args.conns.split(",")]:
+            log(f"etcd put c={c}")
+            r = run_wrk(etcd, ETCD_PUT % (nkeys - 1) + WRK_DONE, c, seconds, tmpdir, f"etcd-{c}")
+            results["scenarios"][f"etcd_put@{c}"] = r
+            rates[c] = r["rps"]
+        return rates
+    finally:
+        etcd.stop()
+
+
 def durable(args, tmpdir, nkeys, seconds, run_id, results, out):
+    etcd = etcd_puts(args, tmpdir, nkeys, seconds, results)
     with database(args, tmpdir, "durable") as url:
         server = Server(args.binary, url, env={"KVQL_SQLITE_SYNCHRONOUS": "full"}).start()
         try:
@@ -357,11 +417,25 @@ def durable(args, tmpdir, nkeys, seconds, run_id, results, out):
             out("|---|---|---|---|---|---|")
             for c in [int(x) for x in args.conns.split(",")]:
                 ceiling = run_wrk(server, scripts["ceiling"], c, seconds, tmpdir, f"dceil-{c}")
+                if etcd is not None:
+                    r = results["scenarios"][f"etcd_put@{c}"]
+                    out(fmt_row("etcd put (baseline)", c, r, ceiling["rps"]))
                 for name in ("rest_put", "rest_create"):
                     log(f"durable {name} c={c}")
                     r = run_wrk(server, scripts[name], c, seconds, tmpdir, f"durable-{name}-{c}")
                     results["scenarios"][f"durable_{name}@{c}"] = r
                     out(fmt_row(f"{name} (full)", c, r, ceiling["rps"]))
+                    if etcd is not None:
+                        results["scenarios"][f"durable_{name}@{c}"]["vs_etcd"] = r["rps"] / etcd[c]
+            out()
+            if etcd is None:
+                out("etcd is not installed (apt-get install etcd-server): no etcd baseline in this run.")
+            else:
+                out("Full-durability writes against etcd's put in this run (one etcd member, its JSON "
+                    "gateway, fsync'd): " + "; ".join(
+                        f"c={c}: PUT {results['scenarios'][f'durable_rest_put@{c}']['vs_etcd']:.2f}x, "
+                        f"create {results['scenarios'][f'durable_rest_create@{c}']['vs_etcd']:.2f}x"
+                        for c in sorted(etcd)) + ".")
         finally:
             server.stop()
 

@@ -17,6 +17,17 @@ if ! command -v wrk >/dev/null 2>&1; then
     fi
 fi
 command -v wrk >/dev/null || { echo "bench: wrk is required (apt-get install wrk)" >&2; exit 1; }
+
+# etcd is the baseline for durable writes; a full run installs it if it can.
+case " $* " in
+    *" --smoke "*) ;;
+    *)
+        if ! command -v etcd >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+            echo "bench: installing etcd-server from Debian's packages (durable-write baseline)" >&2
+            apt-get install -y -q etcd-server >/dev/null 2>&1 || echo "bench: could not install etcd; no etcd baseline" >&2
+        fi
+        ;;
+esac
 command -v python3 >/dev/null || { echo "bench: python3 is required" >&2; exit 1; }
 
 echo "bench: building the release binary" >&2
