@@ -14,7 +14,9 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use entity::{signing_key, tenant, user};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
@@ -456,6 +458,8 @@ async fn load_or_create_keys(db: &Db, clock: &Clock) -> anyhow::Result<SigningKe
     let mut secret = vec![0u8; 64];
     rand::rng().fill_bytes(&mut secret);
     let kid = uuid::Uuid::new_v4().simple().to_string();
+    // In a transaction, so that a failed commit is reported (see `users::set_password`).
+    let txn = db.write.begin().await?;
     signing_key::ActiveModel {
         kid: Set(kid.clone()),
         algorithm: Set("HS256".into()),
@@ -463,9 +467,10 @@ async fn load_or_create_keys(db: &Db, clock: &Clock) -> anyhow::Result<SigningKe
         created_at: Set(clock.now_ms()),
         retired_at: Set(None),
     }
-    .insert(&db.write)
+    .insert(&txn)
     .await
     .context("cannot store the signing key")?;
+    txn.commit().await.context("cannot store the signing key")?;
     tracing::info!(kid, "created a new token signing key");
     // Another node starting at the same moment may have inserted one too; every
     // node signs with the newest and verifies with all of them.

@@ -28,7 +28,10 @@ impl Db {
     pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<Db> {
         let url = args.database_url.as_str();
         if url.starts_with("sqlite:") {
-            if sqlite_path(url).is_none() || url.contains("mode=memory") {
+            let write = Database::connect(sqlite_options(url, 1, args.sqlite_synchronous))
+                .await
+                .with_context(|| format!("cannot open {}", args.redacted_url()))?;
+            if !has_a_file(&write).await? {
                 anyhow::bail!(
                     "in-memory SQLite ({}) is not supported: kvql's reader and writer \
                      connections would each get a database of their own; use a file \
@@ -36,9 +39,6 @@ impl Db {
                     args.redacted_url()
                 );
             }
-            let write = Database::connect(sqlite_options(url, 1, args.sqlite_synchronous))
-                .await
-                .with_context(|| format!("cannot open {}", args.redacted_url()))?;
             // The writer has created the file and switched it to WAL; readers may now open it.
             let read = Database::connect(sqlite_options(
                 url,
@@ -126,6 +126,25 @@ impl Db {
     pub fn is_postgres(&self) -> bool {
         self.backend == DatabaseBackend::Postgres
     }
+}
+
+/// Whether a SQLite connection's main database lives in a file, whatever
+/// the URL's spelling (`:memory:`, `mode=memory`, `vfs=memdb`...).
+async fn has_a_file(conn: &DatabaseConnection) -> anyhow::Result<bool> {
+    let rows = conn
+        .query_all_raw(sea_orm::Statement::from_string(
+            DatabaseBackend::Sqlite,
+            "PRAGMA database_list",
+        ))
+        .await?;
+    for row in rows {
+        let name: String = row.try_get("", "name")?;
+        if name == "main" {
+            let file: String = row.try_get("", "file").unwrap_or_default();
+            return Ok(!file.is_empty());
+        }
+    }
+    Ok(false)
 }
 
 /// The path of a SQLite database URL's file, if it names one.

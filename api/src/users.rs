@@ -130,7 +130,11 @@ pub async fn set_password(db: &Db, username: &str, password: &str) -> anyhow::Re
     let password_hash = hash(password).await?;
     let mut active: user::ActiveModel = found.into();
     active.password_hash = Set(password_hash);
-    active.update(&db.write).await?;
+    // In a transaction: outside one, SQLite reports a failed commit of an
+    // UPDATE ... RETURNING only after sea-orm has taken the row and moved on.
+    let txn = db.write.begin().await?;
+    active.update(&txn).await?;
+    txn.commit().await?;
     Ok(())
 }
 

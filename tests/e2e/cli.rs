@@ -245,7 +245,11 @@ async fn migrate_applies_migrations_to_an_empty_database() {
 
 #[test]
 fn an_in_memory_sqlite_url_is_refused_with_a_clear_error() {
-    for url in ["sqlite::memory:", "sqlite://file.db?mode=memory"] {
+    for url in [
+        "sqlite::memory:",
+        "sqlite://file.db?mode=memory",
+        "sqlite://x.db?vfs=memdb",
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_kvql"))
             .arg("migrate")
             .env("KVQL_DATABASE_URL", url)

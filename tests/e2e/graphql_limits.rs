@@ -227,4 +227,32 @@ async fn a_repeated_query_with_bad_variables_is_refused_like_a_new_one() {
     assert_eq!(r.body["data"], json!(null), "{}", r.text);
     let r = named("Nope", json!({})).await;
     assert_eq!(r.gql_error_code(), "INVALID_INPUT", "{}", r.text);
+
+    // A nullable variable with a default, used where a value is required:
+    // null is refused before anything runs, however often the text was seen.
+    let audited = "mutation($k: String = \"x\") { a: putObject(input: {key: \"audit\", data: 1}) { object { version } } b: deleteObject(key: $k) }";
+    let r = app.gql(Some(&u.token), audited, json!({})).await;
+    assert_eq!(r.body["data"]["a"]["object"]["version"], "1", "{}", r.text);
+    assert_eq!(r.gql_error_code(), "NOT_FOUND");
+    let r = app.gql(Some(&u.token), audited, json!({"k": null})).await;
+    assert_eq!(r.gql_error_code(), "INVALID_INPUT", "{}", r.text);
+    assert_eq!(r.body["data"], json!(null), "{}", r.text);
+    assert_eq!(app.read(&u, "audit").await.body["version"], 1);
+
+    // Validation checks variables in every fragment, even those spread only
+    // by another operation of the document.
+    let two = "query A { me { username } } query B($k: String!) { ...F } fragment F on Query { object(key: $k) { key } }";
+    let run = |variables: serde_json::Value| {
+        let body = json!({"query": two, "operationName": "A", "variables": variables});
+        let token = u.token.clone();
+        let app = &app;
+        async move { app.post("/graphql", Some(&token), &body).await }
+    };
+    let cold = run(json!({"k": 5})).await;
+    for _ in 0..2 {
+        run(json!({})).await.gql_data();
+    }
+    let warm = run(json!({"k": 5})).await;
+    assert_eq!(warm.body, cold.body);
+    assert_eq!(warm.gql_error_code(), "INVALID_INPUT", "{}", warm.text);
 }

@@ -80,13 +80,26 @@ impl Parsed {
             .all(|def| match variables.get(&def.node.name.node) {
                 // Validation does not look at absent variables either.
                 None => true,
-                Some(value) => fits(registry, &def.node.var_type.node.to_string(), value, 0),
+                Some(value) => {
+                    // A nullable variable with a default may stand where a
+                    // non-null value is required, so null must not pass.
+                    let mut ty = def.node.var_type.node.to_string();
+                    if def.node.default_value.is_some() && !ty.ends_with('!') {
+                        ty.push('!');
+                    }
+                    fits(registry, &ty, value, 0)
+                }
             })
             .then_some(result)
     }
 
     fn remember(&self, operation: Option<String>, result: ValidationResult) {
         if self.operation(operation.as_deref()).is_none() {
+            return;
+        }
+        // Validation checks the variables used in every fragment, even those
+        // only other operations spread: such documents are always validated.
+        if self.doc.operations.iter().nth(1).is_some() && !self.doc.fragments.is_empty() {
             return;
         }
         if let Ok(mut validated) = self.validated.lock() {

@@ -1,7 +1,9 @@
 //! How writes reach the database.
 //!
 //! A request's writes form a job: one or more operations for one tenant,
-//! applied in key order (writes to one key in request order), each failing on its own or (atomic) all together. On
+//! applied in order (by key, writes to one key in request order, wherever a
+//! job has statements of its own: concurrent transactions then lock rows in
+//! one order), each failing on its own or (atomic) all together. On
 //! PostgreSQL a job runs in the request's task on the pool. On SQLite, which
 //! has one writer at a time, every job goes to one committer task that owns
 //! the writer connection and applies the jobs queued at that moment in one
