@@ -210,25 +210,12 @@ pub(super) async fn write_many<C: ConnectionTrait>(
     rows: &[(TenantId, &Item)],
     now: i64,
 ) -> Result<Vec<Result<(Object, bool), ApiError>>, ApiError> {
-    // Rows are written in key order, so that concurrent transactions writing
-    // overlapping keys lock them in the same order and cannot deadlock.
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by(|&a, &b| {
-        (rows[a].0.get(), rows[a].1.key.as_str()).cmp(&(rows[b].0.get(), rows[b].1.key.as_str()))
-    });
-    let sorted: Vec<(TenantId, &Item)> = order.iter().map(|&i| rows[i]).collect();
-    let mut out: Vec<Option<Result<(Object, bool), ApiError>>> = Vec::new();
-    out.resize_with(rows.len(), || None);
+    let mut out = Vec::with_capacity(rows.len());
     let max_rows = max_rows_per_statement(conn.get_database_backend());
-    for (chunk_index, chunk) in sorted.chunks(max_rows).enumerate() {
-        let results = write_chunk(conn, create_only, chunk, now).await?;
-        for (offset, result) in results.into_iter().enumerate() {
-            out[order[chunk_index * max_rows + offset]] = Some(result);
-        }
+    for chunk in rows.chunks(max_rows) {
+        out.extend(write_chunk(conn, create_only, chunk, now).await?);
     }
-    out.into_iter()
-        .map(|r| r.ok_or_else(|| ApiError::internal(anyhow::anyhow!("a row got no result"))))
-        .collect()
+    Ok(out)
 }
 
 async fn write_chunk<C: ConnectionTrait>(
