@@ -2,10 +2,8 @@
 //! their validation reused across requests, and one place that gives every
 //! GraphQL error its `extensions.code`.
 
-use std::sync::Arc;
-
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextPrepareRequest, NextRequest,
@@ -185,21 +183,25 @@ impl ExtensionFactory for Policy {
     fn create(&self) -> Arc<dyn Extension> {
         Arc::new(PolicyExtension {
             limits: self.limits.clone(),
-            operation: Mutex::new(None),
-            parsed: Mutex::new(None),
-            validated: Mutex::new(None),
+            state: Mutex::new(RequestState::default()),
         })
     }
 }
 
 struct PolicyExtension {
     limits: Arc<Limits>,
-    /// This request's operation name, then its parsed document.
-    operation: Mutex<Option<String>>,
-    parsed: Mutex<Option<Arc<Parsed>>>,
-    /// Set when an earlier validation of this document and operation holds
-    /// for this request.
-    validated: Mutex<Option<ValidationResult>>,
+    state: Mutex<RequestState>,
+}
+
+/// What the hooks of one request pass on to each other, in the order
+/// async-graphql calls them: prepare_request, parse_query, validation.
+#[derive(Default)]
+struct RequestState {
+    operation: Option<String>,
+    parsed: Option<Arc<Parsed>>,
+    /// An earlier validation of this document and operation that holds for
+    /// this request.
+    reused: Option<ValidationResult>,
 }
 
 type Fragments = std::collections::HashMap<Name, Positioned<FragmentDefinition>>;
@@ -363,14 +365,14 @@ impl Extension for PolicyExtension {
                 parsed
             }
         };
-        let operation = self.operation.lock().ok().and_then(|o| o.clone());
-        let validated = parsed.validated(&ctx.schema_env.registry, operation.as_deref(), variables);
-        if let Ok(mut slot) = self.validated.lock() {
-            *slot = validated;
-        }
         let doc = parsed.doc.clone();
-        if let Ok(mut slot) = self.parsed.lock() {
-            *slot = Some(parsed);
+        if let Ok(mut state) = self.state.lock() {
+            state.reused = parsed.validated(
+                &ctx.schema_env.registry,
+                state.operation.as_deref(),
+                variables,
+            );
+            state.parsed = Some(parsed);
         }
         Ok(doc)
     }
@@ -381,8 +383,8 @@ impl Extension for PolicyExtension {
         request: Request,
         next: NextPrepareRequest<'_>,
     ) -> ServerResult<Request> {
-        if let Ok(mut slot) = self.operation.lock() {
-            slot.clone_from(&request.operation_name);
+        if let Ok(mut state) = self.state.lock() {
+            state.operation.clone_from(&request.operation_name);
         }
         next.run(ctx, request).await
     }
@@ -392,14 +394,14 @@ impl Extension for PolicyExtension {
         ctx: &ExtensionContext<'_>,
         next: NextValidation<'_>,
     ) -> Result<ValidationResult, Vec<ServerError>> {
-        if let Some(result) = self.validated.lock().ok().and_then(|mut v| v.take()) {
+        if let Some(result) = self.state.lock().ok().and_then(|mut s| s.reused.take()) {
             return Ok(result);
         }
         let result = next.run(ctx).await?;
-        let parsed = self.parsed.lock().ok().and_then(|mut p| p.take());
-        if let Some(parsed) = parsed {
-            let operation = self.operation.lock().ok().and_then(|mut o| o.take());
-            parsed.remember(operation, result);
+        if let Ok(mut state) = self.state.lock()
+            && let Some(parsed) = state.parsed.take()
+        {
+            parsed.remember(state.operation.take(), result);
         }
         Ok(result)
     }
