@@ -11,6 +11,7 @@ mod concurrency;
 mod errors;
 mod graphql;
 mod graphql_limits;
+mod hostile;
 mod keys;
 mod listing;
 mod nodes;

@@ -6,21 +6,14 @@ use serde_json::json;
 
 use crate::support::{TestApp, object_path};
 
-/// Whether the test runs on PostgreSQL; says why it is skipped otherwise.
-fn on_postgres(app: &TestApp) -> bool {
-    let pg = app.node.state.db().is_postgres();
-    if !pg {
-        eprintln!("several nodes need PostgreSQL (set KVQL_TEST_DATABASE_URL); skipped on SQLite");
-    }
-    pg
-}
-
 #[tokio::test]
+#[cfg_attr(
+    kvql_test_postgres,
+    ignore = "SQLite only: on PostgreSQL several nodes share one database"
+)]
 async fn a_second_server_on_the_same_sqlite_file_is_refused() {
     let app = TestApp::spawn().await;
-    if app.node.state.db().is_postgres() {
-        return;
-    }
+    assert!(!app.node.state.db().is_postgres());
     let err = api::app::App::build(app.config.clone(), app.clock.clone())
         .await
         .err()
@@ -34,11 +27,13 @@ async fn a_second_server_on_the_same_sqlite_file_is_refused() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(kvql_test_postgres),
+    ignore = "several nodes need PostgreSQL: set KVQL_TEST_DATABASE_URL"
+)]
 async fn two_nodes_share_tokens_and_data() {
     let app = TestApp::spawn().await;
-    if !on_postgres(&app) {
-        return;
-    }
+    assert!(app.node.state.db().is_postgres());
     let b = app.second_node().await;
     let u = app.writer().await;
 
@@ -71,11 +66,13 @@ async fn two_nodes_share_tokens_and_data() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(kvql_test_postgres),
+    ignore = "several nodes need PostgreSQL: set KVQL_TEST_DATABASE_URL"
+)]
 async fn concurrent_creates_across_two_nodes_give_exactly_one_winner() {
     let app = TestApp::spawn().await;
-    if !on_postgres(&app) {
-        return;
-    }
+    assert!(app.node.state.db().is_postgres());
     let b = app.second_node().await;
     let u = app.writer().await;
     let bases = [app.node.base.clone(), b.base.clone()];
@@ -94,11 +91,13 @@ async fn concurrent_creates_across_two_nodes_give_exactly_one_winner() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(kvql_test_postgres),
+    ignore = "several nodes need PostgreSQL: set KVQL_TEST_DATABASE_URL"
+)]
 async fn nodes_started_on_one_database_sign_with_keys_both_accept() {
     let app = TestApp::spawn().await;
-    if !on_postgres(&app) {
-        return;
-    }
+    assert!(app.node.state.db().is_postgres());
     let b = app.second_node().await;
     let c = app.second_node().await;
     let u = app.writer().await;

@@ -213,14 +213,13 @@ async fn a_subscriber_that_falls_behind_is_told_and_writers_are_not_blocked() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(kvql_test_postgres),
+    ignore = "cross-node events need PostgreSQL: set KVQL_TEST_DATABASE_URL (on SQLite each node is its own server)"
+)]
 async fn a_subscriber_on_one_node_sees_writes_made_on_another() {
     let app = TestApp::spawn().await;
-    if !app.node.state.db().is_postgres() {
-        eprintln!(
-            "cross-node events need PostgreSQL (set KVQL_TEST_DATABASE_URL); on SQLite each node is its own server"
-        );
-        return;
-    }
+    assert!(app.node.state.db().is_postgres());
     let b = app.second_node().await;
     let u = app.writer().await;
     let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", auth(&u)).await;
