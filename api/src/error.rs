@@ -56,6 +56,10 @@ pub enum ApiError {
     /// 413 `PAYLOAD_TOO_LARGE`: a value, a batch or a request body over its limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 429 `RATE_LIMITED`: too many attempts (failed logins) or too much
+    /// work queued; retry after `retry_after` seconds (the `Retry-After` header).
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: u64 },
     /// `EVENTS_LOST` (GraphQL subscriptions only): the subscriber fell too far
     /// behind and missed this many events; the stream ends.
     #[error(
@@ -102,6 +106,7 @@ impl ApiError {
             ApiError::InvalidInput { .. } => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BatchItem { source, .. } => source.status(),
             ApiError::EventsLost(_) => StatusCode::GONE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -118,6 +123,7 @@ impl ApiError {
             ApiError::VersionMismatch(_) => "VERSION_MISMATCH",
             ApiError::InvalidInput { .. } | ApiError::UnsupportedMediaType(_) => "INVALID_INPUT",
             ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
+            ApiError::RateLimited { .. } => "RATE_LIMITED",
             ApiError::BatchItem { source, .. } => source.code(),
             ApiError::EventsLost(_) => "EVENTS_LOST",
             ApiError::Internal(_) => "INTERNAL",
@@ -256,11 +262,18 @@ impl poem::error::ResponseError for ApiError {
             .status(self.status())
             .content_type("application/json; charset=utf-8")
             .body(body);
-        if matches!(self, ApiError::Unauthenticated(_)) {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+        match self {
+            ApiError::Unauthenticated(_) => {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+            }
+            ApiError::RateLimited { retry_after, .. } => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from(*retry_after));
+            }
+            _ => {}
         }
         resp
     }

@@ -306,6 +306,9 @@ fn classify(mut err: ServerError) -> ServerError {
             if let Some(id) = &body.request_id {
                 ext.set("requestId", id.as_str());
             }
+            if let ApiError::RateLimited { retry_after, .. } = api {
+                ext.set("retryAfter", Value::from(*retry_after));
+            }
             err.message = body.error;
         }
         None => {
