@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -288,7 +289,7 @@ def main_table(args, server, token, nkeys, seconds, run_id, tmpdir, results, out
     out("|---|---|---|---|---|---|")
     order = ["ceiling", "rest_get", "gql_object", "rest_put", "rest_create", "gql_put", "login"]
     if args.only:
-        order = ["ceiling"] + [n for n in args.only.split(",") if n != "ceiling"]
+        order = ["ceiling"] + [n for n in args.only.split(",") if n not in ("ceiling", "hostile")]
     for c in [int(x) for x in args.conns.split(",")]:
         ceiling = None
         for name in order:
@@ -346,6 +347,53 @@ def extras(args, server, url, token, seconds, run_id, tmpdir, big, expiring, smo
     out(f"Sweeper impact: GET p99 {before['p99_us'] / 1000:.2f} ms before, "
         f"{during['p99_us'] / 1000:.2f} ms while {expiring:,} keys expire and are swept "
         f"(p50 {before['p50_us'] / 1000:.2f} → {during['p50_us'] / 1000:.2f} ms).")
+
+
+def hostile_documents():
+    """GraphQL documents an anonymous attacker would send: fragments that
+    double at each of 31 levels (2^31 selections once expanded, ~1 KB) and a
+    list literal nested 1,600 deep. Both must be refused cheaply."""
+    fragments = "query { ...F31 }\nfragment F0 on Query { __typename }\n" + "".join(
+        f"fragment F{i} on Query {{ ...F{i - 1} ...F{i - 1} }}\n" for i in range(1, 32))
+    nested = "{object(key:" + "[" * 1600 + "]" * 1600 + "){key}}"
+    return [json.dumps({"query": q}) for q in (fragments, nested)]
+
+
+def hostile(server, token, nkeys, seconds, tmpdir, results, out):
+    """Authenticated GETs and /healthz alone, then beside 3 connections
+    sending hostile documents without a token."""
+    bodies = ", ".join(lua_str(b) for b in hostile_documents())
+    attack = lua(None, '  i = i % 2 + 1\n  return wrk.format("POST", "/graphql", '
+                       '{["Content-Type"] = "application/json"}, bodies[i])',
+                 init=f"bodies = {{{bodies}}}\ni = 0")
+    scripts = scenario_scripts(token, nkeys, "hostile")
+    rows = {}
+    for name in ("rest_get", "ceiling"):
+        log(f"{name} c=32 alone")
+        rows[(name, "alone")] = run_wrk(server, scripts[name], 32, seconds, tmpdir, f"{name}-alone")
+        log(f"{name} c=32 beside hostile documents")
+        box = {}
+        t = threading.Thread(target=lambda: box.update(
+            r=run_wrk(server, attack, 3, seconds, tmpdir, f"attack-{name}")))
+        t.start()
+        rows[(name, "attacked")] = run_wrk(server, scripts[name], 32, seconds, tmpdir, f"{name}-attacked")
+        t.join()
+        rows[(name, "attack")] = box["r"]
+    results["hostile"] = {f"{n}_{k}": r for (n, k), r in rows.items()}
+    out()
+    out("Hostile GraphQL documents (3 connections, no token: doubling fragments and a 1,600-deep list, "
+        "alternately) beside c=32:")
+    out()
+    out("| measured | req/s | p50 ms | p99 ms |")
+    out("|---|---|---|---|")
+    for name, label in (("rest_get", "REST GET"), ("ceiling", "GET /healthz")):
+        for kind, what in (("alone", "alone"), ("attacked", "beside hostile documents")):
+            r = rows[(name, kind)]
+            out(f"| {label}, {what} | {r['rps']:,.0f} | {r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} |")
+        a = rows[(name, "attack")]
+        err = f" ({a['errors']} errors)" if a["errors"] else ""
+        out(f"| hostile documents refused (beside {label}) | {a['rps']:,.0f} | {a['p50_us'] / 1000:.2f} "
+            f"| {a['p99_us'] / 1000:.2f} |{err}")
 
 
 def flat_table(server, tokens, big, seconds, tmpdir, results, out, title, label):
@@ -506,6 +554,8 @@ def main():
                 results["rss_after_table_kib"] = rss
                 out()
                 out(f"Server RSS after the scenarios above: {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB).")
+                if not args.only or "hostile" in args.only.split(","):
+                    hostile(server, token, nkeys, seconds, tmpdir, results, out)
                 if not args.only:
                     extras(args, server, url, token, seconds, run_id, tmpdir, big, expiring, smoke, results, out)
                 rss, hwm = server.rss_kib()

@@ -27,6 +27,7 @@ struct StateInner {
     db: Db,
     store: Store,
     auth: Auth,
+    config: Config,
 }
 
 impl AppState {
@@ -40,6 +41,10 @@ impl AppState {
 
     pub fn auth(&self) -> &Auth {
         &self.inner.auth
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
     }
 }
 
@@ -89,7 +94,12 @@ impl App {
             .start_checkpointer(std::time::Duration::from_millis(200))
             .map(AbortOnDrop);
         let state = AppState {
-            inner: Arc::new(StateInner { db, store, auth }),
+            inner: Arc::new(StateInner {
+                db,
+                store,
+                auth,
+                config: config.clone(),
+            }),
         };
         Ok(App {
             state,
@@ -106,7 +116,7 @@ impl App {
         let api = rest::service();
         let spec = api.spec_endpoint();
         let docs = api.swagger_ui();
-        let body_limit = self.config.body_limit();
+        let state = self.state.clone();
         let schema = graphql::schema(&self.config.graphql, Some(self.state.clone()));
         Route::new()
             .at("/openapi.json", spec)
@@ -114,7 +124,7 @@ impl App {
             .nest("/graphql", graphql::routes(schema))
             .nest("/", api)
             .data(self.state.clone())
-            .around(move |ep, req| middleware::around(ep, req, body_limit))
+            .around(move |ep, req| middleware::around(ep, req, state.clone()))
     }
 
     /// Binds `config.listen` (port 0 picks a free port) and serves until

@@ -108,6 +108,25 @@ pub struct Config {
     #[arg(long, env = "KVQL_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
 
+    /// Largest request body accepted without a valid access token (`/login`,
+    /// the GraphQL `login` mutation, and any request whose token is missing
+    /// or refused), in bytes; larger ones get 413 before they are read.
+    #[arg(long, env = "KVQL_MAX_ANONYMOUS_BODY_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_anonymous_body_bytes: u64,
+
+    /// Deepest nesting of arrays and objects in a JSON request body, GraphQL
+    /// variables or a WebSocket message (1 to 100). Checked before parsing.
+    #[arg(long, env = "KVQL_MAX_JSON_DEPTH", default_value_t = crate::input::DEFAULT_MAX_DEPTH, value_parser = parse_depth)]
+    pub max_json_depth: usize,
+
+    /// Time budget of one HTTP request; past it the request is stopped and
+    /// answered 503 `TIMEOUT` (a write may or may not have been applied).
+    #[arg(long, env = "KVQL_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    #[command(flatten)]
+    pub websocket: WebSocketConfig,
+
     /// Bytes of values kept in the SQLite read cache (0 turns it off). On
     /// PostgreSQL, which several nodes share, there is no cache.
     #[arg(long, env = "KVQL_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
@@ -132,6 +151,34 @@ pub struct Config {
     pub log: String,
 }
 
+/// The lifecycle and limits of GraphQL WebSocket connections.
+#[derive(Clone, Args)]
+pub struct WebSocketConfig {
+    /// Time a new WebSocket has to send `connection_init`; then it is closed
+    /// with code 4408.
+    #[arg(long, env = "KVQL_WS_INIT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub ws_init_timeout: Duration,
+
+    /// How often the server pings an idle WebSocket; a peer that has sent
+    /// nothing (not even a pong) for two intervals is dropped.
+    #[arg(long, env = "KVQL_WS_KEEPALIVE", default_value = "15s", value_parser = parse_duration)]
+    pub ws_keepalive: Duration,
+
+    /// Most open GraphQL WebSockets on this node; more are refused with 503.
+    #[arg(long, env = "KVQL_WS_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_max_connections: u64,
+
+    /// Most open GraphQL WebSockets per user on this node; a connection_init
+    /// beyond it is closed with code 4429.
+    #[arg(long, env = "KVQL_WS_MAX_CONNECTIONS_PER_USER", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_max_connections_per_user: u64,
+
+    /// Most operations (subscriptions, queries, mutations) running at once on
+    /// one WebSocket; one more gets an error for its id.
+    #[arg(long, env = "KVQL_WS_MAX_OPERATIONS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_max_operations: u64,
+}
+
 /// Limits on GraphQL operations, checked before any resolver runs.
 #[derive(Clone, Args)]
 pub struct GraphqlConfig {
@@ -142,6 +189,12 @@ pub struct GraphqlConfig {
     /// Highest complexity (number of fields selected, lists counted once) of a GraphQL operation.
     #[arg(long, env = "KVQL_GRAPHQL_MAX_COMPLEXITY", default_value_t = 500)]
     pub graphql_max_complexity: usize,
+
+    /// Most fields, fragment spreads and inline fragments in one GraphQL
+    /// operation once its fragments are expanded (counted without expanding
+    /// them, before validation).
+    #[arg(long, env = "KVQL_GRAPHQL_MAX_SELECTIONS", default_value_t = 2000)]
+    pub graphql_max_selections: usize,
 
     /// Most aliased fields in one GraphQL document.
     #[arg(long, env = "KVQL_GRAPHQL_MAX_ALIASES", default_value_t = 30)]
@@ -155,6 +208,12 @@ pub struct GraphqlConfig {
     /// request body limit applies to the whole request).
     #[arg(long, env = "KVQL_GRAPHQL_MAX_QUERY_BYTES", default_value_t = 32 * 1024)]
     pub graphql_max_query_bytes: usize,
+
+    /// Deepest nesting of `{`, `[` and `(` in a GraphQL document (selections,
+    /// list and object literals, arguments, variable defaults), 1 to 100.
+    /// Checked on the text before it is parsed.
+    #[arg(long, env = "KVQL_GRAPHQL_MAX_NESTING", default_value_t = crate::input::DEFAULT_MAX_DEPTH, value_parser = parse_depth)]
+    pub graphql_max_nesting: usize,
 
     /// Whether GraphQL introspection (used by GraphiQL and code generators) is on.
     #[arg(long, env = "KVQL_GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -185,6 +244,15 @@ impl Config {
                 .max(self.max_value_bytes)
                 .saturating_add(BODY_OVERHEAD)
         })
+    }
+}
+
+/// A nesting limit: 1 to [`crate::input::MAX_DEPTH_CEILING`].
+fn parse_depth(s: &str) -> Result<usize, String> {
+    let max = crate::input::MAX_DEPTH_CEILING;
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {max}")),
     }
 }
 

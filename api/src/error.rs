@@ -60,6 +60,10 @@ pub enum ApiError {
     /// work queued; retry after `retry_after` seconds (the `Retry-After` header).
     #[error("{message}")]
     RateLimited { message: String, retry_after: u64 },
+    /// 503 `TIMEOUT`: the request ran past the server's time budget
+    /// (`KVQL_REQUEST_TIMEOUT`); a write may or may not have been applied.
+    #[error("{0}")]
+    Timeout(String),
     /// `EVENTS_LOST` (GraphQL subscriptions only): the subscriber fell too far
     /// behind and missed this many events; the stream ends.
     #[error(
@@ -107,6 +111,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BatchItem { source, .. } => source.status(),
             ApiError::EventsLost(_) => StatusCode::GONE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -124,6 +129,7 @@ impl ApiError {
             ApiError::InvalidInput { .. } | ApiError::UnsupportedMediaType(_) => "INVALID_INPUT",
             ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
             ApiError::RateLimited { .. } => "RATE_LIMITED",
+            ApiError::Timeout(_) => "TIMEOUT",
             ApiError::BatchItem { source, .. } => source.code(),
             ApiError::EventsLost(_) => "EVENTS_LOST",
             ApiError::Internal(_) => "INTERNAL",
@@ -231,7 +237,7 @@ pub struct ErrorBody {
     pub error: String,
     /// Stable machine-readable code: UNAUTHENTICATED, FORBIDDEN, NOT_FOUND,
     /// METHOD_NOT_ALLOWED, ALREADY_EXISTS, VERSION_MISMATCH, INVALID_INPUT,
-    /// PAYLOAD_TOO_LARGE, RATE_LIMITED, QUOTA_EXCEEDED or INTERNAL.
+    /// PAYLOAD_TOO_LARGE, RATE_LIMITED, QUOTA_EXCEEDED, TIMEOUT or INTERNAL.
     pub code: String,
     /// The input field at fault, for INVALID_INPUT.
     #[oai(skip_serializing_if_is_none)]

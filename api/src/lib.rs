@@ -10,6 +10,7 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod graphql;
+pub mod input;
 mod middleware;
 pub mod rest;
 pub mod store;

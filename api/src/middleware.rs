@@ -1,5 +1,6 @@
-//! What every request goes through: a request id, a body size limit, a
-//! tracing span, and the guarantee that every error answer is our JSON.
+//! What every request goes through: a request id, a body size limit (small
+//! unless the request carries a valid token), a time budget, a tracing span,
+//! and the guarantee that every error answer is our JSON.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,7 +9,14 @@ use poem::http::{HeaderValue, StatusCode, header};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
 use tracing::Instrument;
 
+use crate::app::AppState;
+use crate::auth::Principal;
 use crate::error::{ApiError, REQUEST_ID};
+
+/// The principal of a request whose bearer token the middleware verified,
+/// in the request's extensions, so the doors need not verify it again.
+#[derive(Clone)]
+pub struct Verified(pub Arc<Principal>);
 
 const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -16,7 +24,7 @@ const REQUEST_ID_HEADER: &str = "x-request-id";
 pub async fn around<E: Endpoint>(
     ep: Arc<E>,
     mut req: Request,
-    body_limit: u64,
+    state: AppState,
 ) -> poem::Result<Response> {
     let id = req
         .headers()
@@ -40,8 +48,27 @@ pub async fn around<E: Endpoint>(
     let started = Instant::now();
     REQUEST_ID
         .scope(id.clone(), async move {
+            let config = state.config();
+            // Only a caller with a valid token may send a large body: anyone
+            // else is refused before more than a small body is read.
+            let body_limit = match verify_bearer(&state, &req).await {
+                Some(principal) => {
+                    req.extensions_mut().insert(Verified(principal));
+                    config.body_limit()
+                }
+                None => config.max_anonymous_body_bytes.min(config.body_limit()),
+            };
+            let budget = config.request_timeout;
             let result = match limit_body(&mut req, body_limit).await {
-                Ok(()) => ep.call(req).await.map(IntoResponse::into_response),
+                Ok(()) => match tokio::time::timeout(budget, ep.call(req)).await {
+                    Ok(result) => result.map(IntoResponse::into_response),
+                    Err(_) => Err(ApiError::Timeout(format!(
+                        "the request took longer than this server's time budget ({}); \
+                         a write may or may not have been applied",
+                        humantime::format_duration(budget)
+                    ))
+                    .into()),
+                },
                 Err(e) => Err(e.into()),
             };
             let mut resp = match result {
@@ -74,6 +101,16 @@ pub async fn around<E: Endpoint>(
         })
         .instrument(span)
         .await
+}
+
+/// The principal of a valid `Authorization: Bearer` token, if there is one.
+async fn verify_bearer(state: &AppState, req: &Request) -> Option<Arc<Principal>> {
+    let header = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    state.auth().authenticate(token.trim()).await.ok()
 }
 
 /// A process-unique id: a random prefix chosen at start and a counter, so

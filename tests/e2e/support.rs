@@ -457,6 +457,28 @@ pub struct WsClient {
 impl WsClient {
     /// Connects to `base` + `path` and completes `connection_init` with `payload`.
     pub async fn connect(base: &str, path: &str, payload: Value) -> WsClient {
+        let mut client = WsClient::open(base, path).await;
+        client
+            .send(json!({"type": "connection_init", "payload": payload}))
+            .await;
+        let ack = client.next().await;
+        assert_eq!(ack["type"], "connection_ack", "{ack}");
+        client
+    }
+
+    /// Connects to `base` + `path` speaking graphql-transport-ws, without
+    /// sending anything.
+    pub async fn open(base: &str, path: &str) -> WsClient {
+        WsClient::try_open(base, path)
+            .await
+            .expect("websocket connect")
+    }
+
+    /// Like [`WsClient::open`], but a refused upgrade is returned.
+    pub async fn try_open(
+        base: &str,
+        path: &str,
+    ) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let url = format!("{}{}", base.replacen("http://", "ws://", 1), path);
         let mut request = url.into_client_request().unwrap();
@@ -464,22 +486,14 @@ impl WsClient {
             "Sec-WebSocket-Protocol",
             "graphql-transport-ws".parse().unwrap(),
         );
-        let (ws, resp) = tokio_tungstenite::connect_async(request)
-            .await
-            .expect("websocket connect");
+        let (ws, resp) = tokio_tungstenite::connect_async(request).await?;
         assert_eq!(
             resp.headers()
                 .get("sec-websocket-protocol")
                 .and_then(|v| v.to_str().ok()),
             Some("graphql-transport-ws")
         );
-        let mut client = WsClient { ws };
-        client
-            .send(json!({"type": "connection_init", "payload": payload}))
-            .await;
-        let ack = client.next().await;
-        assert_eq!(ack["type"], "connection_ack", "{ack}");
-        client
+        Ok(WsClient { ws })
     }
 
     pub async fn send(&mut self, message: Value) {
@@ -508,13 +522,27 @@ impl WsClient {
             .expect("a websocket message within 10 s")
     }
 
+    /// Reads until the server closes the socket and returns the close code.
+    pub async fn closed(&mut self) -> u16 {
+        loop {
+            let msg = self.next().await;
+            if msg["type"] == "closed" {
+                return msg["code"].as_u64().expect("close code") as u16;
+            }
+        }
+    }
+
     /// The next protocol message within `wait`, or `None`.
     pub async fn try_next(&mut self, wait: Duration) -> Option<Value> {
         use futures_util::StreamExt;
         use tokio_tungstenite::tungstenite::Message;
         loop {
-            let msg = tokio::time::timeout(wait, self.ws.next()).await.ok()??;
-            match msg.expect("websocket message") {
+            let msg = tokio::time::timeout(wait, self.ws.next()).await.ok()?;
+            let Some(Ok(msg)) = msg else {
+                // The peer went away without a close frame.
+                return Some(json!({"type": "closed", "code": 1006, "reason": ""}));
+            };
+            match msg {
                 Message::Text(t) => {
                     let v: Value = serde_json::from_str(&t).expect("JSON message");
                     if v["type"] == "ping" {
@@ -524,7 +552,10 @@ impl WsClient {
                     return Some(v);
                 }
                 Message::Close(frame) => {
-                    return Some(json!({"type": "closed", "frame": format!("{frame:?}")}));
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    return Some(json!({"type": "closed", "code": code, "reason": reason}));
                 }
                 _ => continue,
             }

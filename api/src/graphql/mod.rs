@@ -8,20 +8,23 @@ mod policy;
 mod query;
 mod subscription;
 pub mod types;
+mod ws;
 
 use std::sync::Arc;
 
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
-use async_graphql::{Context, Data, Schema};
-use async_graphql_poem::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use async_graphql::{Context, Schema};
+use async_graphql_poem::{GraphQLProtocol, GraphQLResponse};
 use poem::web::Html;
-use poem::web::websocket::WebSocket;
-use poem::{Endpoint, EndpointExt, IntoResponse, Request, Route, get, handler};
+use poem::web::websocket::{WebSocket, WebSocketConfig};
+use poem::{Body, Endpoint, EndpointExt, IntoResponse, Request, Route, get, handler};
 
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::config::GraphqlConfig;
 use crate::error::ApiError;
+use crate::input;
+use crate::middleware::Verified;
 pub use mutation::Mutation;
 pub use query::Query;
 pub use subscription::Subscription;
@@ -38,6 +41,11 @@ pub enum Caller {
     /// Checking the token failed on the server side (already logged).
     Failed,
 }
+
+/// The bearer token a WebSocket connection was initialised with: every
+/// operation on the socket verifies it again (see `policy`), so that revoking
+/// it reaches open sockets too.
+pub(crate) struct SocketAuth(pub String);
 
 impl Caller {
     async fn from_authorization(state: &AppState, header: Option<&str>) -> Caller {
@@ -95,11 +103,7 @@ pub fn schema(config: &GraphqlConfig, state: Option<AppState>) -> KvSchema {
     let mut builder = Schema::build(Query, Mutation, Subscription)
         .limit_depth(config.graphql_max_depth)
         .limit_complexity(config.graphql_max_complexity)
-        .extension(policy::Policy::new(
-            config.graphql_max_aliases,
-            config.graphql_max_root_fields,
-            config.graphql_max_query_bytes,
-        ));
+        .extension(policy::Policy::new(config));
     if !config.graphql_introspection {
         builder = builder.disable_introspection();
     }
@@ -120,18 +124,55 @@ pub fn sdl() -> String {
 #[handler]
 async fn execute(
     req: &Request,
-    gql: GraphQLRequest,
+    body: Body,
     state: poem::web::Data<&AppState>,
     schema: poem::web::Data<&KvSchema>,
-) -> GraphQLResponse {
-    let header = req.header("authorization");
-    let caller = Caller::from_authorization(&state, header).await;
-    GraphQLResponse(schema.execute(gql.0.data(caller)).await)
+) -> poem::Result<GraphQLResponse> {
+    let request = read_request(req, body, state.config().max_json_depth).await?;
+    let caller = match req.extensions().get::<Verified>() {
+        Some(Verified(principal)) => Caller::Authenticated(principal.clone()),
+        None => Caller::from_authorization(&state, req.header("authorization")).await,
+    };
+    Ok(GraphQLResponse(schema.execute(request.data(caller)).await))
+}
+
+/// A GraphQL request from a POST body (JSON), its nesting and numbers checked
+/// before it is parsed. The middleware has already bounded the body's size.
+async fn read_request(
+    req: &Request,
+    body: Body,
+    max_depth: usize,
+) -> Result<async_graphql::Request, ApiError> {
+    if req.content_type().is_some_and(|t| {
+        t.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("multipart/")
+    }) {
+        return Err(ApiError::UnsupportedMediaType(
+            "send GraphQL requests as JSON (`Content-Type: application/json`); uploads are not supported"
+                .into(),
+        ));
+    }
+    let bytes = body
+        .into_bytes()
+        .await
+        .map_err(|e| ApiError::invalid("body", format!("could not be read: {e}")))?;
+    input::check_json(&bytes, max_depth, "GraphQL request")?;
+    serde_json::from_slice::<async_graphql::BatchRequest>(&bytes)
+        .map_err(|e| ApiError::InvalidInput {
+            field: None,
+            message: format!("the body is not a GraphQL request: {e}"),
+        })?
+        .into_single()
+        .map_err(|e| ApiError::InvalidInput {
+            field: None,
+            message: e.to_string(),
+        })
 }
 
 /// The token in a `connection_init` payload: `{"Authorization": "Bearer …"}`
 /// (any case), also accepted nested under `headers`.
-fn init_authorization(payload: &serde_json::Value) -> Option<String> {
+pub(crate) fn init_authorization(payload: &serde_json::Value) -> Option<String> {
     let find = |v: &serde_json::Value| {
         v.as_object().and_then(|m| {
             m.iter()
@@ -149,8 +190,9 @@ async fn playground_or_websocket(
     protocol: Option<GraphQLProtocol>,
     state: poem::web::Data<&AppState>,
     schema: poem::web::Data<&KvSchema>,
+    sockets: poem::web::Data<&Arc<ws::Sockets>>,
 ) -> poem::Result<poem::Response> {
-    let Some(ws) = ws else {
+    let Some(socket) = ws else {
         return Ok(Html(graphiql_page()).into_response());
     };
     let protocol = protocol.ok_or_else(|| {
@@ -159,21 +201,34 @@ async fn playground_or_websocket(
             "use graphql-transport-ws (or the legacy graphql-ws)",
         )
     })?;
+    let config = state.config();
+    let max = config.websocket.ws_max_connections;
+    let slot = sockets.open(max).ok_or_else(|| ApiError::RateLimited {
+        message: format!("this node has {max} WebSocket connections open, its limit"),
+        retry_after: 1,
+    })?;
+    // A message carries at most one value plus its envelope.
+    let max_message =
+        usize::try_from(config.max_value_bytes.saturating_add(64 * 1024)).unwrap_or(usize::MAX);
     let schema = (*schema).clone();
     let state = (*state).clone();
-    let upgrade_header = req.header("authorization").map(str::to_owned);
-    Ok(ws
+    let upgrade_authorization = req.header("authorization").map(str::to_owned);
+    Ok(socket
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .config(
+            WebSocketConfig::default()
+                .max_message_size(Some(max_message))
+                .max_frame_size(Some(max_message)),
+        )
         .on_upgrade(move |stream| {
-            GraphQLWebSocket::new(stream, schema, protocol)
-                .on_connection_init(move |payload| async move {
-                    let header = init_authorization(&payload).or(upgrade_header);
-                    let caller = Caller::from_authorization(&state, header.as_deref()).await;
-                    let mut data = Data::default();
-                    data.insert(caller);
-                    Ok(data)
-                })
-                .serve()
+            ws::serve(
+                stream,
+                schema,
+                protocol.0,
+                state,
+                slot,
+                upgrade_authorization,
+            )
         })
         .into_response())
 }
@@ -201,6 +256,7 @@ pub fn routes(schema: KvSchema) -> impl Endpoint {
         .at("/", get(playground_or_websocket).post(execute))
         .at("/ws", get(playground_or_websocket))
         .data(schema)
+        .data(Arc::new(ws::Sockets::default()))
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use async_graphql::extensions::{
     NextSubscribe, NextValidation,
 };
 use async_graphql::parser::types::{
-    ExecutableDocument, FragmentDefinition, OperationDefinition, Selection, SelectionSet,
+    Directive, ExecutableDocument, FragmentDefinition, OperationDefinition, OperationType,
+    Selection, SelectionSet,
 };
 use async_graphql::registry::{MetaType, MetaTypeName, Registry};
 use async_graphql::{
@@ -20,7 +21,11 @@ use async_graphql::{
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 
+use super::{Caller, SocketAuth};
+use crate::app::AppState;
+use crate::config::GraphqlConfig;
 use crate::error::ApiError;
+use crate::input;
 
 pub struct Policy {
     limits: Arc<Limits>,
@@ -30,6 +35,8 @@ struct Limits {
     max_aliases: usize,
     max_root_fields: usize,
     max_query_bytes: usize,
+    max_nesting: usize,
+    max_selections: usize,
     /// Documents already parsed and checked, by query text: clients send the
     /// same few queries over and over.
     parsed: moka::sync::Cache<Arc<str>, Arc<Parsed>>,
@@ -162,12 +169,14 @@ fn fits(registry: &Registry, ty: &str, value: &Value, depth: usize) -> bool {
 const PARSED_CACHE_BYTES: u64 = 4 * 1024 * 1024;
 
 impl Policy {
-    pub fn new(max_aliases: usize, max_root_fields: usize, max_query_bytes: usize) -> Policy {
+    pub fn new(config: &GraphqlConfig) -> Policy {
         Policy {
             limits: Arc::new(Limits {
-                max_aliases,
-                max_root_fields,
-                max_query_bytes,
+                max_aliases: config.graphql_max_aliases,
+                max_root_fields: config.graphql_max_root_fields,
+                max_query_bytes: config.graphql_max_query_bytes,
+                max_nesting: config.graphql_max_nesting,
+                max_selections: config.graphql_max_selections,
                 parsed: moka::sync::Cache::builder()
                     .max_capacity(PARSED_CACHE_BYTES)
                     .weigher(|q: &Arc<str>, _| {
@@ -206,45 +215,87 @@ struct RequestState {
 
 type Fragments = std::collections::HashMap<Name, Positioned<FragmentDefinition>>;
 
-fn count_aliases(set: &SelectionSet, fragments: &Fragments, depth: usize) -> usize {
-    if depth > 64 {
-        return 0;
-    }
-    set.items
-        .iter()
-        .map(|s| match &s.node {
-            Selection::Field(f) => {
-                usize::from(f.node.alias.is_some())
-                    + count_aliases(&f.node.selection_set.node, fragments, depth + 1)
-            }
-            Selection::InlineFragment(i) => {
-                count_aliases(&i.node.selection_set.node, fragments, depth + 1)
-            }
-            Selection::FragmentSpread(spread) => fragments
-                .get(&spread.node.fragment_name.node)
-                .map(|f| count_aliases(&f.node.selection_set.node, fragments, depth + 1))
-                .unwrap_or(0),
-        })
-        .sum()
+/// What a selection set amounts to once its fragments are expanded, counted
+/// without expanding them: each fragment is counted once and remembered.
+#[derive(Clone, Copy, Default)]
+struct Size {
+    /// Fields, fragment spreads and inline fragments.
+    selections: u64,
+    aliases: u64,
+    /// Fields at the top level of the set (through spreads and inline fragments).
+    roots: u64,
 }
 
-fn count_root_fields(set: &SelectionSet, fragments: &Fragments, depth: usize) -> usize {
-    if depth > 64 {
-        return 0;
+impl Size {
+    fn add(&mut self, other: Size) {
+        self.selections = self.selections.saturating_add(other.selections);
+        self.aliases = self.aliases.saturating_add(other.aliases);
+        self.roots = self.roots.saturating_add(other.roots);
     }
-    set.items
-        .iter()
-        .map(|s| match &s.node {
-            Selection::Field(_) => 1,
-            Selection::InlineFragment(i) => {
-                count_root_fields(&i.node.selection_set.node, fragments, depth + 1)
+}
+
+/// Sizes of fragments, computed once each. The walk's recursion (nested
+/// selections plus fragment spreads along one path) is bounded: the text is
+/// at most `KVQL_GRAPHQL_MAX_NESTING` deep, and a chain of spreads deeper
+/// than [`MAX_SPREAD_DEPTH`] is refused (async-graphql refuses paths deeper
+/// than 32 anyway).
+struct Sizer<'d> {
+    fragments: &'d Fragments,
+    done: HashMap<&'d str, Size>,
+    in_progress: std::collections::HashSet<&'d str>,
+}
+
+const MAX_SPREAD_DEPTH: usize = 64;
+
+impl<'d> Sizer<'d> {
+    fn set(&mut self, set: &'d SelectionSet, depth: usize) -> Result<Size, String> {
+        if depth > MAX_SPREAD_DEPTH {
+            return Err(format!(
+                "selections and fragment spreads are nested more than {MAX_SPREAD_DEPTH} levels deep"
+            ));
+        }
+        let mut size = Size::default();
+        for item in &set.items {
+            match &item.node {
+                Selection::Field(f) => {
+                    let inner = self.set(&f.node.selection_set.node, depth + 1)?;
+                    size.add(Size {
+                        selections: inner.selections.saturating_add(1),
+                        aliases: inner.aliases + u64::from(f.node.alias.is_some()),
+                        roots: 1,
+                    });
+                }
+                Selection::InlineFragment(i) => {
+                    let mut inner = self.set(&i.node.selection_set.node, depth + 1)?;
+                    inner.selections = inner.selections.saturating_add(1);
+                    size.add(inner);
+                }
+                Selection::FragmentSpread(spread) => {
+                    let mut inner = self.fragment(&spread.node.fragment_name.node, depth + 1)?;
+                    inner.selections = inner.selections.saturating_add(1);
+                    size.add(inner);
+                }
             }
-            Selection::FragmentSpread(spread) => fragments
-                .get(&spread.node.fragment_name.node)
-                .map(|f| count_root_fields(&f.node.selection_set.node, fragments, depth + 1))
-                .unwrap_or(0),
-        })
-        .sum()
+        }
+        Ok(size)
+    }
+
+    fn fragment(&mut self, name: &'d str, depth: usize) -> Result<Size, String> {
+        if let Some(size) = self.done.get(name) {
+            return Ok(*size);
+        }
+        // An unknown fragment is left to validation, which names it.
+        let Some(fragment) = self.fragments.get(name) else {
+            return Ok(Size::default());
+        };
+        if !self.in_progress.insert(name) {
+            return Err(format!("fragment {name} spreads itself"));
+        }
+        let size = self.set(&fragment.node.selection_set.node, depth)?;
+        self.in_progress.remove(name);
+        self.done.insert(name, size);
+        Ok(size)
+    }
 }
 
 fn limit_error(message: String) -> ServerError {
@@ -256,30 +307,112 @@ fn limit_error(message: String) -> ServerError {
 }
 
 impl Limits {
-    fn check(&self, doc: &ExecutableDocument) -> ServerResult<()> {
-        let operations: Vec<&Positioned<OperationDefinition>> =
-            doc.operations.iter().map(|(_, op)| op).collect();
-        for op in &operations {
-            let roots = count_root_fields(&op.node.selection_set.node, &doc.fragments, 0);
-            if roots > self.max_root_fields {
+    /// The operation limits, on sizes counted without expanding fragments,
+    /// so that a small document that would expand to millions of selections
+    /// is refused in time linear in its length.
+    fn check(&self, doc: &ExecutableDocument, registry: &Registry) -> ServerResult<()> {
+        let mut sizer = Sizer {
+            fragments: &doc.fragments,
+            done: HashMap::new(),
+            in_progress: Default::default(),
+        };
+        let mut aliases = 0u64;
+        for (_, op) in doc.operations.iter() {
+            let size = sizer
+                .set(&op.node.selection_set.node, 0)
+                .map_err(limit_error)?;
+            if size.selections > self.max_selections as u64 {
                 return Err(limit_error(format!(
-                    "the operation selects {roots} top-level fields; the limit is {}",
-                    self.max_root_fields
+                    "the operation selects {} fields, fragment spreads and inline fragments \
+                     once its fragments are expanded; the limit is {}",
+                    size.selections, self.max_selections
                 )));
             }
+            if size.roots > self.max_root_fields as u64 {
+                return Err(limit_error(format!(
+                    "the operation selects {} top-level fields; the limit is {}",
+                    size.roots, self.max_root_fields
+                )));
+            }
+            aliases = aliases.saturating_add(size.aliases);
         }
-        let aliases: usize = operations
-            .iter()
-            .map(|op| count_aliases(&op.node.selection_set.node, &doc.fragments, 0))
-            .sum();
-        if aliases > self.max_aliases {
+        if aliases > self.max_aliases as u64 {
             return Err(limit_error(format!(
                 "the document uses {aliases} aliases; the limit is {}",
                 self.max_aliases
             )));
         }
-        Ok(())
+        // Fragments no operation uses are still walked by validation.
+        for name in doc.fragments.keys() {
+            let size = sizer.fragment(name.as_str(), 0).map_err(limit_error)?;
+            if size.selections > self.max_selections as u64 {
+                return Err(limit_error(format!(
+                    "fragment {name} selects {} fields, fragment spreads and inline fragments \
+                     once expanded; the limit is {}",
+                    size.selections, self.max_selections
+                )));
+            }
+        }
+        check_directives(doc, registry).map_err(limit_error)
     }
+}
+
+/// Every directive is known, allowed where it stands, and not repeated
+/// there unless repeatable (GraphQL spec 5.7). async-graphql's own rules skip
+/// some places (`__typename` fields), so all of them are checked here.
+fn check_directives(doc: &ExecutableDocument, registry: &Registry) -> Result<(), String> {
+    let check = |directives: &[Positioned<Directive>], location: &str| -> Result<(), String> {
+        for (i, d) in directives.iter().enumerate() {
+            let name = d.node.name.node.as_str();
+            let Some(known) = registry.directives.get(name) else {
+                return Err(format!("unknown directive @{name}"));
+            };
+            if !known.locations.iter().any(|l| format!("{l:?}") == location) {
+                return Err(format!("directive @{name} may not be used on {location}"));
+            }
+            if !known.is_repeatable && directives[..i].iter().any(|p| p.node.name.node == name) {
+                return Err(format!(
+                    "directive @{name} is not repeatable and appears twice on one {location}"
+                ));
+            }
+        }
+        Ok(())
+    };
+    // Iterative: selection sets are nested at most the text's nesting limit,
+    // but a walk of untrusted structure never recurses.
+    let mut sets: Vec<&SelectionSet> = Vec::new();
+    for (_, op) in doc.operations.iter() {
+        let location = match op.node.ty {
+            OperationType::Query => "QUERY",
+            OperationType::Mutation => "MUTATION",
+            OperationType::Subscription => "SUBSCRIPTION",
+        };
+        check(&op.node.directives, location)?;
+        for var in &op.node.variable_definitions {
+            check(&var.node.directives, "VARIABLE_DEFINITION")?;
+        }
+        sets.push(&op.node.selection_set.node);
+    }
+    for fragment in doc.fragments.values() {
+        check(&fragment.node.directives, "FRAGMENT_DEFINITION")?;
+        sets.push(&fragment.node.selection_set.node);
+    }
+    while let Some(set) = sets.pop() {
+        for item in &set.items {
+            match &item.node {
+                Selection::Field(f) => {
+                    check(&f.node.directives, "FIELD")?;
+                    sets.push(&f.node.selection_set.node);
+                }
+                Selection::FragmentSpread(s) => check(&s.node.directives, "FRAGMENT_SPREAD")?,
+                Selection::InlineFragment(i) => {
+                    check(&i.node.directives, "INLINE_FRAGMENT")?;
+                    sets.push(&i.node.selection_set.node);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Gives an error its code and safe message: from the `ApiError` it came
@@ -320,6 +453,39 @@ fn classify(mut err: ServerError) -> ServerError {
     err
 }
 
+/// A parse error without the lines of query text the parser quotes, which
+/// can be as long as the query: the position is in `locations`.
+fn without_source_text(mut err: ServerError) -> ServerError {
+    let kept: Vec<&str> = err
+        .message
+        .lines()
+        .filter(|line| {
+            let t = line.trim_start();
+            let quoted = t
+                .split_once('|')
+                .is_some_and(|(before, _)| before.trim().chars().all(|c| c.is_ascii_digit()));
+            !quoted && !t.starts_with("-->")
+        })
+        .map(|line| line.trim().trim_start_matches("= "))
+        .filter(|line| !line.is_empty())
+        .collect();
+    let mut message = kept.join("; ");
+    if message.len() > 300 {
+        let mut end = 300;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
+    err.message = if message.is_empty() {
+        "the query is not valid GraphQL".into()
+    } else {
+        message
+    };
+    err
+}
+
 fn classify_response(mut resp: Response) -> Response {
     resp.errors = resp.errors.into_iter().map(classify).collect();
     resp
@@ -340,14 +506,23 @@ impl Extension for PolicyExtension {
         next.run(ctx, stream).map(classify_response).boxed()
     }
 
-    async fn parse_query(
+    async fn prepare_request(
         &self,
         ctx: &ExtensionContext<'_>,
-        query: &str,
-        variables: &Variables,
-        next: NextParseQuery<'_>,
-    ) -> ServerResult<ExecutableDocument> {
+        mut request: Request,
+        next: NextPrepareRequest<'_>,
+    ) -> ServerResult<Request> {
+        // On a WebSocket, each operation verifies the connection's token again
+        // (the same cached check as an HTTP request), so that a removed user,
+        // a changed password or a demotion applies to open sockets as well.
+        if let (Some(SocketAuth(token)), Some(state)) =
+            (ctx.data_opt::<SocketAuth>(), ctx.data_opt::<AppState>())
+        {
+            let caller = Caller::from_authorization(state, Some(&format!("Bearer {token}"))).await;
+            request = request.data(caller);
+        }
         let limits = &self.limits;
+        let query = request.query.as_str();
         if query.len() > limits.max_query_bytes {
             return Err(limit_error(format!(
                 "the query text is {} bytes; the limit is {} (pass large values as variables)",
@@ -355,41 +530,59 @@ impl Extension for PolicyExtension {
                 limits.max_query_bytes
             )));
         }
-        let parsed = match limits.parsed.get(query) {
-            Some(parsed) => parsed,
-            None => {
-                let doc = next.run(ctx, query, variables).await?;
-                limits.check(&doc)?;
-                let parsed = Arc::new(Parsed {
-                    doc,
-                    validated: Mutex::new(HashMap::new()),
-                });
-                limits.parsed.insert(query.into(), parsed.clone());
-                parsed
-            }
-        };
-        let doc = parsed.doc.clone();
+        // A document is parsed and its limits checked here, before
+        // async-graphql walks it (its depth check expands fragments).
+        let cached = limits.parsed.get(query);
+        if cached.is_none() {
+            input::check_graphql(query, limits.max_nesting)
+                .map_err(|e| limit_error(e.to_string()))?;
+            let doc = async_graphql::parser::parse_query(query)
+                .map_err(|e| without_source_text(ServerError::from(e)))?;
+            limits.check(&doc, &ctx.schema_env.registry)?;
+            request.set_parsed_query(doc);
+        }
         if let Ok(mut state) = self.state.lock() {
-            state.reused = parsed.validated(
-                &ctx.schema_env.registry,
-                state.operation.as_deref(),
-                variables,
-            );
+            state.operation.clone_from(&request.operation_name);
+            if let Some(parsed) = cached {
+                state.reused = parsed.validated(
+                    &ctx.schema_env.registry,
+                    request.operation_name.as_deref(),
+                    &request.variables,
+                );
+                state.parsed = Some(parsed);
+            }
+        }
+        next.run(ctx, request).await
+    }
+
+    async fn parse_query(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        query: &str,
+        variables: &Variables,
+        next: NextParseQuery<'_>,
+    ) -> ServerResult<ExecutableDocument> {
+        let cached = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.parsed.as_ref().map(|p| p.doc.clone()));
+        if let Some(doc) = cached {
+            return Ok(doc);
+        }
+        // Parsed and checked in `prepare_request`; async-graphql's own
+        // checks run on it now, and only a document that passes them all is
+        // remembered.
+        let doc = next.run(ctx, query, variables).await?;
+        let parsed = Arc::new(Parsed {
+            doc: doc.clone(),
+            validated: Mutex::new(HashMap::new()),
+        });
+        self.limits.parsed.insert(query.into(), parsed.clone());
+        if let Ok(mut state) = self.state.lock() {
             state.parsed = Some(parsed);
         }
         Ok(doc)
-    }
-
-    async fn prepare_request(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        request: Request,
-        next: NextPrepareRequest<'_>,
-    ) -> ServerResult<Request> {
-        if let Ok(mut state) = self.state.lock() {
-            state.operation.clone_from(&request.operation_name);
-        }
-        next.run(ctx, request).await
     }
 
     async fn validation(

@@ -4,8 +4,9 @@ use async_graphql::{Context, Subscription};
 use futures_util::Stream;
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::ContextExt;
 use super::types::{KvObject, ObjectEvent, Version};
+use super::{ContextExt, SocketAuth};
+use crate::auth::Auth;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::events::{Event, EventKind};
@@ -33,6 +34,9 @@ struct Watch {
     principal: Arc<Principal>,
     filter: Filter,
     deadline: tokio::time::Instant,
+    /// Over a WebSocket: the token, verified again (cached) before each
+    /// event, so that a revoked user receives nothing more.
+    recheck: Option<(Auth, String)>,
     done: bool,
 }
 
@@ -57,6 +61,12 @@ impl Watch {
                         || !self.filter.matches(&event.key)
                     {
                         continue;
+                    }
+                    if let Some((auth, token)) = &self.recheck
+                        && let Err(e) = auth.authenticate(token).await
+                    {
+                        self.done = true;
+                        return Some(Err(e));
                     }
                     return Some(self.deliver(&event).await);
                 }
@@ -118,6 +128,9 @@ impl Subscription {
             (None, p) => Filter::Prefix(Prefix::parse(p)?.as_str().to_owned()),
         };
         let store = ctx.state().store().clone();
+        let recheck = ctx
+            .data_opt::<SocketAuth>()
+            .map(|SocketAuth(token)| (ctx.state().auth().clone(), token.clone()));
         let left_ms = (principal.expires_at - store.clock().now_ms()).max(0) as u64;
         let watch = Watch {
             rx: store.events().subscribe(),
@@ -125,6 +138,7 @@ impl Subscription {
             store,
             principal,
             filter,
+            recheck,
             done: false,
         };
         Ok(futures_util::stream::unfold(watch, |mut w| async move {

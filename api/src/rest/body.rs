@@ -8,7 +8,9 @@ use poem_openapi::types::Type;
 use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 use serde::de::DeserializeOwned;
 
+use crate::app::AppState;
 use crate::error::ApiError;
+use crate::input;
 
 const CONTENT_TYPE: &str = "application/json; charset=utf-8";
 
@@ -26,8 +28,10 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Parses JSON bytes into `T`; errors name the path of the offending field.
-pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+/// Parses JSON bytes into `T` after checking their nesting and integers
+/// (see [`input::check_json`]); errors name the path of the offending field.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, ApiError> {
+    input::check_json(bytes, max_depth, "request body")?;
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
@@ -74,8 +78,11 @@ impl<'a, T: Type + DeserializeOwned + Send> ApiExtractor<'a> for JsonBody<T> {
             )
             .into());
         }
+        let max_depth = request
+            .data::<AppState>()
+            .map_or(input::DEFAULT_MAX_DEPTH, |s| s.config().max_json_depth);
         let bytes = <Vec<u8> as FromRequest>::from_request(request, body).await?;
-        Ok(JsonBody(parse(&bytes)?))
+        Ok(JsonBody(parse(&bytes, max_depth)?))
     }
 }
 
@@ -132,13 +139,13 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let err = parse::<Item>(br#"{"key": "k", "ttl": 1.5}"#).unwrap_err();
+        let err = parse::<Item>(br#"{"key": "k", "ttl": 1.5}"#, 64).unwrap_err();
         assert_eq!(err.field(), Some("ttl"));
-        let err = parse::<Vec<Item>>(br#"[{"key": "k"}, {"key": 3}]"#).unwrap_err();
+        let err = parse::<Vec<Item>>(br#"[{"key": "k"}, {"key": 3}]"#, 64).unwrap_err();
         assert_eq!(err.field(), Some("[1].key"));
-        let err = parse::<Item>(br#"{"ttl": 1}"#).unwrap_err();
+        let err = parse::<Item>(br#"{"ttl": 1}"#, 64).unwrap_err();
         assert!(err.to_string().contains("missing field `key`"), "{err}");
-        let err = parse::<Item>(br#"{"key": "#).unwrap_err();
+        let err = parse::<Item>(br#"{"key": "#, 64).unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
     }
 
