@@ -138,6 +138,7 @@ impl App {
             .into_acceptor()
             .await
             .with_context(|| format!("cannot listen on {}", self.config.listen))?;
+        let acceptor = crate::listener::JsonErrorsAcceptor(acceptor);
         let addr = acceptor
             .local_addr()
             .first()

@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod graphql;
 pub mod input;
+mod listener;
 mod middleware;
 pub mod rest;
 pub mod store;

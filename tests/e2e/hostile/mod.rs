@@ -4,5 +4,6 @@
 
 mod bodies;
 mod graphql;
+mod http;
 mod numbers;
 mod sockets;

@@ -1,0 +1,194 @@
+//! Makes the answers hyper writes by itself JSON too.
+//!
+//! A request that is not valid HTTP (a raw 0xFF byte in the path, a header
+//! block over hyper's buffer, an overlong URI) never reaches the app: hyper
+//! answers 400, 414 or 431 with an empty body and closes the connection.
+//! This connection wrapper recognises exactly those answers (an error status
+//! with `content-length: 0` and no content type, which the app never sends)
+//! and writes our JSON error body in their place.
+
+use std::io::{IoSlice, Result as IoResult};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use poem::listener::Acceptor;
+use poem::web::{LocalAddr, RemoteAddr};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::error::ErrorBody;
+
+/// An acceptor whose connections answer malformed requests in JSON.
+pub struct JsonErrorsAcceptor<A>(pub A);
+
+impl<A: Acceptor> Acceptor for JsonErrorsAcceptor<A> {
+    type Io = JsonErrors<A::Io>;
+
+    fn local_addr(&self) -> Vec<LocalAddr> {
+        self.0.local_addr()
+    }
+
+    async fn accept(
+        &mut self,
+    ) -> IoResult<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
+        let (io, local, remote, scheme) = self.0.accept().await?;
+        Ok((
+            JsonErrors {
+                inner: io,
+                pending: Vec::new(),
+            },
+            local,
+            remote,
+            scheme,
+        ))
+    }
+}
+
+/// A connection; see the module documentation.
+pub struct JsonErrors<T> {
+    inner: T,
+    /// Our replacement answer, not yet fully written.
+    pending: Vec<u8>,
+}
+
+/// The JSON answer standing in for hyper's own empty one, if `head` is one.
+fn replacement(head: &[u8]) -> Option<Vec<u8>> {
+    let (status, reason, code, message) = if head.starts_with(b"HTTP/1.1 400 ") {
+        (
+            400,
+            "Bad Request",
+            "INVALID_INPUT",
+            "the request is not valid HTTP (its request line, URI or a header is malformed)",
+        )
+    } else if head.starts_with(b"HTTP/1.1 431 ") {
+        (
+            431,
+            "Request Header Fields Too Large",
+            "PAYLOAD_TOO_LARGE",
+            "the request headers are larger than this server accepts",
+        )
+    } else if head.starts_with(b"HTTP/1.1 414 ") {
+        (
+            414,
+            "URI Too Long",
+            "INVALID_INPUT",
+            "the request URI is longer than this server accepts",
+        )
+    } else {
+        return None;
+    };
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let lower = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
+    if !lower.contains("\r\ncontent-length: 0") || lower.contains("\r\ncontent-type:") {
+        return None;
+    }
+    let body = serde_json::to_string(&ErrorBody {
+        error: message.into(),
+        code: code.into(),
+        field: None,
+        index: None,
+        key: None,
+        request_id: None,
+    })
+    .ok()?;
+    Some(
+        format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json; charset=utf-8\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
+
+impl<T: AsyncWrite + Unpin> JsonErrors<T> {
+    /// Writes what is left of our replacement answer.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<IoResult<()>> {
+        while !self.pending.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.pending.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for JsonErrors<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<IoResult<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for JsonErrors<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<IoResult<usize>> {
+        ready!(self.drain(cx))?;
+        if let Some(answer) = replacement(buf) {
+            self.pending = answer;
+            let _ = self.drain(cx)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<IoResult<usize>> {
+        ready!(self.drain(cx))?;
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty())
+            && let Some(answer) = replacement(first)
+        {
+            self.pending = answer;
+            let _ = self.drain(cx)?;
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoResult<()>> {
+        ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoResult<()>> {
+        ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hypers_own_empty_error_answers_are_replaced() {
+        let hyper =
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let answer = String::from_utf8(replacement(hyper).expect("replaced")).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+        assert!(
+            answer.contains("\"code\":\"PAYLOAD_TOO_LARGE\""),
+            "{answer}"
+        );
+        let ours = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n";
+        assert!(replacement(ours).is_none());
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        assert!(replacement(ok).is_none());
+        let body = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\n";
+        assert!(replacement(body).is_none());
+    }
+}

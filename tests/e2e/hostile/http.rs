@@ -1,0 +1,63 @@
+//! Requests that are not valid HTTP still get a JSON error body.
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::TestApp;
+
+/// Sends raw bytes and returns the status and JSON body of the answer.
+async fn raw(app: &TestApp, request: &[u8]) -> (u16, Option<String>, Value) {
+    let addr = app.node.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The server may answer before it has read everything.
+    let _ = stream.write_all(request).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "no answer within 10 s");
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let content_type = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-type")
+            .then(|| v.trim().to_owned())
+    });
+    (
+        status,
+        content_type,
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn a_raw_0xff_byte_in_the_path_gets_a_json_400() {
+    let app = TestApp::spawn().await;
+    let (status, content_type, body) =
+        raw(&app, b"GET /api/object/\xff HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(content_type.is_some_and(|c| c.starts_with("application/json")));
+    assert_eq!(body["code"], "INVALID_INPUT", "{body}");
+    assert_eq!(app.get("/healthz", None).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_600_kb_header_gets_a_json_431() {
+    let app = TestApp::spawn().await;
+    let request = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(600 * 1024)
+    );
+    let (status, content_type, body) = raw(&app, request.as_bytes()).await;
+    assert_eq!(status, 431, "{body}");
+    assert!(content_type.is_some_and(|c| c.starts_with("application/json")));
+    assert_eq!(body["code"], "PAYLOAD_TOO_LARGE", "{body}");
+    assert_eq!(app.get("/healthz", None).await.status, 200);
+}
