@@ -19,7 +19,7 @@ use poem::web::websocket::WebSocket;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Route, get, handler};
 
 use crate::app::AppState;
-use crate::auth::Principal;
+use crate::auth::{ClientAddr, Principal};
 use crate::config::GraphqlConfig;
 use crate::error::ApiError;
 pub use mutation::Mutation;
@@ -126,7 +126,8 @@ async fn execute(
 ) -> GraphQLResponse {
     let header = req.header("authorization");
     let caller = Caller::from_authorization(&state, header).await;
-    GraphQLResponse(schema.execute(gql.0.data(caller)).await)
+    let client = ClientAddr(state.auth().client_addr(req));
+    GraphQLResponse(schema.execute(gql.0.data(caller).data(client)).await)
 }
 
 /// The token in a `connection_init` payload: `{"Authorization": "Bearer …"}`

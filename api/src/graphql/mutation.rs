@@ -5,6 +5,7 @@ use super::types::{
     BatchItemResult, BatchPayload, CreateObjectInput, KvObject, LoginPayload, PutObjectInput,
     PutObjectPayload, Version, input_data,
 };
+use crate::auth::ClientAddr;
 use crate::error::ApiError;
 use crate::store::{Atomicity, BatchInput, Expect, Item, Key, Store};
 
@@ -42,7 +43,13 @@ impl Mutation {
         username: String,
         password: String,
     ) -> async_graphql::Result<LoginPayload> {
-        let token = ctx.state().auth().login(&username, &password).await?;
+        // Absent over WebSocket: such logins are throttled per username only.
+        let client = ctx.data_opt::<ClientAddr>().and_then(|c| c.0);
+        let token = ctx
+            .state()
+            .auth()
+            .login(&username, &password, client)
+            .await?;
         Ok(LoginPayload {
             access_token: token.access_token,
             token_type: "Bearer".into(),

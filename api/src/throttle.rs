@@ -1,0 +1,348 @@
+//! Login throttling: failed logins counted per username and per client
+//! address in a fixed window, and the client address itself (the TCP peer, or
+//! `X-Forwarded-For` when the peer is a trusted proxy).
+//!
+//! The counts live in this node's memory only, in caches with a bounded
+//! number of entries: several nodes behind a load balancer each allow the
+//! configured number of failures.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::clock::Clock;
+use crate::error::ApiError;
+
+/// An IP address or a CIDR block, as in `KVQL_TRUSTED_PROXIES`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                prefix_eq(u32::from(net).into(), u32::from(ip).into(), self.prefix, 32)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(u128::from(net), u128::from(ip), self.prefix, 128)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: u128, b: u128, prefix: u8, bits: u8) -> bool {
+    let shift = u32::from(bits - prefix);
+    shift >= u32::from(bits) || (a >> shift) == (b >> shift)
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<IpNet, String> {
+        let s = s.trim();
+        let bad = || format!("{s:?} is not an IP address or CIDR block (e.g. 10.0.0.0/8, ::1)");
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let addr = addr.parse::<IpAddr>().map_err(|_| bad())?.to_canonical();
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(bits);
+        if prefix > bits {
+            return Err(bad());
+        }
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+/// Parses one entry of `KVQL_TRUSTED_PROXIES`.
+pub fn parse_ip_net(s: &str) -> Result<IpNet, String> {
+    s.parse()
+}
+
+/// The address a request comes from. The TCP peer, unless it is a trusted
+/// proxy: then the rightmost `X-Forwarded-For` entry that is not itself a
+/// trusted proxy (entries to its left can be written by anyone). An entry
+/// that does not parse ends the walk at the proxy that passed it on.
+pub fn client_addr<'a>(
+    peer: Option<IpAddr>,
+    forwarded_for: impl Iterator<Item = &'a str>,
+    trusted: &[IpNet],
+) -> Option<IpAddr> {
+    let peer = peer?.to_canonical();
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(peer) {
+        return Some(peer);
+    }
+    let entries: Vec<&str> = forwarded_for.flat_map(|h| h.split(',')).collect();
+    let mut last = peer;
+    for entry in entries.iter().rev() {
+        let Some(ip) = parse_forwarded_entry(entry) else {
+            return Some(last);
+        };
+        if !is_trusted(ip) {
+            return Some(ip);
+        }
+        last = ip;
+    }
+    Some(last)
+}
+
+fn parse_forwarded_entry(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .or_else(|_| entry.parse::<SocketAddr>().map(|s| s.ip()))
+        .ok()
+        .map(|ip| ip.to_canonical())
+}
+
+/// Limits for [`LoginThrottle`].
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub per_username: u32,
+    pub per_address: u32,
+    pub window: Duration,
+}
+
+/// Failures counted since `start` (Unix ms, the first failure of the window).
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    start: i64,
+    failures: u32,
+}
+
+/// Most usernames and addresses remembered each; beyond it the least
+/// recently used are forgotten, so memory stays bounded under a spray of
+/// invented usernames.
+const MAX_ENTRIES: u64 = 100_000;
+
+/// Usernames are at most 64 bytes; longer ones are counted by their first
+/// 64 bytes so that a key never grows with the request.
+const MAX_USERNAME_KEY: usize = 64;
+
+/// Counts failed logins per username and per client address.
+pub struct LoginThrottle {
+    clock: Clock,
+    limits: Limits,
+    window_ms: i64,
+    users: moka::sync::Cache<Box<str>, Window>,
+    addrs: moka::sync::Cache<IpAddr, Window>,
+}
+
+impl LoginThrottle {
+    pub fn new(limits: Limits, clock: Clock) -> LoginThrottle {
+        // The caches' own expiry only frees memory; whether a window is over
+        // is decided with the injected clock.
+        LoginThrottle {
+            clock,
+            limits,
+            window_ms: i64::try_from(limits.window.as_millis()).unwrap_or(i64::MAX),
+            users: bounded_cache(limits.window),
+            addrs: bounded_cache(limits.window),
+        }
+    }
+
+    /// Refuses an attempt for a username or an address that has used up its
+    /// failures, with the seconds until its window ends. Costs two lookups.
+    pub fn check(&self, username: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
+        let now = self.clock.now_ms();
+        let user = self
+            .users
+            .get(username_key(username))
+            .and_then(|w| self.retry_after(w, self.limits.per_username, now));
+        let addr = client
+            .and_then(|ip| self.addrs.get(&address_key(ip)))
+            .and_then(|w| self.retry_after(w, self.limits.per_address, now));
+        match user.max(addr) {
+            None => Ok(()),
+            Some(retry_after) => Err(ApiError::RateLimited {
+                message: "too many failed logins; try again later".into(),
+                retry_after,
+            }),
+        }
+    }
+
+    /// Counts a failed attempt against the username and the address.
+    pub fn failed(&self, username: &str, client: Option<IpAddr>) {
+        let now = self.clock.now_ms();
+        let window_ms = self.window_ms;
+        let bump = move |old: Option<Window>| match old {
+            Some(w) if now.saturating_sub(w.start) < window_ms => Window {
+                start: w.start,
+                failures: w.failures.saturating_add(1),
+            },
+            _ => Window {
+                start: now,
+                failures: 1,
+            },
+        };
+        self.users
+            .entry(Box::from(username_key(username)))
+            .and_upsert_with(|e| bump(e.map(|e| e.into_value())));
+        if let Some(ip) = client {
+            self.addrs
+                .entry(address_key(ip))
+                .and_upsert_with(|e| bump(e.map(|e| e.into_value())));
+        }
+    }
+
+    /// A successful login clears the username's failures (not the address's:
+    /// one good account must not reset a spray from that address).
+    pub fn succeeded(&self, username: &str) {
+        self.users.invalidate(username_key(username));
+    }
+
+    fn retry_after(&self, w: Window, max: u32, now: i64) -> Option<u64> {
+        let ends = w.start.saturating_add(self.window_ms);
+        if w.failures < max || now >= ends {
+            return None;
+        }
+        let ms = u64::try_from(ends - now).unwrap_or(0);
+        Some(ms.div_ceil(1000).max(1))
+    }
+}
+
+fn bounded_cache<K, V>(ttl: Duration) -> moka::sync::Cache<K, V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    moka::sync::Cache::builder()
+        .max_capacity(MAX_ENTRIES)
+        .time_to_live(ttl)
+        .build()
+}
+
+fn username_key(username: &str) -> &str {
+    let mut end = username.len().min(MAX_USERNAME_KEY);
+    while !username.is_char_boundary(end) {
+        end -= 1;
+    }
+    &username[..end]
+}
+
+/// IPv6 clients are counted per /64, the block one subscriber usually holds.
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(s: &[&str]) -> Vec<IpNet> {
+        s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn ip_nets_parse_and_match() {
+        let n: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert!(n.contains("10.1.2.3".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!n.contains("11.0.0.1".parse().unwrap()));
+        let one: IpNet = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(!one.contains("::2".parse().unwrap()));
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("proxy".parse::<IpNet>().is_err());
+    }
+
+    #[test]
+    fn forwarded_for_is_used_only_behind_a_trusted_proxy() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let xff = ["1.1.1.1, 2.2.2.2"];
+        // An untrusted peer: its header is ignored.
+        assert_eq!(
+            client_addr(ip("3.3.3.3"), xff.into_iter(), &trusted),
+            ip("3.3.3.3")
+        );
+        // A trusted peer: the rightmost untrusted entry.
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), xff.into_iter(), &trusted),
+            ip("2.2.2.2")
+        );
+        // Trusted hops are skipped, across several headers.
+        assert_eq!(
+            client_addr(
+                ip("10.0.0.1"),
+                ["1.1.1.1", "2.2.2.2, 10.0.0.7"].into_iter(),
+                &trusted
+            ),
+            ip("2.2.2.2")
+        );
+        // Garbage ends the walk at the proxy that passed it on.
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), ["1.1.1.1, junk"].into_iter(), &trusted),
+            ip("10.0.0.1")
+        );
+        // No header: the proxy itself.
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), std::iter::empty(), &trusted),
+            ip("10.0.0.1")
+        );
+        // Ports are tolerated.
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), ["[2001:db8::1]:443"].into_iter(), &trusted),
+            ip("2001:db8::1")
+        );
+        assert_eq!(client_addr(None, xff.into_iter(), &trusted), None);
+    }
+
+    #[test]
+    fn failures_are_limited_per_username_and_forgotten_after_the_window() {
+        let clock = Clock::manual();
+        let t = LoginThrottle::new(
+            Limits {
+                per_username: 2,
+                per_address: 3,
+                window: Duration::from_secs(60),
+            },
+            clock.clone(),
+        );
+        let a = ip("192.0.2.1");
+        t.failed("alice", a);
+        assert!(t.check("alice", a).is_ok());
+        t.failed("alice", a);
+        let Err(ApiError::RateLimited { retry_after, .. }) = t.check("alice", None) else {
+            panic!("alice should be throttled");
+        };
+        assert_eq!(retry_after, 60);
+        // The address has one failure left.
+        assert!(t.check("bob", a).is_ok());
+        t.failed("bob", a);
+        assert!(t.check("carol", a).is_err());
+        clock.advance(Duration::from_secs(60));
+        assert!(t.check("alice", a).is_ok());
+        t.failed("alice", None);
+        t.succeeded("alice");
+        assert!(t.check("alice", None).is_ok());
+    }
+
+    #[test]
+    fn long_usernames_and_ipv6_neighbours_share_a_key() {
+        let long = "é".repeat(100);
+        assert!(username_key(&long).len() <= MAX_USERNAME_KEY);
+        assert_eq!(
+            address_key("2001:db8::1".parse().unwrap()),
+            address_key("2001:db8::ffff".parse().unwrap())
+        );
+        assert_ne!(
+            address_key("2001:db8::1".parse().unwrap()),
+            address_key("2001:db8:0:1::1".parse().unwrap())
+        );
+    }
+}
