@@ -404,7 +404,27 @@ impl Auth {
         client: Option<IpAddr>,
     ) -> Result<IssuedToken, ApiError> {
         let throttle = &self.inner.throttle;
-        throttle.check(username, client)?;
+        throttle.begin(username, client)?;
+        let checked = self.check_password(username, password).await;
+        match checked {
+            Ok(Some((u, t))) => {
+                throttle.succeeded(username, client);
+                self.issue(&u, &t).await
+            }
+            Ok(None) => Err(bad_credentials()),
+            Err(e) => {
+                throttle.abandoned(username, client);
+                Err(e)
+            }
+        }
+    }
+
+    /// The user and tenant if the password is right and the user enabled.
+    async fn check_password(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<Option<(user::Model, tenant::Model)>, ApiError> {
         let found = user::Entity::find()
             .filter(user::Column::Username.eq(username))
             .find_also_related(tenant::Entity)
@@ -419,16 +439,10 @@ impl Auth {
             verify_password(&password, &hash)
         })
         .await?;
-        match found {
-            Some((u, Some(t))) if ok && !u.disabled => {
-                throttle.succeeded(username);
-                self.issue(&u, &t).await
-            }
-            _ => {
-                throttle.failed(username, client);
-                Err(bad_credentials())
-            }
-        }
+        Ok(match found {
+            Some((u, Some(t))) if ok && !u.disabled => Some((u, t)),
+            _ => None,
+        })
     }
 
     async fn issue(&self, u: &user::Model, t: &tenant::Model) -> Result<IssuedToken, ApiError> {

@@ -147,54 +147,101 @@ impl LoginThrottle {
         }
     }
 
-    /// Refuses an attempt for a username or an address that has used up its
-    /// failures, with the seconds until its window ends. Costs two lookups.
-    pub fn check(&self, username: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
+    /// Admits a login attempt and counts it as a failure until
+    /// [`succeeded`](Self::succeeded) or [`abandoned`](Self::abandoned) says
+    /// otherwise; or refuses it, with the seconds until the window ends, when
+    /// the username or the address has used up its failures. Counting before
+    /// the password is checked means concurrent guesses cannot slip past the
+    /// limit while they wait for hashing. Costs two cache updates.
+    pub fn begin(&self, username: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
         let now = self.clock.now_ms();
-        let user = self
-            .users
-            .get(username_key(username))
-            .and_then(|w| self.retry_after(w, self.limits.per_username, now));
-        let addr = client
-            .and_then(|ip| self.addrs.get(&address_key(ip)))
-            .and_then(|w| self.retry_after(w, self.limits.per_address, now));
-        match user.max(addr) {
-            None => Ok(()),
-            Some(retry_after) => Err(ApiError::RateLimited {
-                message: "too many failed logins; try again later".into(),
-                retry_after,
-            }),
+        let user = username_key(username);
+        if let Some(retry_after) =
+            self.admit(&self.users, user.into(), self.limits.per_username, now)
+        {
+            return Err(limited(retry_after));
         }
-    }
-
-    /// Counts a failed attempt against the username and the address.
-    pub fn failed(&self, username: &str, client: Option<IpAddr>) {
-        let now = self.clock.now_ms();
-        let window_ms = self.window_ms;
-        let bump = move |old: Option<Window>| match old {
-            Some(w) if now.saturating_sub(w.start) < window_ms => Window {
-                start: w.start,
-                failures: w.failures.saturating_add(1),
-            },
-            _ => Window {
-                start: now,
-                failures: 1,
-            },
-        };
-        self.users
-            .entry(Box::from(username_key(username)))
-            .and_upsert_with(|e| bump(e.map(|e| e.into_value())));
         if let Some(ip) = client {
-            self.addrs
-                .entry(address_key(ip))
-                .and_upsert_with(|e| bump(e.map(|e| e.into_value())));
+            let addr = address_key(ip);
+            if let Some(retry_after) = self.admit(&self.addrs, addr, self.limits.per_address, now) {
+                self.uncount(&self.users, user.into());
+                return Err(limited(retry_after));
+            }
+        }
+        Ok(())
+    }
+
+    /// The password was right: the username's failures are cleared (not the
+    /// address's, so that one good account does not reset a spray from that
+    /// address), and this attempt no longer counts against the address.
+    pub fn succeeded(&self, username: &str, client: Option<IpAddr>) {
+        self.users.invalidate(username_key(username));
+        if let Some(ip) = client {
+            self.uncount(&self.addrs, address_key(ip));
         }
     }
 
-    /// A successful login clears the username's failures (not the address's:
-    /// one good account must not reset a spray from that address).
-    pub fn succeeded(&self, username: &str) {
-        self.users.invalidate(username_key(username));
+    /// The password was never checked (the server was busy or failed): the
+    /// attempt does not count.
+    pub fn abandoned(&self, username: &str, client: Option<IpAddr>) {
+        self.uncount(&self.users, username_key(username).into());
+        if let Some(ip) = client {
+            self.uncount(&self.addrs, address_key(ip));
+        }
+    }
+
+    /// Counts one more attempt under `key`, or the seconds to wait if it has
+    /// used up `max` in the current window.
+    fn admit<K>(
+        &self,
+        cache: &moka::sync::Cache<K, Window>,
+        key: K,
+        max: u32,
+        now: i64,
+    ) -> Option<u64>
+    where
+        K: std::hash::Hash + Eq + Send + Sync + 'static,
+    {
+        let mut refused = None;
+        cache.entry(key).and_upsert_with(|old| {
+            let w = match old.map(|e| e.into_value()) {
+                Some(w) if now.saturating_sub(w.start) < self.window_ms => w,
+                _ => Window {
+                    start: now,
+                    failures: 0,
+                },
+            };
+            if w.failures >= max {
+                refused = self.retry_after(w, max, now);
+                w
+            } else {
+                Window {
+                    failures: w.failures + 1,
+                    ..w
+                }
+            }
+        });
+        refused
+    }
+
+    fn uncount<K>(&self, cache: &moka::sync::Cache<K, Window>, key: K)
+    where
+        K: std::hash::Hash + Eq + Send + Sync + 'static,
+    {
+        let now = self.clock.now_ms();
+        cache.entry(key).and_upsert_with(|old| match old {
+            Some(e) => {
+                let w = e.into_value();
+                Window {
+                    failures: w.failures.saturating_sub(1),
+                    ..w
+                }
+            }
+            None => Window {
+                start: now,
+                failures: 0,
+            },
+        });
     }
 
     fn retry_after(&self, w: Window, max: u32, now: i64) -> Option<u64> {
@@ -204,6 +251,13 @@ impl LoginThrottle {
         }
         let ms = u64::try_from(ends - now).unwrap_or(0);
         Some(ms.div_ceil(1000).max(1))
+    }
+}
+
+fn limited(retry_after: u64) -> ApiError {
+    ApiError::RateLimited {
+        message: "too many failed logins; try again later".into(),
+        retry_after,
     }
 }
 
@@ -314,22 +368,24 @@ mod tests {
             clock.clone(),
         );
         let a = ip("192.0.2.1");
-        t.failed("alice", a);
-        assert!(t.check("alice", a).is_ok());
-        t.failed("alice", a);
-        let Err(ApiError::RateLimited { retry_after, .. }) = t.check("alice", None) else {
+        assert!(t.begin("alice", a).is_ok());
+        assert!(t.begin("alice", a).is_ok());
+        let Err(ApiError::RateLimited { retry_after, .. }) = t.begin("alice", None) else {
             panic!("alice should be throttled");
         };
         assert_eq!(retry_after, 60);
-        // The address has one failure left.
-        assert!(t.check("bob", a).is_ok());
-        t.failed("bob", a);
-        assert!(t.check("carol", a).is_err());
+        // A refused attempt does not count against the address: one is left.
+        assert!(t.begin("bob", a).is_ok());
+        assert!(t.begin("carol", a).is_err());
+        // An attempt that was never checked does not count.
+        t.abandoned("bob", a);
+        assert!(t.begin("dave", a).is_ok());
         clock.advance(Duration::from_secs(60));
-        assert!(t.check("alice", a).is_ok());
-        t.failed("alice", None);
-        t.succeeded("alice");
-        assert!(t.check("alice", None).is_ok());
+        assert!(t.begin("alice", a).is_ok());
+        t.succeeded("alice", a);
+        assert!(t.begin("alice", None).is_ok());
+        assert!(t.begin("alice", None).is_ok());
+        assert!(t.begin("alice", None).is_err());
     }
 
     #[test]

@@ -73,6 +73,21 @@ async fn failed_logins_beyond_the_limit_get_429_with_retry_after() {
     assert_eq!(login(&app, &u.username, PASSWORD).await.status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_guesses_cannot_slip_past_the_limit() {
+    let app = TestApp::spawn_with(|c| {
+        small_limits(c);
+        c.login_max_failures_per_address = 100;
+    })
+    .await;
+    let u = app.writer().await;
+    let answers = join_all((0..20).map(|_| login(&app, &u.username, "wrong password"))).await;
+    let checked = answers.iter().filter(|r| r.status == 401).count();
+    let refused = answers.iter().filter(|r| r.status == 429).count();
+    assert_eq!((checked, refused), (3, 17), "{answers:?}");
+    assert_still_serving(&app).await;
+}
+
 #[tokio::test]
 async fn throttling_answers_the_same_for_unknown_and_known_users() {
     let app = TestApp::spawn_with(|c| {
