@@ -37,6 +37,8 @@ fn put_item(store: &Store, input: &PutObjectInput) -> Result<(Item, Expect), Api
 impl Mutation {
     /// Exchanges a username and password for a bearer token; no token needed.
     /// An unknown user and a wrong password get the same `UNAUTHENTICATED` error.
+    /// After too many failed logins for the username or from the client
+    /// address, `RATE_LIMITED` with `extensions.retryAfter` (seconds).
     async fn login(
         &self,
         ctx: &Context<'_>,
