@@ -27,7 +27,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::db::Db;
 use crate::error::ApiError;
-use crate::throttle::{IpNet, Limits, LoginThrottle};
+use crate::throttle::{Limits, LoginThrottle, TrustedProxies};
 
 /// A tenant, as named by a verified token. Not constructible outside `auth`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -295,7 +295,7 @@ struct AuthInner {
     /// stale query the database once.
     reloading: tokio::sync::Mutex<()>,
     throttle: LoginThrottle,
-    trusted_proxies: Vec<IpNet>,
+    trusted_proxies: TrustedProxies,
     max_hashing_queue: usize,
     /// Tokens verified recently, so that a request with a known token costs
     /// a hash lookup instead of a signature check and a database query.

@@ -112,8 +112,8 @@ pub struct Config {
     /// `X-Forwarded-For` is believed: when the TCP peer is one of them, the
     /// client is the rightmost address in that header that is not one of
     /// them. Empty (the default): the TCP peer is the client.
-    #[arg(long, env = "KVQL_TRUSTED_PROXIES", value_delimiter = ',', value_parser = crate::throttle::parse_ip_net)]
-    pub trusted_proxies: Vec<crate::throttle::IpNet>,
+    #[arg(long, env = "KVQL_TRUSTED_PROXIES", default_value = "", hide_default_value = true, value_parser = crate::throttle::parse_trusted_proxies)]
+    pub trusted_proxies: crate::throttle::TrustedProxies,
     // End of login throttling.
     /// How often the sweeper deletes expired values, e.g. `500ms`, `1s`.
     #[arg(long, env = "KVQL_SWEEP_INTERVAL", default_value = "1s", value_parser = parse_duration)]

@@ -59,8 +59,33 @@ impl FromStr for IpNet {
     }
 }
 
-/// Parses one entry of `KVQL_TRUSTED_PROXIES`.
-pub fn parse_ip_net(s: &str) -> Result<IpNet, String> {
+/// The reverse proxies whose `X-Forwarded-For` is believed
+/// (`KVQL_TRUSTED_PROXIES`): comma-separated addresses or CIDR blocks; empty
+/// for none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|n| n.contains(ip))
+    }
+}
+
+impl FromStr for TrustedProxies {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<TrustedProxies, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map(TrustedProxies)
+    }
+}
+
+/// Parses `KVQL_TRUSTED_PROXIES`.
+pub fn parse_trusted_proxies(s: &str) -> Result<TrustedProxies, String> {
     s.parse()
 }
 
@@ -71,10 +96,10 @@ pub fn parse_ip_net(s: &str) -> Result<IpNet, String> {
 pub fn client_addr<'a>(
     peer: Option<IpAddr>,
     forwarded_for: impl Iterator<Item = &'a str>,
-    trusted: &[IpNet],
+    trusted: &TrustedProxies,
 ) -> Option<IpAddr> {
     let peer = peer?.to_canonical();
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let is_trusted = |ip: IpAddr| trusted.contains(ip);
     if !is_trusted(peer) {
         return Some(peer);
     }
@@ -292,10 +317,6 @@ fn address_key(ip: IpAddr) -> IpAddr {
 mod tests {
     use super::*;
 
-    fn nets(s: &[&str]) -> Vec<IpNet> {
-        s.iter().map(|n| n.parse().unwrap()).collect()
-    }
-
     fn ip(s: &str) -> Option<IpAddr> {
         Some(s.parse().unwrap())
     }
@@ -313,11 +334,17 @@ mod tests {
         assert!(all.contains("8.8.8.8".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<IpNet>().is_err());
         assert!("proxy".parse::<IpNet>().is_err());
+        assert_eq!("".parse::<TrustedProxies>(), Ok(TrustedProxies::default()));
+        let list: TrustedProxies = " 10.0.0.0/8, ::1 ,".parse().unwrap();
+        assert!(list.contains("::1".parse().unwrap()));
+        assert!(list.contains("10.9.9.9".parse().unwrap()));
+        assert!(!list.contains("192.0.2.1".parse().unwrap()));
+        assert!("10.0.0.1, nope".parse::<TrustedProxies>().is_err());
     }
 
     #[test]
     fn forwarded_for_is_used_only_behind_a_trusted_proxy() {
-        let trusted = nets(&["10.0.0.0/8"]);
+        let trusted: TrustedProxies = "10.0.0.0/8".parse().unwrap();
         let xff = ["1.1.1.1, 2.2.2.2"];
         // An untrusted peer: its header is ignored.
         assert_eq!(

@@ -178,7 +178,7 @@ async fn x_forwarded_for_is_ignored_from_an_untrusted_peer() {
 async fn x_forwarded_for_is_used_only_from_a_trusted_proxy() {
     let app = TestApp::spawn_with(|c| {
         small_limits(c);
-        c.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+        c.trusted_proxies = "127.0.0.0/8".parse().unwrap();
     })
     .await;
     let u = app.writer().await;
