@@ -611,7 +611,9 @@ async fn load_keys(db: &Db, clock: &Clock) -> anyhow::Result<Option<SigningKeys>
         .filter(signing_key::Column::Algorithm.eq("HS256"))
         .order_by_desc(signing_key::Column::CreatedAt)
         .order_by_desc(signing_key::Column::Kid)
-        .all(&db.write)
+        // A read connection: reloads run every second and must not queue
+        // behind the SQLite writer.
+        .all(&db.read)
         .await
         .context("cannot read signing keys")?;
     let Some(newest) = rows.iter().find(|k| k.retired_at.is_none()) else {
