@@ -5,6 +5,8 @@
 //! Writes take a [`Writer`], which only [`Principal::writer`] hands out.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
@@ -14,8 +16,10 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use entity::{signing_key, tenant, user};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
+use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, Set,
+    TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +27,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::db::Db;
 use crate::error::ApiError;
+use crate::throttle::{Limits, LoginThrottle, TrustedProxies};
 
 /// A tenant, as named by a verified token. Not constructible outside `auth`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -147,6 +152,11 @@ struct Claims {
     exp: i64,
     iss: String,
     aud: String,
+    /// The user's token generation at issue; a password change bumps it and
+    /// so revokes every earlier token. Tokens from before this claim existed
+    /// read as generation 0.
+    #[serde(default)]
+    r#gen: i64,
 }
 
 /// At most one argon2 computation per CPU at a time: each takes ~19 MiB and
@@ -156,7 +166,11 @@ static HASHING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
     tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
 });
 
-/// Runs an argon2 computation on the blocking pool, one per CPU at a time.
+/// Computations waiting for a [`HASHING`] permit through [`hashing_or_refuse`].
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs an argon2 computation on the blocking pool, one per CPU at a time,
+/// waiting as long as it takes (the CLI and user administration).
 pub async fn hashing<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
@@ -167,6 +181,46 @@ pub async fn hashing<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .context("hashing task failed")
+}
+
+/// Like [`hashing`], but when `max_waiting` computations already wait for a
+/// permit, refuses at once with 429 `RATE_LIMITED` (`Retry-After: 1`): a
+/// flood of logins then costs neither memory nor time of other requests.
+pub async fn hashing_or_refuse<T: Send + 'static>(
+    max_waiting: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    struct Waiting;
+    impl Drop for Waiting {
+        fn drop(&mut self) {
+            WAITING.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _permit = match HASHING.try_acquire() {
+        Ok(permit) => permit,
+        Err(tokio::sync::TryAcquireError::Closed) => {
+            return Err(ApiError::internal(anyhow::anyhow!(
+                "hashing semaphore closed"
+            )));
+        }
+        Err(tokio::sync::TryAcquireError::NoPermits) => {
+            if WAITING.fetch_add(1, Ordering::SeqCst) >= max_waiting {
+                WAITING.fetch_sub(1, Ordering::SeqCst);
+                return Err(ApiError::RateLimited {
+                    message: "the server is busy checking passwords; try again in a second".into(),
+                    retry_after: 1,
+                });
+            }
+            let _waiting = Waiting;
+            HASHING
+                .acquire()
+                .await
+                .map_err(|e| ApiError::internal(anyhow::anyhow!("hashing semaphore: {e}")))?
+        }
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("hashing task failed: {e}")))
 }
 
 /// Hashes a password with argon2id (default parameters, random salt) into a PHC string.
@@ -196,9 +250,35 @@ pub fn check_password_strength(password: &str) -> Result<(), String> {
 struct SigningKeys {
     /// The key new tokens are signed with.
     current: (String, EncodingKey),
-    /// Every key not retired, by kid.
-    verify: HashMap<String, DecodingKey>,
+    /// Every key that verifies, by kid, with when it stops verifying (Unix ms).
+    verify: HashMap<String, (DecodingKey, Option<i64>)>,
+    /// When loaded, by the server clock (which tests move) and by the
+    /// monotonic clock (which they do not).
+    loaded_at_ms: i64,
     loaded_at: std::time::Instant,
+}
+
+impl SigningKeys {
+    fn stale(&self, now_ms: i64) -> bool {
+        now_ms.saturating_sub(self.loaded_at_ms) >= KEY_RELOAD_INTERVAL.as_millis() as i64
+            || self.loaded_at.elapsed() >= KEY_RELOAD_INTERVAL
+    }
+}
+
+/// The client address of a GraphQL request, put in the request data by the
+/// HTTP handler for the `login` mutation.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub Option<IpAddr>);
+
+/// A signing key as listed by `kvql key list`.
+#[derive(Clone, Debug)]
+pub struct KeyInfo {
+    pub kid: String,
+    pub created_at: i64,
+    /// When it stops verifying; `None`: not retired.
+    pub retired_at: Option<i64>,
+    /// Whether new tokens are signed with it.
+    pub signing: bool,
 }
 
 /// Token issue and verification, and login.
@@ -211,6 +291,12 @@ struct AuthInner {
     db: Db,
     clock: Clock,
     keys: RwLock<SigningKeys>,
+    /// Held while reloading keys, so that concurrent requests that find them
+    /// stale query the database once.
+    reloading: tokio::sync::Mutex<()>,
+    throttle: LoginThrottle,
+    trusted_proxies: TrustedProxies,
+    max_hashing_queue: usize,
     /// Tokens verified recently, so that a request with a known token costs
     /// a hash lookup instead of a signature check and a database query.
     verified: RwLock<HashMap<Box<str>, Verified, foldhash::fast::RandomState>>,
@@ -236,7 +322,15 @@ struct Verified {
 const MAX_CACHED_TOKENS: usize = 10_000;
 
 const ALGORITHM: Algorithm = Algorithm::HS256;
-const UNKNOWN_KID_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// How old the loaded signing keys may get before signing or verifying
+/// reloads them, so that a rotation made by `kvql key rotate` or another node
+/// applies within about this time. One query per interval at most.
+const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Older keys keep verifying for the token TTL plus this after a rotation:
+/// room for nodes that sign with the old key until they reload, and for
+/// clocks that differ a little between nodes.
+const ROTATION_GRACE: Duration = Duration::from_secs(60);
 
 fn bad_credentials() -> ApiError {
     ApiError::Unauthenticated("invalid username or password".into())
@@ -250,6 +344,14 @@ impl Auth {
     /// Loads the signing keys, creating the first one if the database has none.
     pub async fn init(db: Db, config: &Config, clock: Clock) -> anyhow::Result<Auth> {
         let keys = load_or_create_keys(&db, &clock).await?;
+        let throttle = LoginThrottle::new(
+            Limits {
+                per_username: config.login_max_failures,
+                per_address: config.login_max_failures_per_address,
+                window: config.login_failure_window,
+            },
+            clock.clone(),
+        );
         let mut validation = Validation::new(ALGORITHM);
         validation.set_issuer(&[&config.token_issuer]);
         validation.set_audience(&[&config.token_audience]);
@@ -263,6 +365,10 @@ impl Auth {
                 db,
                 clock,
                 keys: RwLock::new(keys),
+                reloading: tokio::sync::Mutex::new(()),
+                throttle,
+                trusted_proxies: config.trusted_proxies.clone(),
+                max_hashing_queue: config.login_max_queued as usize,
                 verified: RwLock::new(HashMap::default()),
                 cache_ttl_ms: config.auth_cache_ttl.as_millis() as i64,
                 validation,
@@ -274,9 +380,51 @@ impl Auth {
         })
     }
 
-    /// Checks a username and password and issues a token. Unknown users,
-    /// disabled users and wrong passwords get the same error after the same work.
-    pub async fn login(&self, username: &str, password: &str) -> Result<IssuedToken, ApiError> {
+    /// The client address of a request: its TCP peer, or what a trusted
+    /// proxy says in `X-Forwarded-For` (see `KVQL_TRUSTED_PROXIES`).
+    pub fn client_addr(&self, req: &poem::Request) -> Option<IpAddr> {
+        let peer = req.remote_addr().as_socket_addr().map(|a| a.ip());
+        let forwarded = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        crate::throttle::client_addr(peer, forwarded, &self.inner.trusted_proxies)
+    }
+
+    /// Checks a username and password and issues a token; both doors log in
+    /// through here. Unknown users, disabled users and wrong passwords get the
+    /// same error after the same work. A username or client address with too
+    /// many recent failures is refused before any database or hashing work,
+    /// with the same answer whether or not the user exists.
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<IssuedToken, ApiError> {
+        let throttle = &self.inner.throttle;
+        throttle.begin(username, client)?;
+        let checked = self.check_password(username, password).await;
+        match checked {
+            Ok(Some((u, t))) => {
+                throttle.succeeded(username, client);
+                self.issue(&u, &t).await
+            }
+            Ok(None) => Err(bad_credentials()),
+            Err(e) => {
+                throttle.abandoned(username, client);
+                Err(e)
+            }
+        }
+    }
+
+    /// The user and tenant if the password is right and the user enabled.
+    async fn check_password(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<Option<(user::Model, tenant::Model)>, ApiError> {
         let found = user::Entity::find()
             .filter(user::Column::Username.eq(username))
             .find_also_related(tenant::Entity)
@@ -287,16 +435,18 @@ impl Auth {
             _ => self.inner.dummy_hash.clone(),
         };
         let password = password.to_owned();
-        let ok = hashing(move || verify_password(&password, &hash))
-            .await
-            .map_err(ApiError::internal)?;
-        match found {
-            Some((u, Some(t))) if ok && !u.disabled => self.issue(&u, &t),
-            _ => Err(bad_credentials()),
-        }
+        let ok = hashing_or_refuse(self.inner.max_hashing_queue, move || {
+            verify_password(&password, &hash)
+        })
+        .await?;
+        Ok(match found {
+            Some((u, Some(t))) if ok && !u.disabled => Some((u, t)),
+            _ => None,
+        })
     }
 
-    fn issue(&self, u: &user::Model, t: &tenant::Model) -> Result<IssuedToken, ApiError> {
+    async fn issue(&self, u: &user::Model, t: &tenant::Model) -> Result<IssuedToken, ApiError> {
+        self.reload_keys_if_stale().await?;
         let now = self.inner.clock.now_ms() / 1000;
         let ttl = self.inner.token_ttl.as_secs().max(1);
         let claims = Claims {
@@ -308,6 +458,7 @@ impl Auth {
             exp: now + ttl as i64,
             iss: self.inner.issuer.clone(),
             aud: self.inner.audience.clone(),
+            r#gen: u.token_generation,
         };
         let keys = self.inner.keys.read().map_err(|_| poisoned())?;
         let (kid, key) = &keys.current;
@@ -364,13 +515,12 @@ impl Auth {
             return Err(bad_token());
         }
         let kid = header.kid.ok_or_else(bad_token)?;
-        let key = match self.decoding_key(&kid)? {
-            Some(key) => key,
-            None => {
-                self.reload_keys_if_stale().await?;
-                self.decoding_key(&kid)?.ok_or_else(bad_token)?
-            }
-        };
+        // Also picks up a key another node created, and a rotation that
+        // retired the key of this token.
+        self.reload_keys_if_stale().await?;
+        let key = self
+            .decoding_key(&kid, self.inner.clock.now_ms())?
+            .ok_or_else(bad_token)?;
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &self.inner.validation)
             .map_err(|_| bad_token())?
             .claims;
@@ -384,7 +534,10 @@ impl Auth {
             .await?;
         match found {
             Some((u, Some(t)))
-                if !u.disabled && u.username == claims.sub && t.name == claims.tid =>
+                if !u.disabled
+                    && u.username == claims.sub
+                    && t.name == claims.tid
+                    && u.token_generation == claims.r#gen =>
             {
                 Ok(Principal {
                     tenant: TenantId(t.id),
@@ -400,23 +553,42 @@ impl Auth {
         }
     }
 
-    fn decoding_key(&self, kid: &str) -> Result<Option<DecodingKey>, ApiError> {
+    /// The key for `kid` if it still verifies at `now`: a retired key's end
+    /// is checked at every verification, not only when keys are loaded.
+    fn decoding_key(&self, kid: &str, now: i64) -> Result<Option<DecodingKey>, ApiError> {
         let keys = self.inner.keys.read().map_err(|_| poisoned())?;
-        Ok(keys.verify.get(kid).cloned())
+        Ok(keys
+            .verify
+            .get(kid)
+            .filter(|(_, retires)| retires.is_none_or(|at| now < at))
+            .map(|(key, _)| key.clone()))
     }
 
-    /// Another node may have created a key this one has not seen yet.
+    /// Another node or `kvql key rotate` may have created or retired keys.
     async fn reload_keys_if_stale(&self) -> Result<(), ApiError> {
-        let stale = {
+        let is_stale = || -> Result<bool, ApiError> {
             let keys = self.inner.keys.read().map_err(|_| poisoned())?;
-            keys.loaded_at.elapsed() >= UNKNOWN_KID_RELOAD_INTERVAL
+            Ok(keys.stale(self.inner.clock.now_ms()))
         };
-        if stale {
-            let fresh = load_keys(&self.inner.db)
-                .await
-                .map_err(ApiError::internal)?;
-            if let Some(fresh) = fresh {
-                *self.inner.keys.write().map_err(|_| poisoned())? = fresh;
+        if !is_stale()? {
+            return Ok(());
+        }
+        let _reloading = self.inner.reloading.lock().await;
+        // Someone else may have reloaded while this request waited.
+        if !is_stale()? {
+            return Ok(());
+        }
+        let fresh = load_keys(&self.inner.db, &self.inner.clock)
+            .await
+            .map_err(ApiError::internal)?;
+        let mut keys = self.inner.keys.write().map_err(|_| poisoned())?;
+        match fresh {
+            Some(fresh) => *keys = fresh,
+            // No key signs (every one retired by hand): keep what this node
+            // has, whose ends are still checked, and look again later.
+            None => {
+                keys.loaded_at_ms = self.inner.clock.now_ms();
+                keys.loaded_at = std::time::Instant::now();
             }
         }
         Ok(())
@@ -427,39 +599,108 @@ fn poisoned() -> ApiError {
     ApiError::internal(anyhow::anyhow!("signing key lock poisoned"))
 }
 
-async fn load_keys(db: &Db) -> anyhow::Result<Option<SigningKeys>> {
+/// The keys that still verify at the clock's now; `None` when no key signs.
+async fn load_keys(db: &Db, clock: &Clock) -> anyhow::Result<Option<SigningKeys>> {
+    let now = clock.now_ms();
     let rows = signing_key::Entity::find()
-        .filter(signing_key::Column::RetiredAt.is_null())
+        .filter(
+            Condition::any()
+                .add(signing_key::Column::RetiredAt.is_null())
+                .add(signing_key::Column::RetiredAt.gt(now)),
+        )
         .filter(signing_key::Column::Algorithm.eq("HS256"))
         .order_by_desc(signing_key::Column::CreatedAt)
         .order_by_desc(signing_key::Column::Kid)
-        .all(&db.write)
+        // A read connection: reloads run every second and must not queue
+        // behind the SQLite writer.
+        .all(&db.read)
         .await
         .context("cannot read signing keys")?;
-    let Some(newest) = rows.first() else {
+    let Some(newest) = rows.iter().find(|k| k.retired_at.is_none()) else {
         return Ok(None);
     };
     let current = (newest.kid.clone(), EncodingKey::from_secret(&newest.secret));
     let verify = rows
         .iter()
-        .map(|k| (k.kid.clone(), DecodingKey::from_secret(&k.secret)))
+        .map(|k| {
+            (
+                k.kid.clone(),
+                (DecodingKey::from_secret(&k.secret), k.retired_at),
+            )
+        })
         .collect();
     Ok(Some(SigningKeys {
         current,
         verify,
+        loaded_at_ms: now,
         loaded_at: std::time::Instant::now(),
     }))
 }
 
-async fn load_or_create_keys(db: &Db, clock: &Clock) -> anyhow::Result<SigningKeys> {
-    if let Some(keys) = load_keys(db).await? {
-        return Ok(keys);
-    }
+/// Makes a new key sign tokens. Older keys that still verify keep verifying
+/// for `token_ttl` (plus a minute's grace), so the tokens they signed run
+/// out normally; with `revoke_old` they stop at once (a compromised key).
+/// Nodes pick the change up within about a second. Returns the new kid.
+pub async fn rotate_signing_key(
+    db: &Db,
+    clock: &Clock,
+    token_ttl: Duration,
+    revoke_old: bool,
+) -> anyhow::Result<String> {
+    let now = clock.now_ms();
+    let txn = db.write.begin().await?;
+    let older = if revoke_old {
+        Condition::any()
+            .add(signing_key::Column::RetiredAt.is_null())
+            .add(signing_key::Column::RetiredAt.gt(now))
+    } else {
+        Condition::all().add(signing_key::Column::RetiredAt.is_null())
+    };
+    let retire_at = if revoke_old {
+        now
+    } else {
+        let keep = token_ttl.saturating_add(ROTATION_GRACE).as_millis();
+        now.saturating_add(i64::try_from(keep).unwrap_or(i64::MAX))
+    };
+    signing_key::Entity::update_many()
+        .col_expr(signing_key::Column::RetiredAt, Expr::value(retire_at))
+        .filter(older)
+        .exec(&txn)
+        .await
+        .context("cannot retire the older signing keys")?;
+    let kid = insert_key(&txn, clock).await?;
+    txn.commit().await.context("cannot store the signing key")?;
+    tracing::info!(kid, revoke_old, "rotated the token signing key");
+    Ok(kid)
+}
+
+/// Every signing key still in the database, newest first.
+pub async fn list_signing_keys(db: &Db) -> anyhow::Result<Vec<KeyInfo>> {
+    let rows = signing_key::Entity::find()
+        .order_by_desc(signing_key::Column::CreatedAt)
+        .order_by_desc(signing_key::Column::Kid)
+        .all(&db.read)
+        .await
+        .context("cannot read signing keys")?;
+    let signing = rows
+        .iter()
+        .find(|k| k.retired_at.is_none() && k.algorithm == "HS256")
+        .map(|k| k.kid.clone());
+    Ok(rows
+        .into_iter()
+        .map(|k| KeyInfo {
+            signing: signing.as_deref() == Some(k.kid.as_str()),
+            kid: k.kid,
+            created_at: k.created_at,
+            retired_at: k.retired_at,
+        })
+        .collect())
+}
+
+async fn insert_key(txn: &sea_orm::DatabaseTransaction, clock: &Clock) -> anyhow::Result<String> {
     let mut secret = vec![0u8; 64];
     rand::rng().fill_bytes(&mut secret);
     let kid = uuid::Uuid::new_v4().simple().to_string();
-    // In a transaction, so that a failed commit is reported (see `users::set_password`).
-    let txn = db.write.begin().await?;
     signing_key::ActiveModel {
         kid: Set(kid.clone()),
         algorithm: Set("HS256".into()),
@@ -467,14 +708,24 @@ async fn load_or_create_keys(db: &Db, clock: &Clock) -> anyhow::Result<SigningKe
         created_at: Set(clock.now_ms()),
         retired_at: Set(None),
     }
-    .insert(&txn)
+    .insert(txn)
     .await
     .context("cannot store the signing key")?;
+    Ok(kid)
+}
+
+async fn load_or_create_keys(db: &Db, clock: &Clock) -> anyhow::Result<SigningKeys> {
+    if let Some(keys) = load_keys(db, clock).await? {
+        return Ok(keys);
+    }
+    // In a transaction, so that a failed commit is reported (see `users::set_password`).
+    let txn = db.write.begin().await?;
+    let kid = insert_key(&txn, clock).await?;
     txn.commit().await.context("cannot store the signing key")?;
     tracing::info!(kid, "created a new token signing key");
     // Another node starting at the same moment may have inserted one too; every
     // node signs with the newest and verifies with all of them.
-    load_keys(db)
+    load_keys(db, clock)
         .await?
         .context("the signing key just stored is missing")
 }

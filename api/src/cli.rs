@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, IsTerminal};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -9,9 +10,9 @@ use clap::{Parser, Subcommand};
 use crate::app::App;
 use crate::auth::Role;
 use crate::clock::{Clock, rfc3339};
-use crate::config::{Config, DatabaseArgs};
+use crate::config::{Config, DatabaseArgs, parse_duration};
 use crate::db::Db;
-use crate::{graphql, rest, users};
+use crate::{auth, graphql, rest, users};
 
 /// kvql: a multi-tenant JSON key-value store over GraphQL and REST.
 ///
@@ -38,6 +39,11 @@ enum Command {
     User {
         #[command(subcommand)]
         command: UserCommand,
+    },
+    /// Manage the keys that sign access tokens.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
     },
     /// Print the OpenAPI document of the REST API (as checked in at openapi.json).
     Openapi,
@@ -72,7 +78,8 @@ enum UserCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Change a user's password, read from standard input.
+    /// Change a user's password, read from standard input. Tokens already
+    /// issued to the user stop working within the auth cache TTL (1 s).
     Passwd {
         username: String,
         /// Read the password (at least 8 characters) from the first line of standard input.
@@ -81,9 +88,43 @@ enum UserCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// Change a user's role (owner, writer or reader); it applies to tokens
+    /// already issued within the auth cache TTL (1 s).
+    Role {
+        username: String,
+        /// `owner` and `writer` can read and write; `reader` can only read.
+        #[arg(value_parser = parse_role)]
+        role: Role,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
     /// Remove a user; their tokens stop working within the auth cache TTL (1 s). The tenant's data stays.
     Remove {
         username: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a new key sign tokens. Older keys keep verifying the tokens they
+    /// signed until those expire (token TTL plus a minute), unless
+    /// `--revoke-old`. Running servers pick the change up within about a second.
+    Rotate {
+        /// The servers' token TTL (`KVQL_TOKEN_TTL`): how long older keys must
+        /// keep verifying.
+        #[arg(long, env = "KVQL_TOKEN_TTL", default_value = "1h", value_parser = parse_duration)]
+        token_ttl: Duration,
+        /// Stop older keys verifying at once: every token they signed is
+        /// refused (for a key that may have leaked).
+        #[arg(long)]
+        revoke_old: bool,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// List the signing keys: which one signs, and when the others stop verifying.
+    List {
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -123,6 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::User { command }) => user(command).await,
+        Some(Command::Key { command }) => key(command).await,
         Some(Command::Openapi) => {
             println!("{}", rest::openapi_json());
             Ok(())
@@ -234,10 +276,60 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
             users::set_password(&db, &username, &password).await?;
             eprintln!("kvql: changed the password of {username:?}");
         }
+        UserCommand::Role {
+            username,
+            role,
+            database,
+        } => {
+            let db = open(&database).await?;
+            users::set_role(&db, &username, role).await?;
+            eprintln!("kvql: {username:?} now has role {role}");
+        }
         UserCommand::Remove { username, database } => {
             let db = open(&database).await?;
             users::remove_user(&db, &username).await?;
             eprintln!("kvql: removed user {username:?}");
+        }
+    }
+    Ok(())
+}
+
+async fn key(command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Rotate {
+            token_ttl,
+            revoke_old,
+            database,
+        } => {
+            let db = open(&database).await?;
+            let kid =
+                auth::rotate_signing_key(&db, &Clock::system(), token_ttl, revoke_old).await?;
+            if revoke_old {
+                eprintln!("kvql: key {kid} now signs; every older key is revoked");
+            } else {
+                eprintln!(
+                    "kvql: key {kid} now signs; older keys verify the tokens they signed until those expire"
+                );
+            }
+        }
+        KeyCommand::List { database } => {
+            let db = open(&database).await?;
+            let now = Clock::system().now_ms();
+            println!("{:<32} {:<24} {:<24} STATUS", "KID", "CREATED", "RETIRES");
+            for k in auth::list_signing_keys(&db).await? {
+                let status = match k.retired_at {
+                    _ if k.signing => "signing",
+                    Some(at) if at <= now => "retired",
+                    Some(_) => "verifying",
+                    None => "verifying",
+                };
+                println!(
+                    "{:<32} {:<24} {:<24} {status}",
+                    k.kid,
+                    rfc3339(k.created_at),
+                    k.retired_at.map_or_else(|| "-".to_owned(), rfc3339),
+                );
+            }
         }
     }
     Ok(())

@@ -87,6 +87,34 @@ pub struct Config {
     #[arg(long, env = "KVQL_AUTH_CACHE_TTL", default_value = "1s", value_parser = parse_duration_or_zero)]
     pub auth_cache_ttl: Duration,
 
+    // Login throttling and the password-hashing queue (counted per node).
+    /// Failed logins allowed per username within `--login-failure-window`;
+    /// further attempts, even with the right password, get 429 `RATE_LIMITED`
+    /// with `Retry-After` until the window ends. Counted per node.
+    #[arg(long, env = "KVQL_LOGIN_MAX_FAILURES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub login_max_failures: u32,
+
+    /// Failed logins allowed per client address (IPv6: per /64) within
+    /// `--login-failure-window`, whatever the usernames. Counted per node.
+    #[arg(long, env = "KVQL_LOGIN_MAX_FAILURES_PER_ADDRESS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub login_max_failures_per_address: u32,
+
+    /// The window failed logins are counted in, from the first failure.
+    #[arg(long, env = "KVQL_LOGIN_FAILURE_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    pub login_failure_window: Duration,
+
+    /// Most logins waiting for a password-hashing slot (one runs per CPU);
+    /// beyond it a login gets 429 `RATE_LIMITED` with `Retry-After: 1` at once.
+    #[arg(long, env = "KVQL_LOGIN_MAX_QUEUED", default_value_t = 64)]
+    pub login_max_queued: u32,
+
+    /// Comma-separated IP addresses or CIDR blocks of reverse proxies whose
+    /// `X-Forwarded-For` is believed: when the TCP peer is one of them, the
+    /// client is the rightmost address in that header that is not one of
+    /// them. Empty (the default): the TCP peer is the client.
+    #[arg(long, env = "KVQL_TRUSTED_PROXIES", default_value = "", hide_default_value = true, value_parser = crate::throttle::parse_trusted_proxies)]
+    pub trusted_proxies: crate::throttle::TrustedProxies,
+    // End of login throttling.
     /// How often the sweeper deletes expired values, e.g. `500ms`, `1s`.
     #[arg(long, env = "KVQL_SWEEP_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub sweep_interval: Duration,

@@ -16,4 +16,5 @@ mod middleware;
 pub mod rest;
 pub mod store;
 pub mod sweeper;
+pub mod throttle;
 pub mod users;

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, bail};
 use entity::{tenant, user};
+use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set,
     TransactionTrait,
@@ -93,6 +94,7 @@ pub async fn add_user(
         role: Set(role.as_str().to_owned()),
         created_at: Set(now),
         disabled: Set(false),
+        token_generation: Set(0),
         ..Default::default()
     }
     .insert(&txn)
@@ -124,16 +126,44 @@ pub async fn list_users(db: &Db, tenant_name: Option<&str>) -> anyhow::Result<Ve
         .collect()
 }
 
-/// Replaces a user's password. Tokens already issued stay valid until they expire.
+/// Replaces a user's password and revokes the tokens already issued to them:
+/// the new hash and the bumped token generation are written in one
+/// transaction, and servers refuse an older generation once their auth cache
+/// (`KVQL_AUTH_CACHE_TTL`) has let go of the token.
 pub async fn set_password(db: &Db, username: &str, password: &str) -> anyhow::Result<()> {
     let found = find(db, username).await?;
     let password_hash = hash(password).await?;
-    let mut active: user::ActiveModel = found.into();
-    active.password_hash = Set(password_hash);
     // In a transaction: outside one, SQLite reports a failed commit of an
-    // UPDATE ... RETURNING only after sea-orm has taken the row and moved on.
+    // UPDATE only after sea-orm has moved on.
     let txn = db.write.begin().await?;
-    active.update(&txn).await?;
+    let updated = user::Entity::update_many()
+        .col_expr(user::Column::PasswordHash, Expr::value(password_hash))
+        .col_expr(
+            user::Column::TokenGeneration,
+            Expr::col(user::Column::TokenGeneration).add(1),
+        )
+        .filter(user::Column::Id.eq(found.id))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected != 1 {
+        bail!("no user named {username:?}");
+    }
+    txn.commit().await?;
+    Ok(())
+}
+
+/// Changes a user's role. Servers read the role from the database when they
+/// verify a token, so it applies within the auth cache TTL.
+pub async fn set_role(db: &Db, username: &str, role: Role) -> anyhow::Result<()> {
+    let txn = db.write.begin().await?;
+    let updated = user::Entity::update_many()
+        .col_expr(user::Column::Role, Expr::value(role.as_str()))
+        .filter(user::Column::Username.eq(username))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected != 1 {
+        bail!("no user named {username:?}");
+    }
     txn.commit().await?;
     Ok(())
 }

@@ -1,7 +1,8 @@
 use sea_orm::entity::prelude::*;
 
 /// A token signing key shared by every node through the database. The newest
-/// key without `retired_at` signs; any key not retired verifies.
+/// key without `retired_at` signs; a key verifies until `retired_at` (none:
+/// forever), so that a rotation lets the tokens an older key signed run out.
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "signing_key")]
 pub struct Model {
@@ -12,6 +13,7 @@ pub struct Model {
     /// Raw key material.
     pub secret: Vec<u8>,
     pub created_at: i64,
+    /// When the key stops verifying, Unix ms; set by `kvql key rotate`.
     pub retired_at: Option<i64>,
 }
 

@@ -16,6 +16,9 @@ pub struct Model {
     pub role: String,
     pub created_at: i64,
     pub disabled: bool,
+    /// Bumped when the password changes; a token issued under an earlier
+    /// generation is refused.
+    pub token_generation: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

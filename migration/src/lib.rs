@@ -7,6 +7,7 @@ mod m20261124_000001_create_tenant;
 mod m20261124_000002_create_user;
 mod m20261124_000003_create_object;
 mod m20261124_000004_create_signing_key;
+mod m20261125_000005_user_token_generation;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000002_create_user::Migration),
             Box::new(m20261124_000003_create_object::Migration),
             Box::new(m20261124_000004_create_signing_key::Migration),
+            Box::new(m20261125_000005_user_token_generation::Migration),
         ]
     }
 }

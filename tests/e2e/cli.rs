@@ -263,3 +263,116 @@ fn an_in_memory_sqlite_url_is_refused_with_a_clear_error() {
         );
     }
 }
+
+#[tokio::test]
+async fn user_passwd_revokes_tokens_already_issued() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    assert_eq!(app.get("/api/objects", Some(&u.token)).await.status, 200);
+    let out = kvql(
+        &app,
+        &["user", "passwd", &u.username, "--password-stdin"],
+        Some("another password\n"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    app.clock.advance(app.config.auth_cache_ttl);
+    app.get("/api/objects", Some(&u.token))
+        .await
+        .assert_error(401, "UNAUTHENTICATED");
+    let fresh = app.login(&u.username, "another password").await;
+    assert_eq!(app.get("/api/objects", Some(&fresh)).await.status, 200);
+}
+
+#[tokio::test]
+async fn user_role_demotes_and_promotes_within_the_auth_cache_window() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    assert_eq!(app.create(&u, "one", json!(1), None).await.status, 201);
+    let out = kvql(&app, &["user", "role", &u.username, "reader"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    app.clock.advance(app.config.auth_cache_ttl);
+    app.create(&u, "two", json!(2), None)
+        .await
+        .assert_error(403, "FORBIDDEN");
+    assert_eq!(app.read(&u, "one").await.status, 200);
+    let list = text(&kvql(&app, &["user", "list"], None).stdout);
+    assert!(
+        list.lines()
+            .any(|l| l.contains(&u.username) && l.contains("reader")),
+        "{list}"
+    );
+    let out = kvql(&app, &["user", "role", &u.username, "owner"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    app.clock.advance(app.config.auth_cache_ttl);
+    assert_eq!(app.create(&u, "two", json!(2), None).await.status, 201);
+    for (args, expected) in [
+        (["user", "role", "nobody", "reader"], "no user named"),
+        (["user", "role", u.username.as_str(), "god"], "god"),
+    ] {
+        let out = kvql(&app, &args, None);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
+
+fn kid(token: &str) -> String {
+    jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
+}
+
+#[tokio::test]
+async fn key_rotate_makes_a_new_key_sign_and_old_tokens_keep_working() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let first = kid(&u.token);
+    let out = kvql(&app, &["key", "rotate", "--token-ttl", "2h"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The running server picks the rotation up within a second.
+    app.clock.advance(std::time::Duration::from_secs(1));
+    assert_eq!(app.get("/api/objects", Some(&u.token)).await.status, 200);
+    let fresh = app.login(&u.username, PASSWORD).await;
+    let second = kid(&fresh);
+    assert_ne!(first, second);
+    assert_eq!(app.get("/api/objects", Some(&fresh)).await.status, 200);
+    let list = text(&kvql(&app, &["key", "list"], None).stdout);
+    let line = |kid: &str| {
+        list.lines()
+            .find(|l| l.starts_with(kid))
+            .unwrap_or_else(|| panic!("{kid} missing from:\n{list}"))
+            .to_owned()
+    };
+    assert!(line(&second).ends_with("signing"), "{list}");
+    assert!(line(&first).ends_with("verifying"), "{list}");
+    assert!(list.starts_with("KID"), "{list}");
+}
+
+#[tokio::test]
+async fn key_rotate_with_revoke_old_refuses_older_tokens() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let first = kid(&u.token);
+    let out = kvql(&app, &["key", "rotate", "--revoke-old"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("revoked"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The command used the real clock, which has run ahead of the test's.
+    app.clock.advance(std::time::Duration::from_secs(60));
+    app.get("/api/objects", Some(&u.token))
+        .await
+        .assert_error(401, "UNAUTHENTICATED");
+    let fresh = app.login(&u.username, PASSWORD).await;
+    assert_ne!(kid(&fresh), first);
+    assert_eq!(app.get("/api/objects", Some(&fresh)).await.status, 200);
+    let list = text(&kvql(&app, &["key", "list"], None).stdout);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with(&first) && l.ends_with("retired")),
+        "{list}"
+    );
+}

@@ -1,6 +1,8 @@
 //! Several nodes on one PostgreSQL database act as one server; on SQLite a
 //! second server on the same file is refused.
 
+use std::time::Duration;
+
 use futures_util::future::join_all;
 use serde_json::json;
 
@@ -111,4 +113,72 @@ async fn nodes_started_on_one_database_sign_with_keys_both_accept() {
             .await;
         assert_eq!(r.status, 200, "{}", r.text);
     }
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(kvql_test_postgres),
+    ignore = "several nodes need PostgreSQL: set KVQL_TEST_DATABASE_URL"
+)]
+async fn a_key_rotation_reaches_every_node_and_revoking_old_keys_applies_everywhere() {
+    let app = TestApp::spawn().await;
+    assert!(app.node.state.db().is_postgres());
+    let b = app.second_node().await;
+    let u = app.writer().await;
+    let kid = |t: &str| jsonwebtoken::decode_header(t).unwrap().kid.unwrap();
+    let get_on = |base: &str, token: &str| {
+        app.send(
+            app.client
+                .get(format!("{base}/api/objects"))
+                .bearer_auth(token),
+        )
+    };
+    let login_on = |base: &str| {
+        app.send(
+            app.client
+                .post(format!("{base}/login"))
+                .json(&json!({"username": u.username, "password": crate::support::PASSWORD})),
+        )
+    };
+    let old = u.token.clone();
+    // Both nodes have verified (and cached) the old token.
+    assert_eq!(get_on(&b.base, &old).await.status, 200);
+
+    // A rotation made elsewhere (here: as `kvql key rotate` does).
+    let second =
+        api::auth::rotate_signing_key(app.node.state.db(), &app.clock, app.config.token_ttl, false)
+            .await
+            .unwrap();
+    app.clock.advance(Duration::from_secs(1));
+    // Node B signs with the new key; node A accepts it, and both still accept the old token.
+    let on_b = login_on(&b.base).await;
+    assert_eq!(on_b.status, 200, "{}", on_b.text);
+    let from_b = on_b.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(kid(&from_b), second);
+    let on_a = login_on(&app.node.base).await;
+    assert_eq!(kid(on_a.body["access_token"].as_str().unwrap()), second);
+    for base in [&app.node.base, &b.base] {
+        for token in [&old, &from_b] {
+            let r = get_on(base, token).await;
+            assert_eq!(r.status, 200, "{base}: {}", r.text);
+        }
+    }
+
+    // Revoking: every token of an older key is refused on every node.
+    let third =
+        api::auth::rotate_signing_key(app.node.state.db(), &app.clock, app.config.token_ttl, true)
+            .await
+            .unwrap();
+    app.clock.advance(Duration::from_secs(1));
+    for base in [&app.node.base, &b.base] {
+        for token in [&old, &from_b] {
+            get_on(base, token)
+                .await
+                .assert_error(401, "UNAUTHENTICATED");
+        }
+    }
+    let on_a = login_on(&app.node.base).await;
+    let from_a = on_a.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(kid(&from_a), third);
+    assert_eq!(get_on(&b.base, &from_a).await.status, 200);
 }

@@ -20,7 +20,7 @@ use poem::web::websocket::{WebSocket, WebSocketConfig};
 use poem::{Body, Endpoint, EndpointExt, IntoResponse, Request, Route, get, handler};
 
 use crate::app::AppState;
-use crate::auth::Principal;
+use crate::auth::{ClientAddr, Principal};
 use crate::config::GraphqlConfig;
 use crate::error::ApiError;
 use crate::input;
@@ -133,7 +133,10 @@ async fn execute(
         Some(Verified(principal)) => Caller::Authenticated(principal.clone()),
         None => Caller::from_authorization(&state, req.header("authorization")).await,
     };
-    Ok(GraphQLResponse(schema.execute(request.data(caller)).await))
+    let client = ClientAddr(state.auth().client_addr(req));
+    Ok(GraphQLResponse(
+        schema.execute(request.data(caller).data(client)).await,
+    ))
 }
 
 /// A GraphQL request from a POST body (JSON), its nesting and numbers checked
@@ -213,6 +216,7 @@ async fn playground_or_websocket(
     let schema = (*schema).clone();
     let state = (*state).clone();
     let upgrade_authorization = req.header("authorization").map(str::to_owned);
+    let client = ClientAddr(state.auth().client_addr(req));
     Ok(socket
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .config(
@@ -228,6 +232,7 @@ async fn playground_or_websocket(
                 state,
                 slot,
                 upgrade_authorization,
+                client,
             )
         })
         .into_response())

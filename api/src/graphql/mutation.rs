@@ -5,6 +5,7 @@ use super::types::{
     BatchItemResult, BatchPayload, CreateObjectInput, KvObject, LoginPayload, PutObjectInput,
     PutObjectPayload, Version, input_data,
 };
+use crate::auth::ClientAddr;
 use crate::error::ApiError;
 use crate::store::{Atomicity, BatchInput, Expect, Item, Key, Store};
 
@@ -36,13 +37,21 @@ fn put_item(store: &Store, input: &PutObjectInput) -> Result<(Item, Expect), Api
 impl Mutation {
     /// Exchanges a username and password for a bearer token; no token needed.
     /// An unknown user and a wrong password get the same `UNAUTHENTICATED` error.
+    /// After too many failed logins for the username or from the client
+    /// address, `RATE_LIMITED` with `extensions.retryAfter` (seconds).
     async fn login(
         &self,
         ctx: &Context<'_>,
         username: String,
         password: String,
     ) -> async_graphql::Result<LoginPayload> {
-        let token = ctx.state().auth().login(&username, &password).await?;
+        // Absent over WebSocket: such logins are throttled per username only.
+        let client = ctx.data_opt::<ClientAddr>().and_then(|c| c.0);
+        let token = ctx
+            .state()
+            .auth()
+            .login(&username, &password, client)
+            .await?;
         Ok(LoginPayload {
             access_token: token.access_token,
             token_type: "Bearer".into(),

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use super::{Caller, KvSchema, SocketAuth, init_authorization};
 use crate::app::AppState;
+use crate::auth::ClientAddr;
 use crate::error::ApiError;
 use crate::input;
 
@@ -120,6 +121,8 @@ struct Connection {
     state: AppState,
     slot: Slot,
     upgrade_authorization: Option<String>,
+    /// The client's address, for login throttling over the socket.
+    client: Option<ClientAddr>,
     to_engine: tokio::sync::mpsc::Sender<String>,
     init_data: Arc<Mutex<Option<Data>>>,
     initialised: bool,
@@ -136,6 +139,7 @@ pub async fn serve(
     state: AppState,
     slot: Slot,
     upgrade_authorization: Option<String>,
+    client: ClientAddr,
 ) {
     let config = state.config().websocket.clone();
     let (mut sink, mut source) = socket.split();
@@ -158,6 +162,7 @@ pub async fn serve(
         state,
         slot,
         upgrade_authorization,
+        client: Some(client),
         to_engine,
         init_data,
         initialised: false,
@@ -319,6 +324,9 @@ impl Connection {
             data.insert(SocketAuth(token.clone()));
         }
         data.insert(caller);
+        if let Some(client) = self.client.take() {
+            data.insert(client);
+        }
         if let Ok(mut slot) = self.init_data.lock() {
             *slot = Some(data);
         }

@@ -393,12 +393,14 @@ impl RestApi {
     #[oai(path = "/login", method = "post", tag = "Tag::Auth")]
     async fn login(
         &self,
+        req: &Request,
         state: Data<&AppState>,
         body: JsonBody<LoginRequest>,
     ) -> Result<Json<TokenResponse>, ApiError> {
-        let token = state
-            .auth()
-            .login(&body.0.username, &body.0.password)
+        let auth = state.auth();
+        let client = auth.client_addr(req);
+        let token = auth
+            .login(&body.0.username, &body.0.password, client)
             .await?;
         Ok(Json(TokenResponse {
             access_token: token.access_token,

@@ -5,5 +5,6 @@
 mod bodies;
 mod graphql;
 mod http;
+mod login;
 mod numbers;
 mod sockets;

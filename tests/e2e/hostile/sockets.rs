@@ -249,7 +249,9 @@ async fn a_user_demoted_to_reader_can_no_longer_write_over_an_open_socket() {
     let dave = app.user("acme", Role::Writer).await;
     let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", auth(&dave.token)).await;
     assert_eq!(put_over_socket(&mut ws, "1", "k").await, "ok");
-    set_role(&app, &dave.username, "reader").await;
+    api::users::set_role(app.node.state.db(), &dave.username, Role::Reader)
+        .await
+        .expect("demote");
     assert_eq!(put_over_socket(&mut ws, "2", "k2").await, "FORBIDDEN");
     assert_eq!(app.read(&dave, "k2").await.status, 404);
     // Reads still work.
@@ -259,18 +261,34 @@ async fn a_user_demoted_to_reader_can_no_longer_write_over_an_open_socket() {
     assert_eq!(answer["payload"]["data"]["object"]["data"], 1, "{answer}");
 }
 
-async fn set_role(app: &TestApp, username: &str, role: &str) {
-    use sea_orm::{ConnectionTrait, Statement};
-    let db = &app.node.state.db().write;
-    let sql = "UPDATE \"user\" SET role = $1 WHERE username = $2";
-    let stmt = Statement::from_sql_and_values(
-        db.get_database_backend(),
-        if app.node.state.db().is_postgres() {
-            sql.to_owned()
-        } else {
-            sql.replace('$', "?")
-        },
-        [role.into(), username.into()],
+#[tokio::test]
+async fn a_password_change_closes_open_sockets_and_ends_their_subscriptions() {
+    let app = TestApp::spawn_with(|c| c.auth_cache_ttl = Duration::ZERO).await;
+    let erin = app.writer().await;
+    let witness = app.writer().await;
+    let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", auth(&erin.token)).await;
+    ws.subscribe("events", EVENTS, json!({})).await;
+    assert_eq!(put_over_socket(&mut ws, "1", "before").await, "ok");
+    api::users::set_password(app.node.state.db(), &erin.username, "a brand new password")
+        .await
+        .expect("set password");
+    // A write by someone else: the revoked subscriber must not receive it.
+    assert_eq!(
+        app.create(&witness, "secret", json!(1), None).await.status,
+        201
     );
-    db.execute_raw(stmt).await.expect("set role");
+    loop {
+        let msg = ws.next().await;
+        if msg["type"] == "closed" {
+            assert_eq!(msg["code"], 4403, "{msg}");
+            break;
+        }
+        let event = &msg["payload"]["data"]["objectEvents"];
+        assert_ne!(event["key"], "secret", "a revoked socket received {msg}");
+    }
+    // The old token is refused over HTTP too; the new password works.
+    app.get("/api/objects", Some(&erin.token))
+        .await
+        .assert_error(401, "UNAUTHENTICATED");
+    app.login(&erin.username, "a brand new password").await;
 }
