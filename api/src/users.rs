@@ -131,33 +131,42 @@ pub async fn list_users(db: &Db, tenant_name: Option<&str>) -> anyhow::Result<Ve
 /// transaction, and servers refuse an older generation once their auth cache
 /// (`KVQL_AUTH_CACHE_TTL`) has let go of the token.
 pub async fn set_password(db: &Db, username: &str, password: &str) -> anyhow::Result<()> {
-    let found = find(db, username).await?;
+    find(db, username).await?;
     let password_hash = hash(password).await?;
-    // In a transaction: outside one, SQLite reports a failed commit of an
-    // UPDATE only after sea-orm has moved on.
-    let txn = db.write.begin().await?;
-    let updated = user::Entity::update_many()
-        .col_expr(user::Column::PasswordHash, Expr::value(password_hash))
-        .col_expr(
-            user::Column::TokenGeneration,
-            Expr::col(user::Column::TokenGeneration).add(1),
-        )
-        .filter(user::Column::Id.eq(found.id))
-        .exec(&txn)
-        .await?;
-    if updated.rows_affected != 1 {
-        bail!("no user named {username:?}");
-    }
-    txn.commit().await?;
-    Ok(())
+    update_user(
+        db,
+        username,
+        user::Entity::update_many()
+            .col_expr(user::Column::PasswordHash, Expr::value(password_hash))
+            .col_expr(
+                user::Column::TokenGeneration,
+                Expr::col(user::Column::TokenGeneration).add(1),
+            ),
+    )
+    .await
 }
 
 /// Changes a user's role. Servers read the role from the database when they
 /// verify a token, so it applies within the auth cache TTL.
 pub async fn set_role(db: &Db, username: &str, role: Role) -> anyhow::Result<()> {
+    update_user(
+        db,
+        username,
+        user::Entity::update_many().col_expr(user::Column::Role, Expr::value(role.as_str())),
+    )
+    .await
+}
+
+/// Applies `update` to the user named `username`, in a transaction: outside
+/// one, SQLite reports a failed commit of an UPDATE only after sea-orm has
+/// moved on.
+async fn update_user(
+    db: &Db,
+    username: &str,
+    update: sea_orm::UpdateMany<user::Entity>,
+) -> anyhow::Result<()> {
     let txn = db.write.begin().await?;
-    let updated = user::Entity::update_many()
-        .col_expr(user::Column::Role, Expr::value(role.as_str()))
+    let updated = update
         .filter(user::Column::Username.eq(username))
         .exec(&txn)
         .await?;

@@ -186,6 +186,17 @@ impl Resp {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// Asserts that the error message mentions `words`.
+    #[track_caller]
+    pub fn assert_mentions(&self, words: &str) {
+        let message = self.body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(words),
+            "expected {words:?} in {}",
+            self.text
+        );
+    }
+
     /// Asserts an error answer: status, JSON content type, `code`, a message.
     #[track_caller]
     pub fn assert_error(&self, status: u16, code: &str) {
@@ -409,6 +420,19 @@ fn replace_db_name_keeps_the_rest_of_the_url() {
 }
 
 impl TestApp {
+    /// `POST path` with a JSON body given as text (for bodies that
+    /// `serde_json::Value` cannot hold or would change), with a bearer token.
+    pub async fn post_text(&self, path: &str, token: &str, body: impl Into<String>) -> Resp {
+        self.send(
+            self.client
+                .post(self.url(path))
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(body.into()),
+        )
+        .await
+    }
+
     /// `POST /graphql` with a query and variables.
     pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Resp {
         self.post(

@@ -180,36 +180,13 @@ async fn integers_beyond_64_bits_are_refused_not_rounded() {
     let app = TestApp::spawn().await;
     let u = app.writer().await;
     let body = r#"{"key": "big", "data": {"n": 123456789012345678901234567890}}"#;
-    let r = app
-        .send(
-            app.client
-                .post(app.url("/api/object"))
-                .bearer_auth(&u.token)
-                .header("content-type", "application/json")
-                .body(body),
-        )
-        .await;
+    let r = app.post_text("/api/object", &u.token, body).await;
     r.assert_error(400, "INVALID_INPUT");
-    assert!(
-        r.body["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("64 bits"),
-        "{}",
-        r.text
-    );
+    r.assert_mentions("64 bits");
     assert_eq!(app.read(&u, "big").await.status, 404, "nothing was written");
 
     let gql = r#"{"query": "mutation($d: JSON!) { createObject(input: {key: \"big\", data: $d}) { key } }", "variables": {"d": -98765432109876543210}}"#;
-    let r = app
-        .send(
-            app.client
-                .post(app.url("/graphql"))
-                .bearer_auth(&u.token)
-                .header("content-type", "application/json")
-                .body(gql),
-        )
-        .await;
+    let r = app.post_text("/graphql", &u.token, gql).await;
     r.assert_error(400, "INVALID_INPUT");
     assert_eq!(app.read(&u, "big").await.status, 404, "nothing was written");
     assert_eq!(app.row_count().await, 0);
