@@ -162,8 +162,10 @@ struct Claims {
 /// At most one argon2 computation per CPU at a time: each takes ~19 MiB and
 /// tens of milliseconds, so a burst of logins queues here instead of
 /// multiplying memory use.
-static HASHING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
-    tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+static HASHING: LazyLock<Arc<tokio::sync::Semaphore>> = LazyLock::new(|| {
+    Arc::new(tokio::sync::Semaphore::new(
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+    ))
 });
 
 /// Computations waiting for a [`HASHING`] permit through [`hashing_or_refuse`].
@@ -174,13 +176,12 @@ static WAITING: AtomicUsize = AtomicUsize::new(0);
 pub async fn hashing<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
-    let _permit = HASHING
-        .acquire()
+    let permit = HASHING
+        .clone()
+        .acquire_owned()
         .await
         .context("hashing semaphore closed")?;
-    tokio::task::spawn_blocking(work)
-        .await
-        .context("hashing task failed")
+    run_hashing(permit, work).await.map_err(anyhow::Error::msg)
 }
 
 /// Like [`hashing`], but when `max_waiting` computations already wait for a
@@ -196,7 +197,7 @@ pub async fn hashing_or_refuse<T: Send + 'static>(
             WAITING.fetch_sub(1, Ordering::SeqCst);
         }
     }
-    let _permit = match HASHING.try_acquire() {
+    let permit = match HASHING.clone().try_acquire_owned() {
         Ok(permit) => permit,
         Err(tokio::sync::TryAcquireError::Closed) => {
             return Err(ApiError::internal(anyhow::anyhow!(
@@ -213,14 +214,30 @@ pub async fn hashing_or_refuse<T: Send + 'static>(
             }
             let _waiting = Waiting;
             HASHING
-                .acquire()
+                .clone()
+                .acquire_owned()
                 .await
                 .map_err(|e| ApiError::internal(anyhow::anyhow!("hashing semaphore: {e}")))?
         }
     };
-    tokio::task::spawn_blocking(work)
+    run_hashing(permit, work)
         .await
-        .map_err(|e| ApiError::internal(anyhow::anyhow!("hashing task failed: {e}")))
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))
+}
+
+/// Runs `work` on the blocking pool holding `permit` until it ends, even
+/// when the request that started it is dropped (a client that hangs up must
+/// not free a slot while its computation still runs).
+async fn run_hashing<T: Send + 'static>(
+    permit: tokio::sync::OwnedSemaphorePermit,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .map_err(|e| format!("hashing task failed: {e}"))
 }
 
 /// Hashes a password with argon2id (default parameters, random salt) into a PHC string.
@@ -244,6 +261,13 @@ pub fn check_password_strength(password: &str) -> Result<(), String> {
         Err("the password must have at least 8 characters".into())
     } else {
         Ok(())
+    }
+}
+
+impl SigningKeys {
+    fn loaded_now(&mut self, now_ms: i64) {
+        self.loaded_at_ms = now_ms;
+        self.loaded_at = std::time::Instant::now();
     }
 }
 
@@ -578,17 +602,18 @@ impl Auth {
         if !is_stale()? {
             return Ok(());
         }
-        let fresh = load_keys(&self.inner.db, &self.inner.clock)
-            .await
-            .map_err(ApiError::internal)?;
+        let fresh = load_keys(&self.inner.db, &self.inner.clock).await;
         let mut keys = self.inner.keys.write().map_err(|_| poisoned())?;
         match fresh {
-            Some(fresh) => *keys = fresh,
-            // No key signs (every one retired by hand): keep what this node
-            // has, whose ends are still checked, and look again later.
-            None => {
-                keys.loaded_at_ms = self.inner.clock.now_ms();
-                keys.loaded_at = std::time::Instant::now();
+            Ok(Some(fresh)) => *keys = fresh,
+            // No key signs (every one retired by hand), or the database does
+            // not answer: keep what this node has, whose ends are still
+            // checked, and look again a second later instead of sending every
+            // waiting request to the database in turn.
+            Ok(None) => keys.loaded_now(self.inner.clock.now_ms()),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot reload the signing keys; keeping the current ones");
+                keys.loaded_now(self.inner.clock.now_ms());
             }
         }
         Ok(())

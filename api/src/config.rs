@@ -192,9 +192,16 @@ pub struct WebSocketConfig {
     #[arg(long, env = "KVQL_WS_KEEPALIVE", default_value = "15s", value_parser = parse_duration)]
     pub ws_keepalive: Duration,
 
-    /// Most open GraphQL WebSockets on this node; more are refused with 503.
+    /// Most open GraphQL WebSockets on this node; more are refused with 429.
     #[arg(long, env = "KVQL_WS_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub ws_max_connections: u64,
+
+    /// Most GraphQL WebSockets on this node without an accepted token (not
+    /// yet initialised, or initialised without one); more are refused with
+    /// 429. Each may hold up to one message of `KVQL_MAX_VALUE_BYTES` + 64 KiB
+    /// in its buffer.
+    #[arg(long, env = "KVQL_WS_MAX_ANONYMOUS_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_max_anonymous_connections: u64,
 
     /// Most open GraphQL WebSockets per user on this node; a connection_init
     /// beyond it is closed with code 4429.
@@ -219,8 +226,8 @@ pub struct GraphqlConfig {
     pub graphql_max_complexity: usize,
 
     /// Most fields, fragment spreads and inline fragments in one GraphQL
-    /// operation once its fragments are expanded (counted without expanding
-    /// them, before validation).
+    /// document (all its operations) once its fragments are expanded (counted
+    /// without expanding them, before validation).
     #[arg(long, env = "KVQL_GRAPHQL_MAX_SELECTIONS", default_value_t = 2000)]
     pub graphql_max_selections: usize,
 

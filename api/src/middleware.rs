@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use poem::http::{HeaderValue, StatusCode, header};
+use poem::http::{HeaderValue, Method, StatusCode, header};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
 use tracing::Instrument;
 
@@ -59,17 +59,20 @@ pub async fn around<E: Endpoint>(
                 None => config.max_anonymous_body_bytes.min(config.body_limit()),
             };
             let budget = config.request_timeout;
-            let result = match limit_body(&mut req, body_limit).await {
-                Ok(()) => match tokio::time::timeout(budget, ep.call(req)).await {
-                    Ok(result) => result.map(IntoResponse::into_response),
-                    Err(_) => Err(ApiError::Timeout(format!(
-                        "the request took longer than this server's time budget ({}); \
-                         a write may or may not have been applied",
-                        humantime::format_duration(budget)
-                    ))
-                    .into()),
-                },
-                Err(e) => Err(e.into()),
+            // Reading the body counts against the time budget too, so a slow
+            // client cannot hold a request open by trickling its body.
+            let work = async {
+                limit_body(&mut req, body_limit).await?;
+                ep.call(req).await.map(IntoResponse::into_response)
+            };
+            let result = match tokio::time::timeout(budget, work).await {
+                Ok(result) => result,
+                Err(_) => Err(ApiError::Timeout(format!(
+                    "the request took longer than this server's time budget ({}); \
+                     a write may or may not have been applied",
+                    humantime::format_duration(budget)
+                ))
+                .into()),
             };
             let mut resp = match result {
                 Ok(resp) if needs_json(&resp) => json_error(&method, resp.status()),
@@ -163,7 +166,11 @@ async fn limit_body(req: &mut Request, limit: u64) -> Result<(), ApiError> {
     match declared {
         Some(len) if len > limit => Err(too_large()),
         Some(_) => Ok(()),
-        None if req.headers().contains_key(header::TRANSFER_ENCODING) => {
+        // No declared length (chunked HTTP/1.1, or HTTP/2 where a body may
+        // come without either header): read it here, up to the limit.
+        None if req.headers().contains_key(header::TRANSFER_ENCODING)
+            || !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) =>
+        {
             let body = req.take_body();
             match body.into_bytes_limit(limit as usize).await {
                 Ok(bytes) => {

@@ -205,11 +205,16 @@ async fn playground_or_websocket(
         )
     })?;
     let config = state.config();
-    let max = config.websocket.ws_max_connections;
-    let slot = sockets.open(max).ok_or_else(|| ApiError::RateLimited {
-        message: format!("this node has {max} WebSocket connections open, its limit"),
-        retry_after: 1,
-    })?;
+    let ws_config = &config.websocket;
+    let slot = sockets
+        .open(
+            ws_config.ws_max_connections,
+            ws_config.ws_max_anonymous_connections,
+        )
+        .ok_or_else(|| ApiError::RateLimited {
+            message: "this node has as many WebSocket connections open as it accepts".into(),
+            retry_after: 1,
+        })?;
     // A message carries at most one value plus its envelope.
     let max_message =
         usize::try_from(config.max_value_bytes.saturating_add(64 * 1024)).unwrap_or(usize::MAX);

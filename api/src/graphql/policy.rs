@@ -224,6 +224,8 @@ struct Size {
     aliases: u64,
     /// Fields at the top level of the set (through spreads and inline fragments).
     roots: u64,
+    /// Deepest nesting below the set, selection sets and spreads both counting.
+    height: usize,
 }
 
 impl Size {
@@ -231,6 +233,7 @@ impl Size {
         self.selections = self.selections.saturating_add(other.selections);
         self.aliases = self.aliases.saturating_add(other.aliases);
         self.roots = self.roots.saturating_add(other.roots);
+        self.height = self.height.max(other.height);
     }
 }
 
@@ -247,12 +250,14 @@ struct Sizer<'d> {
 
 const MAX_SPREAD_DEPTH: usize = 64;
 
+fn too_deep() -> String {
+    format!("selections and fragment spreads are nested more than {MAX_SPREAD_DEPTH} levels deep")
+}
+
 impl<'d> Sizer<'d> {
     fn set(&mut self, set: &'d SelectionSet, depth: usize) -> Result<Size, String> {
         if depth > MAX_SPREAD_DEPTH {
-            return Err(format!(
-                "selections and fragment spreads are nested more than {MAX_SPREAD_DEPTH} levels deep"
-            ));
+            return Err(too_deep());
         }
         let mut size = Size::default();
         for item in &set.items {
@@ -261,18 +266,23 @@ impl<'d> Sizer<'d> {
                     let inner = self.set(&f.node.selection_set.node, depth + 1)?;
                     size.add(Size {
                         selections: inner.selections.saturating_add(1),
-                        aliases: inner.aliases + u64::from(f.node.alias.is_some()),
+                        aliases: inner
+                            .aliases
+                            .saturating_add(u64::from(f.node.alias.is_some())),
                         roots: 1,
+                        height: inner.height + 1,
                     });
                 }
                 Selection::InlineFragment(i) => {
                     let mut inner = self.set(&i.node.selection_set.node, depth + 1)?;
                     inner.selections = inner.selections.saturating_add(1);
+                    inner.height += 1;
                     size.add(inner);
                 }
                 Selection::FragmentSpread(spread) => {
                     let mut inner = self.fragment(&spread.node.fragment_name.node, depth + 1)?;
                     inner.selections = inner.selections.saturating_add(1);
+                    inner.height += 1;
                     size.add(inner);
                 }
             }
@@ -282,6 +292,10 @@ impl<'d> Sizer<'d> {
 
     fn fragment(&mut self, name: &'d str, depth: usize) -> Result<Size, String> {
         if let Some(size) = self.done.get(name) {
+            // Remembered: the same answer as walking it again at this depth.
+            if depth + size.height > MAX_SPREAD_DEPTH {
+                return Err(too_deep());
+            }
             return Ok(*size);
         }
         // An unknown fragment is left to validation, which names it.
@@ -316,30 +330,33 @@ impl Limits {
             done: HashMap::new(),
             in_progress: Default::default(),
         };
-        let mut aliases = 0u64;
+        // async-graphql walks every operation of the document, expanded.
+        let mut total = Size::default();
+        let mut most_roots = 0;
         for (_, op) in doc.operations.iter() {
             let size = sizer
                 .set(&op.node.selection_set.node, 0)
                 .map_err(limit_error)?;
-            if size.selections > self.max_selections as u64 {
-                return Err(limit_error(format!(
-                    "the operation selects {} fields, fragment spreads and inline fragments \
-                     once its fragments are expanded; the limit is {}",
-                    size.selections, self.max_selections
-                )));
-            }
-            if size.roots > self.max_root_fields as u64 {
-                return Err(limit_error(format!(
-                    "the operation selects {} top-level fields; the limit is {}",
-                    size.roots, self.max_root_fields
-                )));
-            }
-            aliases = aliases.saturating_add(size.aliases);
+            most_roots = most_roots.max(size.roots);
+            total.add(size);
         }
-        if aliases > self.max_aliases as u64 {
+        if total.selections > self.max_selections as u64 {
             return Err(limit_error(format!(
-                "the document uses {aliases} aliases; the limit is {}",
-                self.max_aliases
+                "the document selects {} fields, fragment spreads and inline fragments \
+                 once its fragments are expanded; the limit is {}",
+                total.selections, self.max_selections
+            )));
+        }
+        if most_roots > self.max_root_fields as u64 {
+            return Err(limit_error(format!(
+                "the operation selects {most_roots} top-level fields; the limit is {}",
+                self.max_root_fields
+            )));
+        }
+        if total.aliases > self.max_aliases as u64 {
+            return Err(limit_error(format!(
+                "the document uses {} aliases; the limit is {}",
+                total.aliases, self.max_aliases
             )));
         }
         // Fragments no operation uses are still walked by validation.

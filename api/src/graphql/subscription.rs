@@ -62,8 +62,11 @@ impl Watch {
                     {
                         continue;
                     }
+                    // Only a refused token ends the stream; a failed check
+                    // (the database away for a moment) delivers as before.
                     if let Some((auth, token)) = &self.recheck
-                        && let Err(e) = auth.authenticate(token).await
+                        && let Err(e @ ApiError::Unauthenticated(_)) =
+                            auth.authenticate(token).await
                     {
                         self.done = true;
                         return Some(Err(e));

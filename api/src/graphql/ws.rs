@@ -33,29 +33,45 @@ use crate::auth::ClientAddr;
 use crate::error::ApiError;
 use crate::input;
 
-/// Open sockets of one node, in total and per user.
+/// Open sockets of one node: in total, not (yet) authenticated, and per user.
 #[derive(Default)]
 pub struct Sockets {
     open: AtomicU64,
+    anonymous: AtomicU64,
     per_user: Mutex<HashMap<i64, u64>>,
 }
 
 /// One open socket's place in [`Sockets`]; released when dropped.
 pub struct Slot {
     sockets: Arc<Sockets>,
+    /// Counted as anonymous: until a token is accepted at `connection_init`.
+    anonymous: bool,
     user: Option<i64>,
 }
 
+/// Adds one to `counter` unless it is at `max`.
+fn take(counter: &AtomicU64, max: u64) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
 impl Sockets {
-    /// A slot for a new socket, unless the node already has `max` open.
-    pub fn open(self: &Arc<Self>, max: u64) -> Option<Slot> {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()?;
+    /// A slot for a new socket, unless the node already has `max` sockets
+    /// open or `max_anonymous` not authenticated yet.
+    pub fn open(self: &Arc<Self>, max: u64, max_anonymous: u64) -> Option<Slot> {
+        if !take(&self.open, max) {
+            return None;
+        }
+        if !take(&self.anonymous, max_anonymous) {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
         Some(Slot {
             sockets: self.clone(),
+            anonymous: true,
             user: None,
         })
     }
@@ -73,6 +89,9 @@ impl Slot {
         }
         *n += 1;
         self.user = Some(user);
+        if std::mem::take(&mut self.anonymous) {
+            self.sockets.anonymous.fetch_sub(1, Ordering::AcqRel);
+        }
         true
     }
 }
@@ -80,6 +99,9 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.sockets.open.fetch_sub(1, Ordering::AcqRel);
+        if self.anonymous {
+            self.sockets.anonymous.fetch_sub(1, Ordering::AcqRel);
+        }
         if let Some(user) = self.user
             && let Ok(mut per_user) = self.sockets.per_user.lock()
             && let Some(n) = per_user.get_mut(&user)
@@ -106,6 +128,9 @@ struct InitMessage {
     payload: serde_json::Value,
 }
 
+/// Longest operation id accepted.
+const MAX_ID_BYTES: usize = 128;
+
 /// Messages waiting for the protocol engine; it drains them whenever it is
 /// polled, so more waiting means a client flooding the socket.
 const QUEUE: usize = 256;
@@ -119,6 +144,7 @@ enum Step {
 
 struct Connection {
     state: AppState,
+    protocol: Protocols,
     slot: Slot,
     upgrade_authorization: Option<String>,
     /// The client's address, for login throttling over the socket.
@@ -160,6 +186,7 @@ pub async fn serve(
     });
     let mut conn = Connection {
         state,
+        protocol,
         slot,
         upgrade_authorization,
         client: Some(client),
@@ -174,11 +201,11 @@ pub async fn serve(
     tokio::pin!(init_deadline);
     let mut keepalive =
         tokio::time::interval_at(Instant::now() + config.ws_keepalive, config.ws_keepalive);
-    let recheck_every = conn
-        .state
-        .config()
-        .auth_cache_ttl
-        .clamp(Duration::from_millis(250), Duration::from_secs(5));
+    // Operations and events are checked one by one; this catches idle
+    // sockets, a few times per cache window at most so that thousands of
+    // them do not turn into a database query each per window.
+    let recheck_every = (conn.state.config().auth_cache_ttl * 5)
+        .clamp(Duration::from_secs(1), Duration::from_secs(5));
     let mut recheck = tokio::time::interval_at(Instant::now() + recheck_every, recheck_every);
     let mut last_heard = Instant::now();
 
@@ -202,7 +229,11 @@ pub async fn serve(
             },
             outgoing = engine.next() => match outgoing {
                 None => break None,
-                Some(WsMessage::Close(code, reason)) => Step::Close(code, reason),
+                // The engine closes with 1002 on a message it cannot read;
+                // graphql-transport-ws says 4400. Its reasons may quote input.
+                Some(WsMessage::Close(code, reason)) => {
+                    Step::Close(if code == 1002 { 4400 } else { code }, truncate(reason))
+                }
                 Some(WsMessage::Text(text)) => {
                     conn.sending(&text);
                     match sink.send(Message::Text(text)).await {
@@ -244,7 +275,17 @@ pub async fn serve(
 
 impl Connection {
     async fn received(&mut self, text: String) -> Step {
-        let max_depth = self.state.config().max_json_depth;
+        let config = self.state.config();
+        if self.token.is_none() && text.len() as u64 > config.max_anonymous_body_bytes {
+            return Step::Close(
+                4400,
+                format!(
+                    "messages are at most {} bytes before the connection is authenticated",
+                    config.max_anonymous_body_bytes
+                ),
+            );
+        }
+        let max_depth = config.max_json_depth;
         if let Err(e) = input::check_json(text.as_bytes(), max_depth, "WebSocket message") {
             return Step::Close(4400, truncate(e.to_string()));
         }
@@ -259,12 +300,23 @@ impl Connection {
                 }
             }
             "subscribe" | "start" => {
-                if !self.acknowledged {
+                // graphql-transport-ws forbids subscribing before the ack; the
+                // legacy protocol's clients send `start` right after
+                // `connection_init`, and the engine takes them in order.
+                if !self.acknowledged
+                    && (self.protocol == Protocols::GraphQLWS || !self.initialised)
+                {
                     return Step::Close(4401, "Unauthorized".into());
                 }
                 let Some(id) = envelope.id else {
                     return Step::Close(4400, "Invalid message received: no id".into());
                 };
+                if id.len() > MAX_ID_BYTES {
+                    return Step::Close(
+                        4400,
+                        format!("Invalid message received: ids are at most {MAX_ID_BYTES} bytes"),
+                    );
+                }
                 if self.active.contains(&id) {
                     return Step::Close(
                         4409,

@@ -197,3 +197,34 @@ async fn integers_beyond_64_bits_in_a_graphql_literal_are_refused() {
         404
     );
 }
+
+#[tokio::test]
+async fn the_selection_budget_covers_all_operations_of_a_document() {
+    let app = TestApp::spawn().await;
+    // F8 expands to 256 fields and 510 spreads: one operation fits in the
+    // budget of 2,000 (and in the complexity limit of 500), three do not.
+    let mut fragments = String::from("fragment F0 on Me { username }\n");
+    for i in 1..=8 {
+        fragments.push_str(&format!(
+            "fragment F{i} on Me {{ ...F{p} ...F{p} }}\n",
+            p = i - 1
+        ));
+    }
+    let u = app.writer().await;
+    let one = format!("query a {{ me {{ ...F8 }} }}\n{fragments}");
+    let r = app.gql(Some(&u.token), &one, json!({})).await;
+    assert_eq!(r.gql_data()["me"]["username"], u.username.as_str());
+    let two = format!(
+        "query a {{ me {{ ...F8 }} }}\nquery b {{ me {{ ...F8 }} }}\nquery c {{ me {{ ...F8 }} }}\n{fragments}"
+    );
+    let r = app
+        .send(
+            app.client
+                .post(app.url("/graphql"))
+                .json(&json!({"query": two, "operationName": "a"})),
+        )
+        .await;
+    assert_eq!(r.gql_error_code(), "INVALID_INPUT");
+    let message = r.body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("the document selects"), "{message}");
+}

@@ -292,3 +292,38 @@ async fn a_password_change_closes_open_sockets_and_ends_their_subscriptions() {
         .assert_error(401, "UNAUTHENTICATED");
     app.login(&erin.username, "a brand new password").await;
 }
+
+#[tokio::test]
+async fn sockets_without_an_accepted_token_are_capped_per_node() {
+    let app = TestApp::spawn_with(|c| c.websocket.ws_max_anonymous_connections = 2).await;
+    let u = app.writer().await;
+    let mut a = WsClient::open(&app.node.base, "/graphql/ws").await;
+    let _b = WsClient::open(&app.node.base, "/graphql/ws").await;
+    match WsClient::try_open(&app.node.base, "/graphql/ws").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 429)
+        }
+        Err(other) => panic!("expected a 429, got {other}"),
+        Ok(_) => panic!("a third anonymous socket was accepted"),
+    }
+    // Once one of them authenticates, it no longer counts as anonymous.
+    a.send(json!({"type": "connection_init", "payload": auth(&u.token)}))
+        .await;
+    assert_eq!(a.next().await["type"], "connection_ack");
+    let _c = WsClient::connect(&app.node.base, "/graphql/ws", auth(&u.token)).await;
+}
+
+#[tokio::test]
+async fn an_overlong_operation_id_or_message_closes_with_4400() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", auth(&u.token)).await;
+    ws.subscribe(&"i".repeat(129), EVENTS, json!({})).await;
+    assert_eq!(ws.closed().await, 4400);
+    // Before authentication, messages are held to the anonymous body limit.
+    let mut anon = WsClient::open(&app.node.base, "/graphql/ws").await;
+    let padding = "x".repeat(app.config.max_anonymous_body_bytes as usize);
+    anon.send(json!({"type": "connection_init", "payload": {"padding": padding}}))
+        .await;
+    assert_eq!(anon.closed().await, 4400);
+}
