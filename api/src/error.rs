@@ -285,20 +285,24 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The error answers as documented in OpenAPI.
+/// Every error answer as documented in OpenAPI; each route declares the ones
+/// it can give through [`Errors`].
 #[derive(ApiResponse)]
 #[allow(dead_code)]
 enum ErrorResponses {
-    /// INVALID_INPUT: malformed JSON, a missing field, or a value out of range.
+    /// INVALID_INPUT: malformed JSON, a missing or mistyped field, or a value
+    /// out of range; `field` names the input at fault.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
-    /// UNAUTHENTICATED: a missing, bad or expired token, or wrong credentials.
+    /// UNAUTHENTICATED: a missing, malformed, expired or revoked token (or, at
+    /// login, wrong credentials).
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>, #[oai(header = "WWW-Authenticate")] String),
-    /// FORBIDDEN: the token's role may not write.
+    /// FORBIDDEN: the token's role (`reader`) may not write.
     #[oai(status = 403)]
     Forbidden(Json<ErrorBody>),
-    /// NOT_FOUND: no live value under the key.
+    /// NOT_FOUND: no live value under the key (absent, expired or another
+    /// tenant's, all alike).
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
     /// ALREADY_EXISTS: a live value is already stored under the key.
@@ -307,20 +311,54 @@ enum ErrorResponses {
     /// VERSION_MISMATCH: `If-Match` named a version that is no longer current.
     #[oai(status = 412)]
     PreconditionFailed(Json<ErrorBody>),
-    /// PAYLOAD_TOO_LARGE: a value, batch or body over its limit.
+    /// PAYLOAD_TOO_LARGE: a value, a batch or the request body over its limit.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
-    /// INVALID_INPUT: the body is not `application/json`.
+    /// INVALID_INPUT: the body is not sent as `application/json`.
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
-    /// INTERNAL: logged server-side under `request_id`.
+    /// RATE_LIMITED: too many attempts; retry after `Retry-After` seconds.
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+    /// INTERNAL: logged server-side under `request_id`; quote it when reporting.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
 }
 
-impl ApiResponse for ApiError {
+/// The error statuses one route can answer with, as it declares them in
+/// OpenAPI: the document must list every status a route gives, and only those.
+pub trait ErrorStatuses: Send + Sync + 'static {
+    const STATUSES: &'static [u16];
+}
+
+/// An [`ApiError`] returned by a route that declares the statuses `S` lists.
+/// Only the declaration differs: the answer is the error's own.
+pub struct Errors<S>(pub ApiError, std::marker::PhantomData<fn() -> S>);
+
+impl<S> From<ApiError> for Errors<S> {
+    fn from(err: ApiError) -> Self {
+        Errors(err, std::marker::PhantomData)
+    }
+}
+
+impl<S> From<Errors<S>> for poem::Error {
+    fn from(err: Errors<S>) -> Self {
+        err.0.into()
+    }
+}
+
+impl<S: Send> IntoResponse for Errors<S> {
+    fn into_response(self) -> Response {
+        self.0.into_response()
+    }
+}
+
+impl<S: ErrorStatuses> ApiResponse for Errors<S> {
     fn meta() -> MetaResponses {
-        ErrorResponses::meta()
+        let mut meta = ErrorResponses::meta();
+        meta.responses
+            .retain(|r| r.status.is_some_and(|s| S::STATUSES.contains(&s)));
+        meta
     }
 
     fn register(registry: &mut Registry) {

@@ -16,8 +16,6 @@ async fn a_batch_reports_each_item_in_order_and_writes_only_the_good_ones() {
             &json!([
                 {"key": "a", "data": 1},
                 {"key": "taken", "data": "overwrite?"},
-                {"key": "", "data": 2},
-                {"key": "b", "data": 3, "ttl": 0},
                 {"key": "big", "data": "x".repeat(200)},
                 {"key": "c", "data": {"ok": true}, "ttl": 60},
                 {"key": "a", "data": "duplicate in the batch"}
@@ -42,8 +40,6 @@ async fn a_batch_reports_each_item_in_order_and_writes_only_the_good_ones() {
         vec![
             ("a".into(), true, 201, None),
             ("taken".into(), false, 409, Some("ALREADY_EXISTS")),
-            ("".into(), false, 400, Some("INVALID_INPUT")),
-            ("b".into(), false, 400, Some("INVALID_INPUT")),
             ("big".into(), false, 413, Some("PAYLOAD_TOO_LARGE")),
             ("c".into(), true, 201, None),
             ("a".into(), false, 409, Some("ALREADY_EXISTS")),
@@ -53,7 +49,7 @@ async fn a_batch_reports_each_item_in_order_and_writes_only_the_good_ones() {
         assert_eq!(item["index"], i);
     }
     assert_eq!(r.body["succeeded"], 2);
-    assert_eq!(r.body["failed"], 5);
+    assert_eq!(r.body["failed"], 3);
     let rows = app.snapshot().await;
     let keys: Vec<&str> = rows.iter().map(|r| r["key"].as_str().unwrap()).collect();
     assert_eq!(keys, ["a", "c", "taken"]);
@@ -120,6 +116,49 @@ async fn an_atomic_batch_with_an_invalid_item_writes_nothing() {
 }
 
 #[tokio::test]
+async fn an_invalid_key_or_ttl_fails_a_per_item_batch_as_a_whole_and_writes_nothing() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    app.create(&u, "keep", json!(1), None).await;
+    let before = app.snapshot().await;
+    for (method, path, body, index, key, field) in [
+        (
+            reqwest::Method::POST,
+            "/api/batch/object",
+            json!([{"key": "x", "data": 1}, {"key": "", "data": 2}]),
+            1,
+            "",
+            "key",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/api/batch/object",
+            json!([{"key": "x", "data": 1}, {"key": "y", "data": 2, "ttl": 0}]),
+            1,
+            "y",
+            "ttl",
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/batch/delete",
+            json!(["keep", "a\u{7}b"]),
+            1,
+            "a\u{7}b",
+            "key",
+        ),
+    ] {
+        let r = app
+            .send(app.request(method, path, Some(&u.token)).json(&body))
+            .await;
+        r.assert_error(400, "INVALID_INPUT");
+        assert_eq!(r.body["index"], index, "{path}: {}", r.text);
+        assert_eq!(r.body["key"], key, "{path}: {}", r.text);
+        assert_eq!(r.body["field"], field, "{path}: {}", r.text);
+        assert_eq!(app.snapshot().await, before, "{path} wrote nothing");
+    }
+}
+
+#[tokio::test]
 async fn a_batch_over_the_item_limit_gets_413_and_writes_nothing() {
     let app = TestApp::spawn_with(|c| c.max_batch_items = 3).await;
     let u = app.writer().await;
@@ -180,7 +219,7 @@ async fn a_batch_delete_reports_missing_keys_and_deletes_the_rest() {
         .post(
             "/api/batch/delete",
             Some(&u.token),
-            &json!(["a", "missing", "b", ""]),
+            &json!(["a", "missing", "b"]),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -201,7 +240,6 @@ async fn a_batch_delete_reports_missing_keys_and_deletes_the_rest() {
             (true, None),
             (false, Some("NOT_FOUND".into())),
             (true, None),
-            (false, Some("INVALID_INPUT".into())),
         ]
     );
     assert_eq!(app.row_count().await, 0);
