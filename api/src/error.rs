@@ -223,8 +223,8 @@ impl From<sea_orm::DbErr> for ApiError {
 }
 
 /// Every error answer: `{"error": "<sentence>", "code": "<CODE>"}`, plus
-/// `field`, `index`/`key` (atomic batches) or `request_id` (internal errors)
-/// when they apply.
+/// `field`, `index`/`key` (a batch that failed as a whole) or `request_id`
+/// (internal errors) when they apply.
 #[derive(Debug, Clone, serde::Serialize, Object)]
 pub struct ErrorBody {
     /// What went wrong, as a sentence for a human.
@@ -237,11 +237,11 @@ pub struct ErrorBody {
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
-    /// For an atomic batch: the position of the item that failed.
+    /// For a batch that failed as a whole: the position of the item at fault.
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<u64>,
-    /// For an atomic batch: the key of the item that failed.
+    /// For a batch that failed as a whole: the key of the item at fault.
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -323,6 +323,18 @@ enum ErrorResponses {
     /// INTERNAL: logged server-side under `request_id`; quote it when reporting.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
+}
+
+/// Every error status, for a route that has not said which it gives: prefer
+/// [`Errors`], which declares only those (schemathesis flags the others).
+impl ApiResponse for ApiError {
+    fn meta() -> MetaResponses {
+        ErrorResponses::meta()
+    }
+
+    fn register(registry: &mut Registry) {
+        ErrorResponses::register(registry);
+    }
 }
 
 /// The error statuses one route can answer with, as it declares them in

@@ -151,6 +151,7 @@ struct PutObjectRequest {
 /// A stored value.
 #[derive(Object)]
 struct ObjectView {
+    /// The key, as stored (not percent-encoded).
     key: String,
     /// The JSON value as stored.
     data: JsonValue,
@@ -215,6 +216,7 @@ impl From<store::Object> for ObjectView {
 struct WriteResult {
     /// `Key-Value pair created` or `Key-Value pair updated`.
     message: String,
+    /// The key written.
     key: String,
     /// The version now stored.
     version: i64,
@@ -254,6 +256,7 @@ impl WriteResult {
 struct DeleteResult {
     /// `Key-Value pair deleted`.
     message: String,
+    /// The key deleted.
     key: String,
 }
 
@@ -270,8 +273,9 @@ struct ObjectPage {
 /// One item's outcome in a batch.
 #[derive(Object)]
 struct BatchItemResult {
-    /// Position of the item in the request.
+    /// Position of the item in the request, from 0.
     index: u64,
+    /// The item's key.
     key: String,
     /// Whether this item was written.
     ok: bool,
@@ -291,6 +295,7 @@ struct BatchItemResult {
 /// Per-item results, in request order.
 #[derive(Object)]
 struct BatchResult {
+    /// One result per item, in request order.
     results: Vec<BatchItemResult>,
     /// How many items were written.
     succeeded: u64,
@@ -346,6 +351,7 @@ impl BatchResult {
     }
 }
 
+/// The state of this node.
 #[derive(Object)]
 struct Health {
     /// `ok`, `ready` or `unavailable`.
@@ -457,7 +463,8 @@ impl RestApi {
     /// Log in
     ///
     /// Exchanges a username and password for a bearer token. An unknown user
-    /// and a wrong password get the same 401.
+    /// and a wrong password get the same 401. Too many failed attempts get
+    /// 429 `RATE_LIMITED`: retry after `Retry-After` seconds.
     #[oai(path = "/login", method = "post", tag = "Tag::Auth")]
     async fn login(
         &self,
@@ -537,7 +544,8 @@ impl RestApi {
     /// one was replaced. `If-Match: "<version>"` replaces only that version
     /// (412 `VERSION_MISMATCH` otherwise, 404 if absent); `If-Match: *`
     /// replaces only an existing value; `If-None-Match: *` creates only (409
-    /// `ALREADY_EXISTS` otherwise).
+    /// `ALREADY_EXISTS` otherwise). Both together can never hold: nothing is
+    /// written and the answer is the first that fails (404, 412, else 409).
     #[oai(path = "/api/object/:key", method = "put", tag = "Tag::Objects")]
     async fn put(
         &self,
