@@ -8,7 +8,8 @@
 #   SCHEMATHESIS_MAX_EXAMPLES=500 SCHEMATHESIS_MAX_TIME=900 bash .ci/schemathesis.sh
 #   SCHEMATHESIS_SEED=1234 bash .ci/schemathesis.sh     reproduce a run
 #
-# Needs python3 (with venv) and PyPI; the venv is kept between runs.
+# Needs python3 (with venv) and PyPI; the venv is kept between runs
+# (KVQL_SCHEMATHESIS_VENV, KVQL_SCHEMATHESIS_PYTHON choose it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,19 +61,35 @@ KVQL_LISTEN="127.0.0.1:$PORT" \
     KVQL_DATABASE_URL="sqlite://$WORK/kvql.db?mode=rwc" \
     KVQL_BOOTSTRAP_ADMIN_PASSWORD="$ADMIN_PASSWORD" \
     KVQL_LOG=warn \
-    target/debug/kvql serve >"$WORK/kvql.log" 2>&1 &
+    "${CARGO_TARGET_DIR:-target}/debug/kvql" serve >"$WORK/kvql.log" 2>&1 &
 SERVER_PID=$!
 
-for _ in $(seq 1 100); do
-    curl -fsS "$BASE/healthz" >/dev/null 2>&1 && break
-    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/kvql.log" >&2; say "kvql did not start"; exit 1; }
-    sleep 0.1
-done
-curl -fsS "$BASE/healthz" >/dev/null || { cat "$WORK/kvql.log" >&2; say "kvql does not answer"; exit 1; }
+# Waits for the server (giving up if it exits) and logs in as the admin.
+TOKEN="$(python3 - "$BASE" "$ADMIN_PASSWORD" "$SERVER_PID" <<'PY'
+import json, os, sys, time, urllib.request
 
-TOKEN="$(curl -fsS -X POST "$BASE/login" -H 'Content-Type: application/json' \
-    -d "{\"username\": \"admin\", \"password\": \"$ADMIN_PASSWORD\"}" |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')"
+base, password, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+deadline = time.monotonic() + 60
+while True:
+    try:
+        urllib.request.urlopen(base + "/healthz", timeout=2).read()
+        break
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            sys.exit("kvql exited before answering")
+        if time.monotonic() > deadline:
+            sys.exit("kvql does not answer")
+        time.sleep(0.1)
+login = urllib.request.Request(
+    base + "/login",
+    data=json.dumps({"username": "admin", "password": password}).encode(),
+    headers={"Content-Type": "application/json"},
+)
+print(json.load(urllib.request.urlopen(login, timeout=30))["access_token"])
+PY
+)" || { cat "$WORK/kvql.log" >&2; say "could not start kvql and log in"; exit 1; }
 
 SEED_ARGS=()
 [ -n "${SCHEMATHESIS_SEED:-}" ] && SEED_ARGS=(--seed "$SCHEMATHESIS_SEED")
