@@ -7,6 +7,8 @@
 #   bash .ci/schemathesis.sh                 what CI runs
 #   SCHEMATHESIS_MAX_EXAMPLES=500 SCHEMATHESIS_MAX_TIME=900 bash .ci/schemathesis.sh
 #   SCHEMATHESIS_SEED=1234 bash .ci/schemathesis.sh     reproduce a run
+#   KVQL_SCHEMATHESIS_DATABASE_URL=postgres://.../fresh_db bash .ci/schemathesis.sh
+#                                            on an empty PostgreSQL database
 #
 # Needs python3 (with venv) and PyPI; the venv is kept between runs
 # (KVQL_SCHEMATHESIS_VENV, KVQL_SCHEMATHESIS_PYTHON choose it).
@@ -58,7 +60,7 @@ BASE="http://127.0.0.1:$PORT"
 
 say "starting kvql on $BASE (log: $WORK/kvql.log)"
 KVQL_LISTEN="127.0.0.1:$PORT" \
-    KVQL_DATABASE_URL="sqlite://$WORK/kvql.db?mode=rwc" \
+    KVQL_DATABASE_URL="${KVQL_SCHEMATHESIS_DATABASE_URL:-sqlite://$WORK/kvql.db?mode=rwc}" \
     KVQL_BOOTSTRAP_ADMIN_PASSWORD="$ADMIN_PASSWORD" \
     KVQL_LOG=warn \
     "${CARGO_TARGET_DIR:-target}/debug/kvql" serve >"$WORK/kvql.log" 2>&1 &
