@@ -96,11 +96,44 @@ impl ToJSON for JsonValue {
 
 /// Credentials.
 #[derive(Object, serde::Deserialize)]
+#[oai(example)]
 struct LoginRequest {
     /// The user's name, as created with `kvql user add`.
     username: String,
     /// The user's password.
     password: String,
+}
+
+impl poem_openapi::types::Example for LoginRequest {
+    fn example() -> Self {
+        LoginRequest {
+            username: "admin".into(),
+            password: "the password printed at first start".into(),
+        }
+    }
+}
+
+fn example_data() -> JsonValue {
+    JsonValue(serde_json::json!({"info": "exampleData"}))
+}
+
+impl poem_openapi::types::Example for CreateObjectRequest {
+    fn example() -> Self {
+        CreateObjectRequest {
+            key: KeyText("exampleKey".into()),
+            data: example_data(),
+            ttl: Some(3600),
+        }
+    }
+}
+
+impl poem_openapi::types::Example for PutObjectRequest {
+    fn example() -> Self {
+        PutObjectRequest {
+            data: example_data(),
+            ttl: None,
+        }
+    }
 }
 
 /// A bearer token for the `Authorization` header.
@@ -116,6 +149,7 @@ struct TokenResponse {
 
 /// A value to create.
 #[derive(Object, serde::Deserialize)]
+#[oai(example)]
 struct CreateObjectRequest {
     /// 1 to 512 bytes of UTF-8 without control characters.
     key: KeyText,
@@ -134,6 +168,7 @@ struct CreateObjectRequest {
 
 /// A value to store under the key in the path.
 #[derive(Object, serde::Deserialize)]
+#[oai(example)]
 struct PutObjectRequest {
     /// Any JSON value (object, array, string, number, boolean or null), at
     /// most 1 MiB as compact JSON (413 `PAYLOAD_TOO_LARGE` above); strings

@@ -88,6 +88,7 @@ fn key_schema() -> MetaSchema {
         // ASCII characters fits, and no key over 512 characters can.
         max_length: Some(Key::MAX_BYTES),
         pattern: Some(NO_CONTROL_CHARACTERS.into()),
+        example: Some(serde_json::Value::String("exampleKey".into())),
         ..string_schema(
             "1 to 512 bytes of UTF-8 without control characters; `/`, spaces, `?`, `%` \
              and non-ASCII characters are fine. In a path, percent-encode it (`a%2Fb` is `a/b`).",
