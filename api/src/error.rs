@@ -229,8 +229,8 @@ impl From<sea_orm::DbErr> for ApiError {
 }
 
 /// Every error answer: `{"error": "<sentence>", "code": "<CODE>"}`, plus
-/// `field`, `index`/`key` (atomic batches) or `request_id` (internal errors)
-/// when they apply.
+/// `field`, `index`/`key` (a batch that failed as a whole) or `request_id`
+/// (internal errors) when they apply.
 #[derive(Debug, Clone, serde::Serialize, Object)]
 pub struct ErrorBody {
     /// What went wrong, as a sentence for a human.
@@ -243,11 +243,11 @@ pub struct ErrorBody {
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
-    /// For an atomic batch: the position of the item that failed.
+    /// For a batch that failed as a whole: the position of the item at fault.
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<u64>,
-    /// For an atomic batch: the key of the item that failed.
+    /// For a batch that failed as a whole: the key of the item at fault.
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -291,20 +291,24 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The error answers as documented in OpenAPI.
+/// Every error answer as documented in OpenAPI; each route declares the ones
+/// it can give through [`Errors`].
 #[derive(ApiResponse)]
 #[allow(dead_code)]
 enum ErrorResponses {
-    /// INVALID_INPUT: malformed JSON, a missing field, or a value out of range.
+    /// INVALID_INPUT: malformed JSON, a missing or mistyped field, or a value
+    /// out of range; `field` names the input at fault.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
-    /// UNAUTHENTICATED: a missing, bad or expired token, or wrong credentials.
+    /// UNAUTHENTICATED: a missing, malformed, expired or revoked token (or, at
+    /// login, wrong credentials).
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>, #[oai(header = "WWW-Authenticate")] String),
-    /// FORBIDDEN: the token's role may not write.
+    /// FORBIDDEN: the token's role (`reader`) may not write.
     #[oai(status = 403)]
     Forbidden(Json<ErrorBody>),
-    /// NOT_FOUND: no live value under the key.
+    /// NOT_FOUND: no live value under the key (absent, expired or another
+    /// tenant's, all alike).
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
     /// ALREADY_EXISTS: a live value is already stored under the key.
@@ -313,20 +317,70 @@ enum ErrorResponses {
     /// VERSION_MISMATCH: `If-Match` named a version that is no longer current.
     #[oai(status = 412)]
     PreconditionFailed(Json<ErrorBody>),
-    /// PAYLOAD_TOO_LARGE: a value, batch or body over its limit.
+    /// PAYLOAD_TOO_LARGE: a value, a batch or the request body over its limit.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
-    /// INVALID_INPUT: the body is not `application/json`.
+    /// INVALID_INPUT: the body is not sent as `application/json`.
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
-    /// INTERNAL: logged server-side under `request_id`.
+    /// RATE_LIMITED: too many attempts; retry after `Retry-After` seconds.
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+    /// INTERNAL: logged server-side under `request_id`; quote it when reporting.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
+    /// TIMEOUT: the request ran past the server's time budget and was
+    /// stopped; a write may or may not have been applied.
+    #[oai(status = 503)]
+    Timeout(Json<ErrorBody>),
 }
 
+/// Every error status, for a route that has not said which it gives: prefer
+/// [`Errors`], which declares only those (schemathesis flags the others).
 impl ApiResponse for ApiError {
     fn meta() -> MetaResponses {
         ErrorResponses::meta()
+    }
+
+    fn register(registry: &mut Registry) {
+        ErrorResponses::register(registry);
+    }
+}
+
+/// The error statuses one route can answer with, as it declares them in
+/// OpenAPI: the document must list every status a route gives, and only those.
+pub trait ErrorStatuses: Send + Sync + 'static {
+    const STATUSES: &'static [u16];
+}
+
+/// An [`ApiError`] returned by a route that declares the statuses `S` lists.
+/// Only the declaration differs: the answer is the error's own.
+pub struct Errors<S>(pub ApiError, std::marker::PhantomData<fn() -> S>);
+
+impl<S> From<ApiError> for Errors<S> {
+    fn from(err: ApiError) -> Self {
+        Errors(err, std::marker::PhantomData)
+    }
+}
+
+impl<S> From<Errors<S>> for poem::Error {
+    fn from(err: Errors<S>) -> Self {
+        err.0.into()
+    }
+}
+
+impl<S: Send> IntoResponse for Errors<S> {
+    fn into_response(self) -> Response {
+        self.0.into_response()
+    }
+}
+
+impl<S: ErrorStatuses> ApiResponse for Errors<S> {
+    fn meta() -> MetaResponses {
+        let mut meta = ErrorResponses::meta();
+        meta.responses
+            .retain(|r| r.status.is_some_and(|s| S::STATUSES.contains(&s)));
+        meta
     }
 
     fn register(registry: &mut Registry) {

@@ -45,6 +45,8 @@ pub async fn around<E: Endpoint>(
         path = %req.uri().path(),
     );
     let method = req.method().clone();
+    // Cheap to clone (shared bytes); a 405 needs the path for its `Allow`.
+    let uri = req.uri().clone();
     let started = Instant::now();
     REQUEST_ID
         .scope(id.clone(), async move {
@@ -75,7 +77,7 @@ pub async fn around<E: Endpoint>(
                 .into()),
             };
             let mut resp = match result {
-                Ok(resp) if needs_json(&resp) => json_error(&method, resp.status()),
+                Ok(resp) if needs_json(&resp) => json_error(&method, uri.path(), resp.status()),
                 Ok(resp) => resp,
                 Err(err) => {
                     let status = err.status();
@@ -84,7 +86,7 @@ pub async fn around<E: Endpoint>(
                     } else if status == StatusCode::METHOD_NOT_ALLOWED
                         || status == StatusCode::NOT_FOUND
                     {
-                        json_error(&method, status)
+                        json_error(&method, uri.path(), status)
                     } else {
                         ApiError::from_poem(err).into_response()
                     }
@@ -141,13 +143,21 @@ fn needs_json(resp: &Response) -> bool {
     (status.is_client_error() || status.is_server_error()) && !json
 }
 
-fn json_error(method: &poem::http::Method, status: StatusCode) -> Response {
+fn json_error(method: &poem::http::Method, path: &str, status: StatusCode) -> Response {
     let err = match status {
         StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(method.to_string()),
         StatusCode::NOT_FOUND => ApiError::NotFound("no such route".into()),
         other => ApiError::from_poem(poem::Error::from_status(other)),
     };
-    err.into_response()
+    let mut resp = err.into_response();
+    // RFC 9110: a 405 lists the methods the path does accept.
+    if status == StatusCode::METHOD_NOT_ALLOWED
+        && let Some(v) =
+            crate::rest::allowed_methods(path).and_then(|a| HeaderValue::from_str(&a).ok())
+    {
+        resp.headers_mut().insert(header::ALLOW, v);
+    }
+    resp
 }
 
 /// Refuses bodies over `limit` bytes with 413, whether or not they announce

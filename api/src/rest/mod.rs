@@ -1,7 +1,11 @@
 //! The REST door: routes compatible with the seed service's README, described
 //! by OpenAPI. Thin: parse at the edge, call `store`, shape the answer.
 
+mod allow;
 mod body;
+mod params;
+
+pub use allow::allowed_methods;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -18,10 +22,11 @@ use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, Tags};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::clock::rfc3339;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorStatuses, Errors};
 use crate::middleware::Verified;
-use crate::store::{self, Atomicity, Cursor, Expect, Key, Limit, Prefix};
+use crate::store::{self, Atomicity, Cursor, Expect, Limit, Prefix};
 use body::{JsonBody, RawJson};
+use params::{CreateOnly, CursorText, IfMatch, KeyText, LimitParam, PrefixText};
 
 #[derive(Tags)]
 enum Tag {
@@ -95,9 +100,44 @@ impl ToJSON for JsonValue {
 
 /// Credentials.
 #[derive(Object, serde::Deserialize)]
+#[oai(example)]
 struct LoginRequest {
+    /// The user's name, as created with `kvql user add`.
     username: String,
+    /// The user's password.
     password: String,
+}
+
+impl poem_openapi::types::Example for LoginRequest {
+    fn example() -> Self {
+        LoginRequest {
+            username: "admin".into(),
+            password: "the password printed at first start".into(),
+        }
+    }
+}
+
+fn example_data() -> JsonValue {
+    JsonValue(serde_json::json!({"info": "exampleData"}))
+}
+
+impl poem_openapi::types::Example for CreateObjectRequest {
+    fn example() -> Self {
+        CreateObjectRequest {
+            key: KeyText("exampleKey".into()),
+            data: example_data(),
+            ttl: Some(3600),
+        }
+    }
+}
+
+impl poem_openapi::types::Example for PutObjectRequest {
+    fn example() -> Self {
+        PutObjectRequest {
+            data: example_data(),
+            ttl: None,
+        }
+    }
 }
 
 /// A bearer token for the `Authorization` header.
@@ -113,36 +153,70 @@ struct TokenResponse {
 
 /// A value to create.
 #[derive(Object, serde::Deserialize)]
+#[oai(example)]
 struct CreateObjectRequest {
     /// 1 to 512 bytes of UTF-8 without control characters.
-    key: String,
-    /// Any JSON value (object, array, string, number, boolean or null).
+    key: KeyText,
+    /// Any JSON value (object, array, string, number, boolean or null), at
+    /// most 1 MiB as compact JSON (413 `PAYLOAD_TOO_LARGE` above); strings
+    /// may not contain the NUL character.
     data: JsonValue,
-    /// Seconds until the value expires, 1 to 315360000; omit or null for never.
+    /// Seconds until the value expires, 1 to 315360000 (ten years); omit or
+    /// null for never.
+    #[oai(
+        nullable,
+        validator(minimum(value = "1"), maximum(value = "315360000"))
+    )]
+    ttl: Option<i64>,
+}
+
+/// One item of a batch. Its `key` and `ttl` follow the rules of
+/// `POST /api/object`, but are checked per item: an item that breaks them
+/// fails alone (400 `INVALID_INPUT` in its result) and the others still
+/// apply, unless the batch is atomic.
+#[derive(Object, serde::Deserialize)]
+struct BatchItemRequest {
+    /// 1 to 512 bytes of UTF-8 without control characters (checked per item).
+    key: String,
+    /// Any JSON value, at most 1 MiB as compact JSON (checked per item).
+    data: JsonValue,
+    /// Seconds until the value expires, 1 to 315360000; omit or null for
+    /// never (checked per item).
+    #[oai(nullable)]
     ttl: Option<i64>,
 }
 
 /// A value to store under the key in the path.
 #[derive(Object, serde::Deserialize)]
+#[oai(example)]
 struct PutObjectRequest {
-    /// Any JSON value (object, array, string, number, boolean or null).
+    /// Any JSON value (object, array, string, number, boolean or null), at
+    /// most 1 MiB as compact JSON (413 `PAYLOAD_TOO_LARGE` above); strings
+    /// may not contain the NUL character.
     data: JsonValue,
-    /// Seconds until the value expires, 1 to 315360000; omit or null for
-    /// never. A PUT replaces the TTL along with the data.
+    /// Seconds until the value expires, 1 to 315360000 (ten years); omit or
+    /// null for never. A PUT replaces the TTL along with the data.
+    #[oai(
+        nullable,
+        validator(minimum(value = "1"), maximum(value = "315360000"))
+    )]
     ttl: Option<i64>,
 }
 
 /// A stored value.
 #[derive(Object)]
 struct ObjectView {
+    /// The key, as stored (not percent-encoded).
     key: String,
     /// The JSON value as stored.
     data: JsonValue,
     /// Starts at 1 and grows by one on every write; the ETag is this number in quotes.
     version: i64,
     /// Whole seconds left before the value expires (rounded up); null if it never expires.
+    #[oai(nullable)]
     ttl: Option<i64>,
     /// When the value expires (RFC 3339, UTC); null if it never expires.
+    #[oai(nullable)]
     expires_at: Option<String>,
     /// When the key was created (RFC 3339, UTC).
     created_at: String,
@@ -197,14 +271,19 @@ impl From<store::Object> for ObjectView {
 struct WriteResult {
     /// `Key-Value pair created` or `Key-Value pair updated`.
     message: String,
+    /// The key written.
     key: String,
     /// The version now stored.
     version: i64,
     /// Whole seconds left before the value expires; null if it never expires.
+    #[oai(nullable)]
     ttl: Option<i64>,
     /// When the value expires (RFC 3339, UTC); null if it never expires.
+    #[oai(nullable)]
     expires_at: Option<String>,
+    /// When the key was created (RFC 3339, UTC).
     created_at: String,
+    /// When the value was last written (RFC 3339, UTC): now.
     updated_at: String,
 }
 
@@ -232,6 +311,7 @@ impl WriteResult {
 struct DeleteResult {
     /// `Key-Value pair deleted`.
     message: String,
+    /// The key deleted.
     key: String,
 }
 
@@ -241,14 +321,16 @@ struct ObjectPage {
     /// Values in byte order of their keys.
     items: Vec<ObjectView>,
     /// Pass as `cursor` to get the next page; null on the last page.
+    #[oai(nullable)]
     next_cursor: Option<String>,
 }
 
 /// One item's outcome in a batch.
 #[derive(Object)]
 struct BatchItemResult {
-    /// Position of the item in the request.
+    /// Position of the item in the request, from 0.
     index: u64,
+    /// The item's key.
     key: String,
     /// Whether this item was written.
     ok: bool,
@@ -268,6 +350,7 @@ struct BatchItemResult {
 /// Per-item results, in request order.
 #[derive(Object)]
 struct BatchResult {
+    /// One result per item, in request order.
     results: Vec<BatchItemResult>,
     /// How many items were written.
     succeeded: u64,
@@ -323,6 +406,7 @@ impl BatchResult {
     }
 }
 
+/// The state of this node.
 #[derive(Object)]
 struct Health {
     /// `ok`, `ready` or `unavailable`.
@@ -368,12 +452,39 @@ enum ReadyResponse {
 
 pub struct RestApi;
 
-fn parse_if_match(raw: Option<&str>) -> Result<Option<Expect>, ApiError> {
-    match raw.map(str::trim) {
-        None => Ok(None),
-        Some("*") => Ok(Some(Expect::Exists)),
-        Some(tag) => store::parse_version("If-Match", tag).map(|v| Some(Expect::Version(v))),
-    }
+/// Declares, per route, the error statuses it can answer with.
+macro_rules! error_statuses {
+    ($($(#[$attr:meta])* $name:ident = [$($status:literal),*];)*) => {
+        $(
+            $(#[$attr])*
+            struct $name;
+            impl ErrorStatuses for $name {
+                const STATUSES: &'static [u16] = &[$($status),*];
+            }
+        )*
+    };
+}
+
+// 503 (`TIMEOUT`, the request time budget) everywhere; 400 and 500 everywhere
+// a request carries input or reaches the database; 401
+// on every route that needs a token; 403 on writes (a reader's token); 413 and
+// 415 where there is a JSON body; the rest as the route's semantics give them.
+error_statuses! {
+    LoginErrors = [400, 401, 413, 415, 429, 500, 503];
+    CreateErrors = [400, 401, 403, 409, 413, 415, 500, 503];
+    GetErrors = [400, 401, 404, 500, 503];
+    PutErrors = [400, 401, 403, 404, 409, 412, 413, 415, 500, 503];
+    DeleteErrors = [400, 401, 403, 404, 412, 500, 503];
+    ListErrors = [400, 401, 500, 503];
+    /// Atomic batches fail with the failing item's status: a create's 409.
+    BatchCreateErrors = [400, 401, 403, 409, 413, 415, 500, 503];
+    BatchPutErrors = [400, 401, 403, 413, 415, 500, 503];
+    /// Atomic batches fail with the failing item's status: a delete's 404.
+    BatchDeleteErrors = [400, 401, 403, 404, 413, 415, 500, 503];
+}
+
+fn parse_if_match(raw: Option<&IfMatch>) -> Result<Option<Expect>, ApiError> {
+    raw.map(IfMatch::parse).transpose()
 }
 
 fn atomicity(atomic: Option<bool>) -> Atomicity {
@@ -389,14 +500,15 @@ impl RestApi {
     /// Log in
     ///
     /// Exchanges a username and password for a bearer token. An unknown user
-    /// and a wrong password get the same 401.
+    /// and a wrong password get the same 401. Too many failed attempts get
+    /// 429 `RATE_LIMITED`: retry after `Retry-After` seconds.
     #[oai(path = "/login", method = "post", tag = "Tag::Auth")]
     async fn login(
         &self,
         req: &Request,
         state: Data<&AppState>,
         body: JsonBody<LoginRequest>,
-    ) -> Result<Json<TokenResponse>, ApiError> {
+    ) -> Result<Json<TokenResponse>, Errors<LoginErrors>> {
         let auth = state.auth();
         let client = auth.client_addr(req);
         let token = auth
@@ -420,11 +532,11 @@ impl RestApi {
         state: Data<&AppState>,
         auth: BearerAuth,
         body: JsonBody<CreateObjectRequest>,
-    ) -> Result<CreateResponse, ApiError> {
+    ) -> Result<CreateResponse, Errors<CreateErrors>> {
         let writer = auth.0.writer()?;
         let store = state.store();
         let body = body.0;
-        let item = store.item(body.key, &body.data.0, body.ttl)?;
+        let item = store.item(body.key.0, &body.data.0, body.ttl)?;
         let object = store.create(writer, item).await?;
         Ok(CreateResponse::Created(
             Json(WriteResult::new(&object, true)),
@@ -442,10 +554,10 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        key: Path<String>,
+        key: Path<KeyText>,
         #[oai(name = "If-None-Match")] if_none_match: Header<Option<String>>,
-    ) -> Result<GetResponse, ApiError> {
-        let key = Key::parse(key.0)?;
+    ) -> Result<GetResponse, Errors<GetErrors>> {
+        let key = key.0.parse()?;
         let object = state
             .store()
             .get(auth.0.tenant(), &key)
@@ -471,41 +583,48 @@ impl RestApi {
     /// one was replaced. `If-Match: "<version>"` replaces only that version
     /// (412 `VERSION_MISMATCH` otherwise, 404 if absent); `If-Match: *`
     /// replaces only an existing value; `If-None-Match: *` creates only (409
-    /// `ALREADY_EXISTS` otherwise).
+    /// `ALREADY_EXISTS` otherwise). Both together can never hold: nothing is
+    /// written and the answer is the first that fails (404, 412, else 409).
     #[oai(path = "/api/object/:key", method = "put", tag = "Tag::Objects")]
     async fn put(
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        key: Path<String>,
-        #[oai(name = "If-Match")] if_match: Header<Option<String>>,
-        #[oai(name = "If-None-Match")] if_none_match: Header<Option<String>>,
+        key: Path<KeyText>,
+        #[oai(name = "If-Match")] if_match: Header<Option<IfMatch>>,
+        #[oai(name = "If-None-Match")] if_none_match: Header<Option<CreateOnly>>,
         body: JsonBody<PutObjectRequest>,
-    ) -> Result<PutResponse, ApiError> {
+    ) -> Result<PutResponse, Errors<PutErrors>> {
         let writer = auth.0.writer()?;
-        let expect = match (
-            parse_if_match(if_match.0.as_deref())?,
-            if_none_match.0.as_deref(),
-        ) {
-            (Some(_), Some(_)) => {
-                return Err(ApiError::invalid(
-                    "If-None-Match",
-                    "cannot be combined with If-Match",
-                ));
-            }
-            (Some(expect), None) => expect,
-            (None, Some(h)) if h.trim() == "*" => Expect::Absent,
-            (None, Some(_)) => {
-                return Err(ApiError::invalid(
-                    "If-None-Match",
-                    "only `*` (create only) is supported on PUT",
-                ));
-            }
-            (None, None) => Expect::Any,
-        };
         let store = state.store();
         let body = body.0;
-        let item = store.item(key.0, &body.data.0, body.ttl)?;
+        let item = store.item(key.0.0, &body.data.0, body.ttl)?;
+        let expect = match (
+            parse_if_match(if_match.0.as_ref())?,
+            if_none_match
+                .0
+                .as_ref()
+                .map(CreateOnly::parse)
+                .transpose()?,
+        ) {
+            // If-Match needs a live value and If-None-Match: * its absence, so
+            // nothing is written: answer with the first condition that fails,
+            // in RFC 9110's order (If-Match first).
+            (Some(expect), Some(_)) => {
+                let current = store.get(auth.0.tenant(), &item.key).await?;
+                return Err(match (expect, current) {
+                    (_, None) => ApiError::not_found(),
+                    (Expect::Version(v), Some(o)) if o.version != v => ApiError::VersionMismatch(
+                        format!("the value is no longer at version {v}; read it again and retry"),
+                    ),
+                    _ => ApiError::AlreadyExists("a value is already stored under this key".into()),
+                }
+                .into());
+            }
+            (Some(expect), None) => expect,
+            (None, Some(create_only)) => create_only,
+            (None, None) => Expect::Any,
+        };
         let put = store.put(writer, item, expect).await?;
         let etag = put.object.etag();
         let result = Json(WriteResult::new(&put.object, put.created));
@@ -525,12 +644,12 @@ impl RestApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        key: Path<String>,
-        #[oai(name = "If-Match")] if_match: Header<Option<String>>,
-    ) -> Result<Json<DeleteResult>, ApiError> {
+        key: Path<KeyText>,
+        #[oai(name = "If-Match")] if_match: Header<Option<IfMatch>>,
+    ) -> Result<Json<DeleteResult>, Errors<DeleteErrors>> {
         let writer = auth.0.writer()?;
-        let key = Key::parse(key.0)?;
-        let expected = match parse_if_match(if_match.0.as_deref())? {
+        let key = key.0.parse()?;
+        let expected = match parse_if_match(if_match.0.as_ref())? {
             Some(Expect::Version(v)) => Some(v),
             _ => None,
         };
@@ -545,19 +664,20 @@ impl RestApi {
     ///
     /// Live values whose keys start with `prefix`, in byte order of keys,
     /// `limit` per page (1 to 1000, default 100). Pass `next_cursor` back as
-    /// `cursor` for the next page.
+    /// `cursor` for the next page; a cursor this server did not issue is
+    /// refused with 400.
     #[oai(path = "/api/objects", method = "get", tag = "Tag::Objects")]
     async fn list(
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        prefix: Query<Option<String>>,
-        limit: Query<Option<i64>>,
-        cursor: Query<Option<String>>,
-    ) -> Result<Json<ObjectPage>, ApiError> {
-        let prefix = Prefix::parse(prefix.0)?;
-        let limit = Limit::parse("limit", limit.0)?;
-        let cursor = cursor.0.as_deref().map(Cursor::parse).transpose()?;
+        prefix: Query<Option<PrefixText>>,
+        limit: Query<Option<LimitParam>>,
+        cursor: Query<Option<CursorText>>,
+    ) -> Result<Json<ObjectPage>, Errors<ListErrors>> {
+        let prefix = Prefix::parse(prefix.0.map(|p| p.0))?;
+        let limit = Limit::parse("limit", limit.0.map(|l| l.0))?;
+        let cursor = cursor.0.map(|c| Cursor::parse(&c.0)).transpose()?;
         let page = state
             .store()
             .list(auth.0.tenant(), &prefix, limit, cursor.as_ref())
@@ -571,18 +691,23 @@ impl RestApi {
     /// Create several values
     ///
     /// Creates each item as `POST /api/object` would, in one transaction, and
-    /// answers 200 with one result per item in order. A failed item writes
-    /// nothing and the others still apply. With `atomic=true` the batch is
-    /// all-or-nothing: the first failing item fails the whole call with its
-    /// status and code, plus its `index` and `key`.
+    /// answers 200 with one result per item in order: 201, or the item's own
+    /// error (409 `ALREADY_EXISTS`, 413 `PAYLOAD_TOO_LARGE`, ...). A failed
+    /// item writes nothing and the others still apply. With `atomic=true` the
+    /// batch is all-or-nothing: the first failing item fails the whole call
+    /// with its status and code, plus its `index` and `key`.
+    ///
+    /// At most 1000 items (`KVQL_MAX_BATCH_ITEMS`; 413 above). An item whose
+    /// `key` or `ttl` breaks the rules above fails on its own (400 in its
+    /// result), like any other failing item.
     #[oai(path = "/api/batch/object", method = "post", tag = "Tag::Batch")]
     async fn batch_create(
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
         atomic: Query<Option<bool>>,
-        body: JsonBody<Vec<CreateObjectRequest>>,
-    ) -> Result<Json<BatchResult>, ApiError> {
+        body: JsonBody<Vec<BatchItemRequest>>,
+    ) -> Result<Json<BatchResult>, Errors<BatchCreateErrors>> {
         let writer = auth.0.writer()?;
         let store = state.store();
         store.check_batch_len(body.0.len())?;
@@ -590,8 +715,9 @@ impl RestApi {
             .0
             .into_iter()
             .map(|i| {
-                let parsed = store.item(i.key.clone(), &i.data.0, i.ttl);
-                (i.key.clone(), (i.key, parsed))
+                let key = i.key;
+                let parsed = store.item(key.clone(), &i.data.0, i.ttl);
+                (key.clone(), (key, parsed))
             })
             .unzip();
         let outcomes = store
@@ -605,16 +731,20 @@ impl RestApi {
     /// Create or replace several values
     ///
     /// Puts each item as `PUT /api/object/{key}` without conditions would, in
-    /// one transaction, with one result per item (201 created, 200 replaced).
-    /// With `atomic=true` the batch is all-or-nothing.
+    /// one transaction, with one result per item (201 created, 200 replaced,
+    /// or the item's error, e.g. 413). With `atomic=true` the batch is
+    /// all-or-nothing.
+    ///
+    /// At most 1000 items (`KVQL_MAX_BATCH_ITEMS`; 413 above). An item whose
+    /// `key` or `ttl` breaks the rules fails on its own (400 in its result).
     #[oai(path = "/api/batch/object", method = "put", tag = "Tag::Batch")]
     async fn batch_put(
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
         atomic: Query<Option<bool>>,
-        body: JsonBody<Vec<CreateObjectRequest>>,
-    ) -> Result<Json<BatchResult>, ApiError> {
+        body: JsonBody<Vec<BatchItemRequest>>,
+    ) -> Result<Json<BatchResult>, Errors<BatchPutErrors>> {
         let writer = auth.0.writer()?;
         let store = state.store();
         store.check_batch_len(body.0.len())?;
@@ -622,10 +752,11 @@ impl RestApi {
             .0
             .into_iter()
             .map(|i| {
+                let key = i.key;
                 let parsed = store
-                    .item(i.key.clone(), &i.data.0, i.ttl)
+                    .item(key.clone(), &i.data.0, i.ttl)
                     .map(|item| (item, Expect::Any));
-                (i.key.clone(), (i.key, parsed))
+                (key.clone(), (key, parsed))
             })
             .unzip();
         let outcomes = store.batch_put(writer, items, atomicity(atomic.0)).await?;
@@ -638,6 +769,9 @@ impl RestApi {
     ///
     /// Deletes each key in one transaction, with one result per key (200, or
     /// 404 `NOT_FOUND`). With `atomic=true` the batch is all-or-nothing.
+    ///
+    /// At most 1000 keys (`KVQL_MAX_BATCH_ITEMS`; 413 above). A key that
+    /// breaks the key rules fails on its own (400 in its result).
     #[oai(path = "/api/batch/delete", method = "post", tag = "Tag::Batch")]
     async fn batch_delete(
         &self,
@@ -645,14 +779,14 @@ impl RestApi {
         auth: BearerAuth,
         atomic: Query<Option<bool>>,
         body: JsonBody<Vec<String>>,
-    ) -> Result<Json<BatchResult>, ApiError> {
+    ) -> Result<Json<BatchResult>, Errors<BatchDeleteErrors>> {
         let writer = auth.0.writer()?;
         let store = state.store();
         store.check_batch_len(body.0.len())?;
         let keys: Vec<String> = body.0;
         let parsed = keys
             .iter()
-            .map(|k| (k.clone(), Key::parse(k.clone())))
+            .map(|k| (k.clone(), store::Key::parse(k.clone())))
             .collect();
         let outcomes = store
             .batch_delete(writer, parsed, atomicity(atomic.0))

@@ -209,6 +209,9 @@ impl Cursor {
             .decode(raw)
             .ok()
             .and_then(|bytes| String::from_utf8(bytes).ok())
+            // Keys hold no control characters, so no issued cursor does; and
+            // PostgreSQL cannot compare against a NUL.
+            .filter(|key| !key.chars().any(char::is_control))
             .map(Cursor)
             .ok_or_else(|| ApiError::invalid("cursor", "not a cursor returned by a previous page"))
     }

@@ -7,4 +7,5 @@ mod graphql;
 mod http;
 mod login;
 mod numbers;
+mod openapi_contract;
 mod sockets;

@@ -1,0 +1,101 @@
+//! The `Allow` header of a 405: the methods a path accepts, read from the
+//! REST API's own route table (the one OpenAPI documents), so that a new
+//! route or method is listed without anyone remembering to.
+
+use std::sync::LazyLock;
+
+use poem::http::Method;
+use poem_openapi::OpenApi;
+
+use super::RestApi;
+
+/// One route: its path split into segments (`None` for a `{param}`) and
+/// the methods it accepts, HEAD included wherever GET is (poem answers HEAD
+/// with the GET route).
+struct Route {
+    segments: Vec<Option<String>>,
+    methods: Vec<Method>,
+}
+
+/// The routes `app` mounts outside the OpenAPI document (GraphQL, in
+/// `graphql::routes`), which poem cannot list: keep this in step with them.
+const OTHER_ROUTES: &[(&str, &[Method])] = &[
+    ("/graphql", &[Method::GET, Method::HEAD, Method::POST]),
+    ("/graphql/ws", &[Method::GET, Method::HEAD]),
+];
+
+static ROUTES: LazyLock<Vec<Route>> = LazyLock::new(|| {
+    let mut routes: Vec<Route> = OTHER_ROUTES
+        .iter()
+        .map(|(path, methods)| Route {
+            segments: path.split('/').map(|s| Some(s.to_owned())).collect(),
+            methods: methods.to_vec(),
+        })
+        .collect();
+    for path in RestApi::meta().into_iter().flat_map(|api| api.paths) {
+        let segments = path
+            .path
+            .split('/')
+            .map(|s| (!(s.starts_with('{') && s.ends_with('}'))).then(|| s.to_owned()))
+            .collect();
+        let mut methods: Vec<Method> = path.operations.iter().map(|o| o.method.clone()).collect();
+        if methods.contains(&Method::GET) {
+            methods.push(Method::HEAD);
+        }
+        routes.push(Route { segments, methods });
+    }
+    routes
+});
+
+/// The value of `Allow` for `path` (as requested, still percent-encoded),
+/// e.g. `GET, PUT, DELETE, HEAD`; `None` if no route has this path.
+pub fn allowed_methods(path: &str) -> Option<String> {
+    let requested: Vec<&str> = path.split('/').collect();
+    ROUTES
+        .iter()
+        .find(|route| {
+            route.segments.len() == requested.len()
+                && route
+                    .segments
+                    .iter()
+                    .zip(&requested)
+                    .all(|(want, got)| match want {
+                        Some(literal) => literal == got,
+                        // A parameter takes one non-empty segment.
+                        None => !got.is_empty(),
+                    })
+        })
+        .map(|route| {
+            route
+                .methods
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rest_path_lists_its_methods() {
+        assert_eq!(allowed_methods("/login").as_deref(), Some("POST"));
+        assert_eq!(
+            allowed_methods("/api/object/a%2Fb").as_deref(),
+            Some("GET, PUT, DELETE, HEAD")
+        );
+        assert_eq!(
+            allowed_methods("/api/batch/object").as_deref(),
+            Some("POST, PUT")
+        );
+        assert_eq!(allowed_methods("/healthz").as_deref(), Some("GET, HEAD"));
+        assert_eq!(
+            allowed_methods("/graphql").as_deref(),
+            Some("GET, HEAD, POST")
+        );
+        assert_eq!(allowed_methods("/api/object/"), None);
+        assert_eq!(allowed_methods("/nope"), None);
+    }
+}
