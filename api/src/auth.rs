@@ -427,18 +427,15 @@ impl Auth {
         password: &str,
         client: Option<IpAddr>,
     ) -> Result<IssuedToken, ApiError> {
-        let throttle = &self.inner.throttle;
-        throttle.begin(username, client)?;
-        let checked = self.check_password(username, password).await;
-        match checked {
-            Ok(Some((u, t))) => {
-                throttle.succeeded(username, client);
+        let attempt = self.inner.throttle.begin(username, client)?;
+        match self.check_password(username, password).await? {
+            Some((u, t)) => {
+                attempt.succeeded();
                 self.issue(&u, &t).await
             }
-            Ok(None) => Err(bad_credentials()),
-            Err(e) => {
-                throttle.abandoned(username, client);
-                Err(e)
+            None => {
+                attempt.failed();
+                Err(bad_credentials())
             }
         }
     }

@@ -134,11 +134,13 @@ pub struct Limits {
     pub window: Duration,
 }
 
-/// Failures counted since `start` (Unix ms, the first failure of the window).
+/// Failures counted since `start` (Unix ms, when the window opened), and
+/// attempts whose password is being checked.
 #[derive(Clone, Copy, Debug)]
 struct Window {
     start: i64,
     failures: u32,
+    pending: u32,
 }
 
 /// Most usernames and addresses remembered each; beyond it the least
@@ -172,13 +174,15 @@ impl LoginThrottle {
         }
     }
 
-    /// Admits a login attempt and counts it as a failure until
-    /// [`succeeded`](Self::succeeded) or [`abandoned`](Self::abandoned) says
-    /// otherwise; or refuses it, with the seconds until the window ends, when
-    /// the username or the address has used up its failures. Counting before
-    /// the password is checked means concurrent guesses cannot slip past the
-    /// limit while they wait for hashing. Costs two cache updates.
-    pub fn begin(&self, username: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
+    /// Admits a login attempt, or refuses it with the seconds until the
+    /// window ends when the username or the address has used up its
+    /// failures. Once a key has failed in its window, attempts still being
+    /// checked count as failures too, so concurrent guesses cannot slip past
+    /// the limit; a key without failures is not held back by attempts in
+    /// flight, so many correct logins of one user at once all go through
+    /// (the hashing queue bounds that first wave). The attempt ends as the
+    /// returned guard says; dropped unresolved, it does not count.
+    pub fn begin(&self, username: &str, client: Option<IpAddr>) -> Result<Attempt<'_>, ApiError> {
         let now = self.clock.now_ms();
         let user = username_key(username);
         if let Some(retry_after) =
@@ -186,37 +190,23 @@ impl LoginThrottle {
         {
             return Err(limited(retry_after));
         }
-        if let Some(ip) = client {
-            let addr = address_key(ip);
-            if let Some(retry_after) = self.admit(&self.addrs, addr, self.limits.per_address, now) {
-                self.uncount(&self.users, user.into());
-                return Err(limited(retry_after));
-            }
+        let addr = client.map(address_key);
+        if let Some(addr) = addr
+            && let Some(retry_after) = self.admit(&self.addrs, addr, self.limits.per_address, now)
+        {
+            self.end(&self.users, user.into(), 0);
+            return Err(limited(retry_after));
         }
-        Ok(())
+        Ok(Attempt {
+            throttle: self,
+            user: user.into(),
+            addr,
+            open: true,
+        })
     }
 
-    /// The password was right: the username's failures are cleared (not the
-    /// address's, so that one good account does not reset a spray from that
-    /// address), and this attempt no longer counts against the address.
-    pub fn succeeded(&self, username: &str, client: Option<IpAddr>) {
-        self.users.invalidate(username_key(username));
-        if let Some(ip) = client {
-            self.uncount(&self.addrs, address_key(ip));
-        }
-    }
-
-    /// The password was never checked (the server was busy or failed): the
-    /// attempt does not count.
-    pub fn abandoned(&self, username: &str, client: Option<IpAddr>) {
-        self.uncount(&self.users, username_key(username).into());
-        if let Some(ip) = client {
-            self.uncount(&self.addrs, address_key(ip));
-        }
-    }
-
-    /// Counts one more attempt under `key`, or the seconds to wait if it has
-    /// used up `max` in the current window.
+    /// Adds one attempt in flight under `key`, or the seconds to wait if the
+    /// key has used up `max` in the current window.
     fn admit<K>(
         &self,
         cache: &moka::sync::Cache<K, Window>,
@@ -231,25 +221,40 @@ impl LoginThrottle {
         cache.entry(key).and_upsert_with(|old| {
             let w = match old.map(|e| e.into_value()) {
                 Some(w) if now.saturating_sub(w.start) < self.window_ms => w,
-                _ => Window {
+                // A window over is forgotten, but attempts still in flight
+                // keep counting as in flight.
+                Some(w) => Window {
                     start: now,
                     failures: 0,
+                    pending: w.pending,
+                },
+                None => Window {
+                    start: now,
+                    failures: 0,
+                    pending: 0,
                 },
             };
-            if w.failures >= max {
-                refused = self.retry_after(w, max, now);
-                w
+            let used = if w.failures == 0 {
+                0
             } else {
-                Window {
-                    failures: w.failures + 1,
-                    ..w
+                w.failures.saturating_add(w.pending)
+            };
+            if used >= max {
+                refused = self.retry_after(w, now);
+                if refused.is_some() {
+                    return w;
                 }
+            }
+            Window {
+                pending: w.pending.saturating_add(1),
+                ..w
             }
         });
         refused
     }
 
-    fn uncount<K>(&self, cache: &moka::sync::Cache<K, Window>, key: K)
+    /// Ends an attempt in flight under `key`, adding `failures`.
+    fn end<K>(&self, cache: &moka::sync::Cache<K, Window>, key: K, failures: u32)
     where
         K: std::hash::Hash + Eq + Send + Sync + 'static,
     {
@@ -258,24 +263,72 @@ impl LoginThrottle {
             Some(e) => {
                 let w = e.into_value();
                 Window {
-                    failures: w.failures.saturating_sub(1),
+                    failures: w.failures.saturating_add(failures),
+                    pending: w.pending.saturating_sub(1),
                     ..w
                 }
             }
             None => Window {
                 start: now,
-                failures: 0,
+                failures,
+                pending: 0,
             },
         });
     }
 
-    fn retry_after(&self, w: Window, max: u32, now: i64) -> Option<u64> {
+    fn retry_after(&self, w: Window, now: i64) -> Option<u64> {
         let ends = w.start.saturating_add(self.window_ms);
-        if w.failures < max || now >= ends {
+        if now >= ends {
             return None;
         }
         let ms = u64::try_from(ends - now).unwrap_or(0);
         Some(ms.div_ceil(1000).max(1))
+    }
+}
+
+/// One login attempt admitted by [`LoginThrottle::begin`].
+pub struct Attempt<'t> {
+    throttle: &'t LoginThrottle,
+    user: Box<str>,
+    addr: Option<IpAddr>,
+    open: bool,
+}
+
+impl Attempt<'_> {
+    /// The password was right: the username's failures are cleared (not the
+    /// address's, so that one good account does not reset a spray from that
+    /// address).
+    pub fn succeeded(mut self) {
+        self.open = false;
+        let t = self.throttle;
+        t.users.invalidate(&self.user);
+        if let Some(addr) = self.addr {
+            t.end(&t.addrs, addr, 0);
+        }
+    }
+
+    /// The password was wrong, or the user unknown or disabled.
+    pub fn failed(mut self) {
+        self.open = false;
+        let t = self.throttle;
+        t.end(&t.users, self.user.clone(), 1);
+        if let Some(addr) = self.addr {
+            t.end(&t.addrs, addr, 1);
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    /// Unresolved (the password was never checked: the server was busy or
+    /// failed, or the client went away): the attempt does not count.
+    fn drop(&mut self) {
+        if self.open {
+            let t = self.throttle;
+            t.end(&t.users, self.user.clone(), 0);
+            if let Some(addr) = self.addr {
+                t.end(&t.addrs, addr, 0);
+            }
+        }
     }
 }
 
@@ -395,24 +448,49 @@ mod tests {
             clock.clone(),
         );
         let a = ip("192.0.2.1");
-        assert!(t.begin("alice", a).is_ok());
-        assert!(t.begin("alice", a).is_ok());
+        t.begin("alice", a).unwrap().failed();
+        t.begin("alice", a).unwrap().failed();
         let Err(ApiError::RateLimited { retry_after, .. }) = t.begin("alice", None) else {
             panic!("alice should be throttled");
         };
         assert_eq!(retry_after, 60);
         // A refused attempt does not count against the address: one is left.
-        assert!(t.begin("bob", a).is_ok());
+        t.begin("bob", a).unwrap().failed();
         assert!(t.begin("carol", a).is_err());
-        // An attempt that was never checked does not count.
-        t.abandoned("bob", a);
-        assert!(t.begin("dave", a).is_ok());
+        // The window ends: everything is forgotten; a success clears the name.
         clock.advance(Duration::from_secs(60));
-        assert!(t.begin("alice", a).is_ok());
-        t.succeeded("alice", a);
-        assert!(t.begin("alice", None).is_ok());
-        assert!(t.begin("alice", None).is_ok());
+        t.begin("alice", a).unwrap().failed();
+        t.begin("alice", a).unwrap().succeeded();
+        t.begin("alice", None).unwrap().failed();
+        t.begin("alice", None).unwrap().failed();
         assert!(t.begin("alice", None).is_err());
+    }
+
+    #[test]
+    fn attempts_in_flight_count_only_once_a_key_has_failed() {
+        let t = LoginThrottle::new(
+            Limits {
+                per_username: 3,
+                per_address: 100,
+                window: Duration::from_secs(60),
+            },
+            Clock::manual(),
+        );
+        // Without failures, any number of attempts may be checked at once
+        // (many correct logins of one service user).
+        let herd: Vec<_> = (0..10).map(|_| t.begin("svc", None).unwrap()).collect();
+        herd.into_iter().for_each(Attempt::succeeded);
+        // After one failure, those in flight count: 1 failed + 2 in flight.
+        t.begin("eve", None).unwrap().failed();
+        let a = t.begin("eve", None).unwrap();
+        let b = t.begin("eve", None).unwrap();
+        assert!(t.begin("eve", None).is_err());
+        // An attempt never checked (dropped) does not count.
+        drop(a);
+        let c = t.begin("eve", None).unwrap();
+        b.failed();
+        c.failed();
+        assert!(t.begin("eve", None).is_err());
     }
 
     #[test]
