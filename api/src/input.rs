@@ -84,6 +84,43 @@ pub fn check_graphql(text: &str, max_depth: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Longest number token serde_json writes (`-1.7976931348623157e308` is 23).
+const LONGEST_WRITTEN_NUMBER: usize = 24;
+
+/// JSON text as kvql writes it: PostgreSQL's JSONB prints numbers in plain
+/// notation (`1e300` comes back as 301 digits, `5e-324` as 324 decimals),
+/// which is the same double but not the text the client wrote, and an
+/// integer literal beyond 64 bits that a client could not send back. Such
+/// text is parsed and written again (shortest round-trip form); any other
+/// text, which is nearly all of it, is returned as it is after one scan.
+pub fn canonical_numbers(text: String) -> String {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    let mut long = false;
+    while i < bytes.len() && !long {
+        match bytes[i] {
+            b'"' => i = skip_json_string(bytes, i + 1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                long = i - start > LONGEST_WRITTEN_NUMBER;
+            }
+            _ => i += 1,
+        }
+    }
+    if !long {
+        return text;
+    }
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(value) => value.to_string(),
+        Err(_) => text,
+    }
+}
+
 fn too_deep(what: &str, max_depth: usize) -> ApiError {
     ApiError::InvalidInput {
         field: None,
@@ -202,6 +239,20 @@ mod tests {
             let err = check_json(bad.as_bytes(), 64, "body").unwrap_err();
             assert!(err.to_string().contains("64 bits"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn numbers_printed_in_plain_notation_are_written_back_as_kvql_writes_them() {
+        let plain = format!(
+            "[1{}, 0.{}5, \"{}\"]",
+            "0".repeat(300),
+            "0".repeat(323),
+            "9".repeat(40)
+        );
+        let canonical = canonical_numbers(plain);
+        assert_eq!(canonical, format!("[1e+300,5e-324,\"{}\"]", "9".repeat(40)));
+        let usual = r#"{"a": [1, -2.5, 18446744073709551615, 0.9773585223395943]}"#.to_owned();
+        assert_eq!(canonical_numbers(usual.clone()), usual);
     }
 
     #[test]

@@ -97,7 +97,7 @@ pub(super) fn object_from_row(row: &QueryResult, now: i64) -> Result<Object, DbE
     let data: String = row.try_get("", "data")?;
     Ok(Object {
         key: row.try_get("", "key")?,
-        data: data.into(),
+        data: crate::input::canonical_numbers(data).into(),
         version: row.try_get("", "version")?,
         ttl: expires_at.map(|e| seconds_left(e, now)),
         expires_at,
