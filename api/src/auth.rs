@@ -240,6 +240,13 @@ async fn run_hashing<T: Send + 'static>(
     .map_err(|e| format!("hashing task failed: {e}"))
 }
 
+/// The token of an `Authorization: Bearer <token>` header value (scheme in
+/// any case), or `None` for any other value.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// Hashes a password with argon2id (default parameters, random salt) into a PHC string.
 pub fn hash_password(password: &str) -> anyhow::Result<String> {
     Argon2::default()

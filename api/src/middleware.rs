@@ -111,11 +111,8 @@ pub async fn around<E: Endpoint>(
 /// The principal of a valid `Authorization: Bearer` token, if there is one.
 async fn verify_bearer(state: &AppState, req: &Request) -> Option<Arc<Principal>> {
     let header = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = header.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    state.auth().authenticate(token.trim()).await.ok()
+    let token = crate::auth::bearer_token(header)?;
+    state.auth().authenticate(token).await.ok()
 }
 
 /// A process-unique id: a random prefix chosen at start and a counter, so

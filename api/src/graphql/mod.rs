@@ -52,14 +52,15 @@ impl Caller {
         let Some(header) = header.map(str::trim).filter(|h| !h.is_empty()) else {
             return Caller::Anonymous;
         };
-        let token = match header.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-            _ => {
-                return Caller::Refused(
-                    "the Authorization header must be `Bearer <access_token>`".into(),
-                );
+        match crate::auth::bearer_token(header) {
+            Some(token) => Caller::from_token(state, token).await,
+            None => {
+                Caller::Refused("the Authorization header must be `Bearer <access_token>`".into())
             }
-        };
+        }
+    }
+
+    pub(crate) async fn from_token(state: &AppState, token: &str) -> Caller {
         match state.auth().authenticate(token).await {
             Ok(p) => Caller::Authenticated(p),
             Err(ApiError::Unauthenticated(m)) => Caller::Refused(m),

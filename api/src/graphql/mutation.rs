@@ -45,7 +45,7 @@ impl Mutation {
         username: String,
         password: String,
     ) -> async_graphql::Result<LoginPayload> {
-        // Absent over WebSocket: such logins are throttled per username only.
+        // Over HTTP the request's address, over a WebSocket the socket's.
         let client = ctx.data_opt::<ClientAddr>().and_then(|c| c.0);
         let token = ctx
             .state()

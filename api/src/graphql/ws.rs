@@ -363,7 +363,10 @@ impl Connection {
                         format!("Too many connections: at most {max} per user"),
                     ));
                 }
-                self.token = authorization.as_deref().and_then(bearer_token);
+                self.token = authorization
+                    .as_deref()
+                    .and_then(crate::auth::bearer_token)
+                    .map(str::to_owned);
             }
             Caller::Refused(message) => {
                 return Err(Step::Close(4403, truncate(format!("Forbidden: {message}"))));
@@ -419,13 +422,6 @@ impl Connection {
             Err(_) => Step::Continue,
         }
     }
-}
-
-fn bearer_token(authorization: &str) -> Option<String> {
-    let (scheme, token) = authorization.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_owned())
 }
 
 /// Close reasons are at most 123 bytes.
