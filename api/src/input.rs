@@ -101,13 +101,9 @@ pub fn canonical_numbers(text: String) -> String {
         match bytes[i] {
             b'"' => i = skip_json_string(bytes, i + 1),
             b'-' | b'0'..=b'9' => {
-                let start = i;
-                while i < bytes.len()
-                    && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-                {
-                    i += 1;
-                }
-                long = i - start > LONGEST_WRITTEN_NUMBER;
+                let (end, _) = scan_number(bytes, i);
+                long = end - i > LONGEST_WRITTEN_NUMBER;
+                i = end.max(i + 1);
             }
             _ => i += 1,
         }
@@ -156,9 +152,9 @@ fn skip_block_string(bytes: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// Reads the number starting at `start`; refuses an integer (no fraction,
-/// no exponent) outside i64 and u64. Returns the index after the number.
-fn check_number(bytes: &[u8], start: usize, what: &str) -> Result<usize, ApiError> {
+/// The end of the number token starting at `start`, and whether it is an
+/// integer (no fraction, no exponent).
+fn scan_number(bytes: &[u8], start: usize) -> (usize, bool) {
     let mut i = start;
     let mut integer = true;
     while i < bytes.len() {
@@ -170,6 +166,13 @@ fn check_number(bytes: &[u8], start: usize, what: &str) -> Result<usize, ApiErro
         }
         i += 1;
     }
+    (i, integer)
+}
+
+/// Reads the number starting at `start`; refuses an integer (no fraction,
+/// no exponent) outside i64 and u64. Returns the index after the number.
+fn check_number(bytes: &[u8], start: usize, what: &str) -> Result<usize, ApiError> {
+    let (i, integer) = scan_number(bytes, start);
     if integer {
         let digits = &bytes[start..i];
         let text = std::str::from_utf8(digits).unwrap_or_default();
