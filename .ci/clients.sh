@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# kvql against the GraphQL clients people use (the programs in clients/):
+#   audit       graphql-http's serverAudits (GraphQL over HTTP; no warn, no error)
+#   apollo      Apollo Client 4: login, read/write, cache ids, APQ, batching, error codes
+#   graphql-ws  graphql-ws 6: subscriptions, reconnection, 4403, anonymous login
+#   legacy-ws   subscriptions-transport-ws 0.11 (the legacy protocol)
+#   gql         Python gql 4: AIOHTTPTransport and WebsocketsTransport
+#   browser     Apollo Client in headless Chromium on another origin (CORS)
+# Installs what it needs (npm ci in clients/, a Python venv, Debian's chromium
+# when missing), builds and starts kvql (debug build, fresh SQLite file, free
+# port), runs every program, stops kvql, and exits non-zero if any failed.
+#
+#   bash .ci/clients.sh                  all programs
+#   bash .ci/clients.sh apollo browser   some of them
+#   KVQL_CLIENTS_VENV=/path              where the Python venv lives (kept between runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+
+VENV="${KVQL_CLIENTS_VENV:-${TMPDIR:-/tmp}/kvql-clients-venv}"
+ADMIN_PASSWORD="clients-admin-password"
+ALL_PROGRAMS=(audit apollo graphql-ws legacy-ws gql browser)
+if [ "$#" -eq 0 ]; then PROGRAMS=("${ALL_PROGRAMS[@]}"); else PROGRAMS=("$@"); fi
+
+say() { printf 'clients.sh: %s\n' "$*" >&2; }
+START=$SECONDS
+
+# --- what the programs need ---
+command -v node >/dev/null && command -v npm >/dev/null || { say "node and npm are required"; exit 1; }
+say "npm ci in clients/ (node $(node --version))"
+(cd clients && npm ci --no-audit --no-fund --loglevel=error)
+
+want() { local p; for p in "${PROGRAMS[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
+
+if want gql; then
+    if ! "$VENV/bin/python" -c 'import gql' >/dev/null 2>&1 \
+        || ! cmp -s clients/requirements.txt "$VENV/.requirements.txt"; then
+        say "installing clients/requirements.txt into $VENV"
+        python3 -m venv "$VENV"
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check -r clients/requirements.txt
+        cp clients/requirements.txt "$VENV/.requirements.txt"
+    fi
+fi
+
+CHROMIUM="${KVQL_CHROMIUM:-/usr/bin/chromium}"
+if want browser && [ ! -x "$CHROMIUM" ]; then
+    say "installing Debian's chromium (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
+say "building kvql (debug)"
+cargo build --quiet --bin kvql
+
+# --- the server ---
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/kvql-clients.XXXXXX")"
+SERVER_PID=""
+cleanup() {
+    if [ -n "$SERVER_PID" ]; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# A port that was free a moment ago; should someone take it in between, kvql
+# fails to start and the wait below says so.
+PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+BASE="http://127.0.0.1:$PORT"
+
+say "starting kvql on $BASE (log: $WORK/kvql.log)"
+KVQL_LISTEN="127.0.0.1:$PORT" \
+    KVQL_DATABASE_URL="sqlite://$WORK/kvql.db?mode=rwc" \
+    KVQL_BOOTSTRAP_ADMIN_PASSWORD="$ADMIN_PASSWORD" \
+    KVQL_LOG=warn \
+    "${CARGO_TARGET_DIR:-target}/debug/kvql" serve >"$WORK/kvql.log" 2>&1 &
+SERVER_PID=$!
+
+python3 - "$BASE" "$SERVER_PID" <<'PY' || { say "kvql did not start; its log:"; cat "$WORK/kvql.log" >&2; exit 1; }
+import os, sys, time, urllib.request
+base, pid = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        urllib.request.urlopen(base + "/healthz", timeout=2).read()
+        sys.exit(0)
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            sys.exit("kvql exited")
+        time.sleep(0.05)
+sys.exit("kvql did not answer /healthz within 60 s")
+PY
+say "kvql is up after $((SECONDS - START)) s"
+
+# --- the programs ---
+export KVQL_URL="$BASE" KVQL_ADMIN_PASSWORD="$ADMIN_PASSWORD" KVQL_CHROMIUM="$CHROMIUM"
+passed=0
+failed=0
+failed_names=()
+for program in "${PROGRAMS[@]}"; do
+    case "$program" in
+        audit | apollo | graphql-ws | legacy-ws | browser) cmd=(node "clients/$program.mjs") ;;
+        gql) cmd=("$VENV/bin/python" clients/gql_client.py) ;;
+        *) say "unknown program $program (known: ${ALL_PROGRAMS[*]})"; exit 2 ;;
+    esac
+    printf '\n==> clients: %s\n' "$program"
+    t0=$SECONDS
+    if (cd "$ROOT" && "${cmd[@]}"); then
+        passed=$((passed + 1))
+        say "$program passed ($((SECONDS - t0)) s)"
+    else
+        failed=$((failed + 1))
+        failed_names+=("$program")
+        say "$program FAILED ($((SECONDS - t0)) s)"
+    fi
+done
+
+if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    say "kvql died during the run; its log:"
+    cat "$WORK/kvql.log" >&2
+    failed=$((failed + 1))
+    failed_names+=("server")
+fi
+
+printf '\n'
+[ "$failed" -eq 0 ] || say "failed: ${failed_names[*]} (kvql's log follows)"
+[ "$failed" -eq 0 ] || tail -n 50 "$WORK/kvql.log" >&2
+say "took $((SECONDS - START)) s"
+echo "clients: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
