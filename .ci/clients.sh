@@ -5,6 +5,7 @@
 #   graphql-ws  graphql-ws 6: subscriptions, reconnection, 4403, anonymous login
 #   legacy-ws   subscriptions-transport-ws 0.11 (the legacy protocol)
 #   gql         Python gql 4: AIOHTTPTransport and WebsocketsTransport
+#   curl        the README's curl examples: GET, batch, 405, 415, APQ by hand
 #   browser     Apollo Client in headless Chromium on another origin (CORS)
 # Installs what it needs (npm ci in clients/, a Python venv, Debian's chromium
 # when missing), builds and starts kvql (debug build, fresh SQLite file, free
@@ -19,7 +20,7 @@ ROOT="$PWD"
 
 VENV="${KVQL_CLIENTS_VENV:-${TMPDIR:-/tmp}/kvql-clients-venv}"
 ADMIN_PASSWORD="clients-admin-password"
-ALL_PROGRAMS=(audit apollo graphql-ws legacy-ws gql browser)
+ALL_PROGRAMS=(audit apollo graphql-ws legacy-ws gql curl browser)
 if [ "$#" -eq 0 ]; then PROGRAMS=("${ALL_PROGRAMS[@]}"); else PROGRAMS=("$@"); fi
 
 say() { printf 'clients.sh: %s\n' "$*" >&2; }
@@ -27,6 +28,10 @@ START=$SECONDS
 
 # --- what the programs need ---
 command -v node >/dev/null && command -v npm >/dev/null || { say "node and npm are required"; exit 1; }
+if ! command -v curl >/dev/null; then
+    say "installing curl (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+fi
 say "npm ci in clients/ (node $(node --version))"
 (cd clients && npm ci --no-audit --no-fund --loglevel=error)
 
@@ -104,6 +109,7 @@ for program in "${PROGRAMS[@]}"; do
     case "$program" in
         audit | apollo | graphql-ws | legacy-ws | browser) cmd=(node "clients/$program.mjs") ;;
         gql) cmd=("$VENV/bin/python" clients/gql_client.py) ;;
+        curl) cmd=(bash clients/curl.sh) ;;
         *) say "unknown program $program (known: ${ALL_PROGRAMS[*]})"; exit 2 ;;
     esac
     printf '\n==> clients: %s\n' "$program"
