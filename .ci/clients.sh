@@ -78,6 +78,7 @@ say "starting kvql on $BASE (log: $WORK/kvql.log)"
 KVQL_LISTEN="127.0.0.1:$PORT" \
     KVQL_DATABASE_URL="sqlite://$WORK/kvql.db?mode=rwc" \
     KVQL_BOOTSTRAP_ADMIN_PASSWORD="$ADMIN_PASSWORD" \
+    KVQL_GRAPHQL_MAX_BATCH=5 \
     KVQL_LOG=warn \
     "${CARGO_TARGET_DIR:-target}/debug/kvql" serve >"$WORK/kvql.log" 2>&1 &
 SERVER_PID=$!

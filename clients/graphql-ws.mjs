@@ -64,19 +64,28 @@ await runChecks('graphql-ws', [
     const key = uniqueKey('ws-event');
     // --- the code the README quotes: graphql-ws client ---
     const client = createClient({
-      url: WS_URL,
-      webSocketImpl: WebSocket,
+      url: WS_URL, // ws://HOST/graphql/ws
+      webSocketImpl: WebSocket, // from the `ws` package in Node; browsers have their own
       connectionParams: { Authorization: `Bearer ${token}` },
     });
+    const events = client.iterate({
+      query: 'subscription ($key: String!) { objectEvents(key: $key) { kind key version object { data } } }',
+      variables: { key },
+    });
+    // for await (const { data } of events) console.log(data.objectEvents);
     // --- end ---
-    const sub = firstEvent(client, key);
+    const received = events.next().then(({ value, done }) => {
+      if (done) throw new Error('subscription ended without an event');
+      if (value.errors) throw new Error(JSON.stringify(value.errors));
+      return value.data.objectEvents;
+    });
     try {
-      const event = await writeUntil(sub.received, token, key);
+      const event = await writeUntil(received, token, key);
       equal(event.kind, 'PUT', 'event kind');
       equal(event.key, key, 'event key');
       ok(Number.isInteger(event.object?.data?.n), `event value should be {n: <int>}: ${JSON.stringify(event)}`);
     } finally {
-      sub.dispose();
+      await events.return?.();
       await client.dispose();
     }
   }],
