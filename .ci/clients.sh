@@ -7,6 +7,7 @@
 #   gql         Python gql 4: AIOHTTPTransport and WebsocketsTransport
 #   curl        the README's curl examples: GET, batch, 405, 415, APQ by hand
 #   browser     Apollo Client in headless Chromium on another origin (CORS)
+#   snippets    the README quotes the programs' snippets verbatim
 # Installs what it needs (npm ci in clients/, a Python venv, Debian's chromium
 # when missing), builds and starts kvql (debug build, fresh SQLite file, free
 # port), runs every program, stops kvql, and exits non-zero if any failed.
@@ -20,7 +21,7 @@ ROOT="$PWD"
 
 VENV="${KVQL_CLIENTS_VENV:-${TMPDIR:-/tmp}/kvql-clients-venv}"
 ADMIN_PASSWORD="clients-admin-password"
-ALL_PROGRAMS=(audit apollo graphql-ws legacy-ws gql curl browser)
+ALL_PROGRAMS=(audit apollo graphql-ws legacy-ws gql curl browser snippets)
 if [ "$#" -eq 0 ]; then PROGRAMS=("${ALL_PROGRAMS[@]}"); else PROGRAMS=("$@"); fi
 
 say() { printf 'clients.sh: %s\n' "$*" >&2; }
@@ -108,7 +109,7 @@ failed=0
 failed_names=()
 for program in "${PROGRAMS[@]}"; do
     case "$program" in
-        audit | apollo | graphql-ws | legacy-ws | browser) cmd=(node "clients/$program.mjs") ;;
+        audit | apollo | graphql-ws | legacy-ws | browser | snippets) cmd=(node "clients/$program.mjs") ;;
         gql) cmd=("$VENV/bin/python" clients/gql_client.py) ;;
         curl) cmd=(bash clients/curl.sh) ;;
         *) say "unknown program $program (known: ${ALL_PROGRAMS[*]})"; exit 2 ;;

@@ -182,8 +182,9 @@ await runChecks('graphql-ws', [
   }],
 
   ['a client that logs in again on 4403 recovers from a stale token', async () => {
+    const savedToken = 'a-stale-or-expired-token';
     // --- the code the README quotes: re-login on 4403 ---
-    let currentToken = 'a-stale-or-expired-token';
+    let currentToken = savedToken; // e.g. kept from an earlier session; may have expired
     const client = createClient({
       url: WS_URL,
       webSocketImpl: WebSocket,
@@ -197,8 +198,8 @@ await runChecks('graphql-ws', [
           if (event?.code === 4403) currentToken = null; // refused: log in again
         },
       },
-      retryAttempts: 5,
-      shouldRetry: () => true,
+      retryAttempts: 5, // then the subscription's error callback gets the last CloseEvent
+      shouldRetry: () => true, // the default retries only close events, 4403 among them
     });
     // --- end ---
     const key = uniqueKey('ws-relogin');
@@ -207,7 +208,7 @@ await runChecks('graphql-ws', [
       const writer = await login();
       const event = await writeUntil(sub.received, writer, key);
       equal(event.key, key, 'event key after logging in again');
-      ok(currentToken && currentToken !== 'a-stale-or-expired-token', 'the client should hold a fresh token');
+      ok(currentToken && currentToken !== savedToken, 'the client should hold a fresh token');
     } finally {
       sub.dispose();
       await client.dispose();

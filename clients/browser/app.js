@@ -2,9 +2,11 @@
 // clients/browser.mjs): Apollo Client with an HttpLink, Automatic Persisted
 // Queries and an InMemoryCache without any configuration. It logs in, writes,
 // reads, writes again, and shows each step's outcome on the page.
+// --- the code the README quotes: browser imports ---
 import { ApolloClient, ApolloLink, HttpLink, InMemoryCache, gql } from '@apollo/client';
 import { SetContextLink } from '@apollo/client/link/context';
 import { PersistedQueryLink } from '@apollo/client/link/persisted-queries';
+// --- end ---
 
 const params = new URLSearchParams(location.search);
 const KVQL = params.get('api'); // e.g. http://127.0.0.1:8080
@@ -71,8 +73,10 @@ const value = { greeting: 'hello from the browser', n: 1 };
 
 (async () => {
   const loggedIn = await step('login', async () => {
+    // --- the code the README quotes: browser login ---
     const { data } = await client.mutate({ mutation: LOGIN, variables: { username: 'admin', password } });
     token = data.login.accessToken;
+    // --- end ---
   });
   if (loggedIn) {
     await step('write', async () => {
@@ -88,8 +92,11 @@ const value = { greeting: 'hello from the browser', n: 1 };
       return `version ${data.object.version}`;
     });
     await step('cache after write', async () => {
+      // --- the code the README quotes: browser cache ---
       await client.mutate({ mutation: WRITE, variables: { key, data: { ...value, n: 2 } } });
-      const { data } = await client.query({ query: READ, variables: { key } }); // cache-first
+      // The mutation's answer updated KvObject:<id> in the cache: no request here.
+      const { data } = await client.query({ query: READ, variables: { key } });
+      // --- end ---
       if (data.object.data.n !== 2) throw new Error(`the cache still shows ${JSON.stringify(data.object.data)}`);
       return JSON.stringify(data.object.data);
     });
