@@ -250,6 +250,19 @@ pub struct GraphqlConfig {
     #[arg(long, env = "KVQL_GRAPHQL_MAX_NESTING", default_value_t = crate::input::DEFAULT_MAX_DEPTH, value_parser = parse_depth)]
     pub graphql_max_nesting: usize,
 
+    /// Most operations in one batched GraphQL request (a JSON array, as
+    /// Apollo's BatchHttpLink sends). Each operation is checked against every
+    /// other limit on its own.
+    #[arg(long, env = "KVQL_GRAPHQL_MAX_BATCH", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub graphql_max_batch: u64,
+
+    /// Bytes of query text this node remembers for Automatic Persisted
+    /// Queries (clients then send a query's SHA-256 instead of its text);
+    /// the least recently used are forgotten first. 0 turns persisted
+    /// queries off.
+    #[arg(long, env = "KVQL_GRAPHQL_PERSISTED_QUERIES_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub graphql_persisted_queries_bytes: u64,
+
     /// Whether GraphQL introspection (used by GraphiQL and code generators) is on.
     #[arg(long, env = "KVQL_GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub graphql_introspection: bool,

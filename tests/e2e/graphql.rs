@@ -443,7 +443,12 @@ async fn batch_delete_reports_missing_keys() {
 #[tokio::test]
 async fn graphiql_is_served_on_get_with_its_subscription_url() {
     let app = TestApp::spawn().await;
-    let r = app.get("/graphql", None).await;
+    let r = app
+        .send(
+            app.request(reqwest::Method::GET, "/graphql", None)
+                .header("accept", "text/html"),
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert!(r.header("content-type").unwrap().starts_with("text/html"));
     assert!(r.text.contains("graphiql"));

@@ -10,6 +10,7 @@ mod cli;
 mod concurrency;
 mod errors;
 mod graphql;
+mod graphql_http;
 mod graphql_limits;
 mod hostile;
 mod keys;

@@ -3,6 +3,7 @@
 //! per request (WebSocket: from `connection_init`) and puts a [`Caller`] in
 //! the context; resolvers never parse tokens.
 
+mod http;
 mod mutation;
 mod policy;
 mod query;
@@ -13,8 +14,8 @@ mod ws;
 use std::sync::Arc;
 
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
-use async_graphql::{Context, Schema};
-use async_graphql_poem::{GraphQLProtocol, GraphQLResponse};
+use async_graphql::{BatchRequest, BatchResponse, Context, Schema};
+use async_graphql_poem::GraphQLProtocol;
 use poem::web::Html;
 use poem::web::websocket::{WebSocket, WebSocketConfig};
 use poem::{Body, Endpoint, EndpointExt, IntoResponse, Request, Route, get, handler};
@@ -23,15 +24,17 @@ use crate::app::AppState;
 use crate::auth::{ClientAddr, Principal};
 use crate::config::GraphqlConfig;
 use crate::error::ApiError;
-use crate::input;
 use crate::middleware::Verified;
 pub use mutation::Mutation;
 pub use query::Query;
 pub use subscription::Subscription;
 
+pub(crate) use http::GRAPHQL_RESPONSE as GRAPHQL_RESPONSE_MEDIA_TYPE;
+
 pub type KvSchema = Schema<Query, Mutation, Subscription>;
 
 /// Who is calling, as established once per request or connection.
+#[derive(Clone)]
 pub enum Caller {
     /// No token was sent.
     Anonymous,
@@ -46,6 +49,9 @@ pub enum Caller {
 /// operation on the socket verifies it again (see `policy`), so that revoking
 /// it reaches open sockets too.
 pub(crate) struct SocketAuth(pub String);
+
+/// In the data of a request that came by GET: only queries may run.
+pub(crate) struct HttpGet;
 
 impl Caller {
     async fn from_authorization(state: &AppState, header: Option<&str>) -> Caller {
@@ -122,56 +128,54 @@ pub fn sdl() -> String {
     schema(&config, None).sdl()
 }
 
+/// `POST /graphql`: one operation or a batch, as JSON.
 #[handler]
 async fn execute(
     req: &Request,
     body: Body,
     state: poem::web::Data<&AppState>,
     schema: poem::web::Data<&KvSchema>,
-) -> poem::Result<GraphQLResponse> {
-    let request = read_request(req, body, state.config().max_json_depth).await?;
-    let caller = match req.extensions().get::<Verified>() {
-        Some(Verified(principal)) => Caller::Authenticated(principal.clone()),
-        None => Caller::from_authorization(&state, req.header("authorization")).await,
-    };
-    let client = ClientAddr(state.auth().client_addr(req));
-    Ok(GraphQLResponse(
-        schema.execute(request.data(caller).data(client)).await,
-    ))
+) -> poem::Result<poem::Response> {
+    let config = state.config();
+    let batch = http::read_post(
+        req,
+        body,
+        config.max_json_depth,
+        usize::try_from(config.graphql.graphql_max_batch).unwrap_or(usize::MAX),
+    )
+    .await?;
+    Ok(run(req, &state, &schema, batch, false).await)
 }
 
-/// A GraphQL request from a POST body (JSON), its nesting and numbers checked
-/// before it is parsed. The middleware has already bounded the body's size.
-async fn read_request(
+/// Runs a request's operations in order, each with the caller's identity,
+/// and answers in the media type the client accepts.
+async fn run(
     req: &Request,
-    body: Body,
-    max_depth: usize,
-) -> Result<async_graphql::Request, ApiError> {
-    if req.content_type().is_some_and(|t| {
-        t.trim_start()
-            .to_ascii_lowercase()
-            .starts_with("multipart/")
-    }) {
-        return Err(ApiError::UnsupportedMediaType(
-            "send GraphQL requests as JSON (`Content-Type: application/json`); uploads are not supported"
-                .into(),
-        ));
-    }
-    let bytes = body
-        .into_bytes()
-        .await
-        .map_err(|e| ApiError::invalid("body", format!("could not be read: {e}")))?;
-    input::check_json(&bytes, max_depth, "GraphQL request")?;
-    serde_json::from_slice::<async_graphql::BatchRequest>(&bytes)
-        .map_err(|e| ApiError::InvalidInput {
-            field: None,
-            message: format!("the body is not a GraphQL request: {e}"),
-        })?
-        .into_single()
-        .map_err(|e| ApiError::InvalidInput {
-            field: None,
-            message: e.to_string(),
-        })
+    state: &AppState,
+    schema: &KvSchema,
+    batch: BatchRequest,
+    get: bool,
+) -> poem::Response {
+    let caller = match req.extensions().get::<Verified>() {
+        Some(Verified(principal)) => Caller::Authenticated(principal.clone()),
+        None => Caller::from_authorization(state, req.header("authorization")).await,
+    };
+    let client = ClientAddr(state.auth().client_addr(req));
+    let prepare = |r: async_graphql::Request| {
+        let r = r.data(caller.clone()).data(client);
+        if get { r.data(HttpGet) } else { r }
+    };
+    let resp = match batch {
+        BatchRequest::Single(r) => BatchResponse::Single(schema.execute(prepare(r)).await),
+        BatchRequest::Batch(requests) => {
+            let mut answers = Vec::with_capacity(requests.len());
+            for r in requests {
+                answers.push(schema.execute(prepare(r)).await);
+            }
+            BatchResponse::Batch(answers)
+        }
+    };
+    http::answer(resp, http::media(req), get)
 }
 
 /// The token in a `connection_init` payload: `{"Authorization": "Bearer …"}`
@@ -188,7 +192,7 @@ pub(crate) fn init_authorization(payload: &serde_json::Value) -> Option<String> 
 }
 
 #[handler]
-async fn playground_or_websocket(
+async fn get_or_websocket(
     req: &Request,
     ws: Option<WebSocket>,
     protocol: Option<GraphQLProtocol>,
@@ -197,7 +201,11 @@ async fn playground_or_websocket(
     sockets: poem::web::Data<&Arc<ws::Sockets>>,
 ) -> poem::Result<poem::Response> {
     let Some(socket) = ws else {
-        return Ok(Html(graphiql_page()).into_response());
+        if http::wants_html(req) {
+            return Ok(Html(graphiql_page()).into_response());
+        }
+        let batch = http::read_get(req, state.config().max_json_depth)?;
+        return Ok(run(req, &state, &schema, batch, true).await);
     };
     let protocol = protocol.ok_or_else(|| {
         ApiError::invalid(
@@ -260,12 +268,12 @@ fn graphiql_page() -> String {
     )
 }
 
-/// `/graphql` (POST queries and mutations; GET GraphiQL or a WebSocket) and
-/// `/graphql/ws` (WebSocket).
+/// `/graphql` (POST operations and batches; GET queries, GraphiQL for a
+/// browser, or a WebSocket) and `/graphql/ws` (the same for GET).
 pub fn routes(schema: KvSchema) -> impl Endpoint {
     Route::new()
-        .at("/", get(playground_or_websocket).post(execute))
-        .at("/ws", get(playground_or_websocket))
+        .at("/", get(get_or_websocket).post(execute))
+        .at("/ws", get(get_or_websocket))
         .data(schema)
         .data(Arc::new(ws::Sockets::default()))
 }

@@ -2,12 +2,13 @@
 //! their validation reused across requests, and one place that gives every
 //! GraphQL error its `extensions.code`.
 
+use std::any::TypeId;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextPrepareRequest, NextRequest,
-    NextSubscribe, NextValidation,
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextPrepareRequest,
+    NextRequest, NextSubscribe, NextValidation,
 };
 use async_graphql::parser::types::{
     Directive, ExecutableDocument, FragmentDefinition, OperationDefinition, OperationType,
@@ -21,7 +22,7 @@ use async_graphql::{
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 
-use super::{Caller, SocketAuth};
+use super::{Caller, HttpGet, SocketAuth};
 use crate::app::AppState;
 use crate::config::GraphqlConfig;
 use crate::error::ApiError;
@@ -40,7 +41,18 @@ struct Limits {
     /// Documents already parsed and checked, by query text: clients send the
     /// same few queries over and over.
     parsed: moka::sync::Cache<Arc<str>, Arc<Parsed>>,
+    /// Automatic persisted queries: query texts that passed the checks, by
+    /// their SHA-256 (lowercase hex). `None` when turned off.
+    persisted: Option<moka::sync::Cache<Arc<str>, Arc<str>>>,
 }
+
+/// The request extension of Apollo's Automatic Persisted Queries.
+pub(crate) const PERSISTED_QUERY: &str = "persistedQuery";
+
+/// Set in a response's (never sent) `http_headers` when the request failed
+/// before execution: parse, validation, variables or limits. GraphQL over
+/// HTTP answers such requests with 4xx and no `data`.
+pub(crate) const REQUEST_ERROR: &str = "x-kvql-request-error";
 
 /// A parsed document and the outcome of its successful validations.
 struct Parsed {
@@ -183,6 +195,14 @@ impl Policy {
                         u32::try_from(q.len()).unwrap_or(u32::MAX).saturating_mul(4)
                     })
                     .build(),
+                persisted: (config.graphql_persisted_queries_bytes > 0).then(|| {
+                    moka::sync::Cache::builder()
+                        .max_capacity(config.graphql_persisted_queries_bytes)
+                        .weigher(|hash: &Arc<str>, query: &Arc<str>| {
+                            u32::try_from(hash.len() + query.len()).unwrap_or(u32::MAX)
+                        })
+                        .build()
+                }),
             }),
         }
     }
@@ -211,6 +231,8 @@ struct RequestState {
     /// An earlier validation of this document and operation that holds for
     /// this request.
     reused: Option<ValidationResult>,
+    /// Execution began: errors from now on are field errors.
+    executed: bool,
 }
 
 type Fragments = std::collections::HashMap<Name, Positioned<FragmentDefinition>>;
@@ -432,6 +454,92 @@ fn check_directives(doc: &ExecutableDocument, registry: &Registry) -> Result<(),
     Ok(())
 }
 
+/// A GET may only run a query: its answer may be cached and its URL is
+/// logged, and a browser may follow a link to it.
+fn only_queries(doc: &ExecutableDocument, operation: Option<&str>) -> ServerResult<()> {
+    let mut ops = doc.operations.iter();
+    let op = match operation {
+        Some(name) => ops.find(|(n, _)| n.is_some_and(|n| n.as_str() == name)),
+        None => ops.next(),
+    };
+    match op {
+        Some((_, op)) if op.node.ty != OperationType::Query => {
+            let mut err = ServerError::new(
+                format!(
+                    "a {} cannot be sent with GET; send it with POST",
+                    op.node.ty
+                ),
+                None,
+            );
+            err.extensions
+                .get_or_insert_with(Default::default)
+                .set("code", "METHOD_NOT_ALLOWED");
+            Err(err)
+        }
+        _ => Ok(()),
+    }
+}
+
+fn coded(message: &str, code: &str) -> ServerError {
+    let mut err = ServerError::new(message, None);
+    err.extensions
+        .get_or_insert_with(Default::default)
+        .set("code", code);
+    err
+}
+
+impl PolicyExtension {
+    /// Apollo's Automatic Persisted Queries: a request may name its query by
+    /// SHA-256 hash instead of sending the text, once the text has been sent
+    /// with its hash. Returns the hash to remember the text under, once the
+    /// text has passed every check.
+    fn persisted_query(&self, request: &mut Request) -> ServerResult<Option<Arc<str>>> {
+        let Some(ext) = request.extensions.remove(PERSISTED_QUERY) else {
+            return Ok(None);
+        };
+        let Some(cache) = &self.limits.persisted else {
+            return Err(coded(
+                "PersistedQueryNotSupported",
+                "PERSISTED_QUERY_NOT_SUPPORTED",
+            ));
+        };
+        let invalid = |m: &str| {
+            coded(
+                &format!("invalid extensions.persistedQuery: {m}"),
+                "INVALID_INPUT",
+            )
+        };
+        let Value::Object(ext) = ext else {
+            return Err(invalid("must be an object"));
+        };
+        if ext.get("version") != Some(&Value::from(1)) {
+            return Err(invalid("only `version: 1` is supported"));
+        }
+        let hash = match ext.get("sha256Hash") {
+            Some(Value::String(h)) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                h.to_ascii_lowercase()
+            }
+            _ => return Err(invalid("`sha256Hash` must be 64 hexadecimal digits")),
+        };
+        if request.query.is_empty() {
+            return match cache.get(hash.as_str()) {
+                Some(query) => {
+                    request.query = query.to_string();
+                    Ok(None)
+                }
+                None => Err(coded("PersistedQueryNotFound", "PERSISTED_QUERY_NOT_FOUND")),
+            };
+        }
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(request.query.as_bytes());
+        let actual: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        if actual != hash {
+            return Err(invalid("`sha256Hash` is not the SHA-256 of the query"));
+        }
+        Ok(Some(hash.into()))
+    }
+}
+
 /// Gives an error its code and safe message: from the `ApiError` it came
 /// from, else `INVALID_INPUT` (parse and validation errors, limits).
 fn classify(mut err: ServerError) -> ServerError {
@@ -511,7 +619,25 @@ fn classify_response(mut resp: Response) -> Response {
 #[async_graphql::async_trait::async_trait]
 impl Extension for PolicyExtension {
     async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
-        classify_response(next.run(ctx).await)
+        let mut resp = classify_response(next.run(ctx).await);
+        let executed = self.state.lock().map(|s| s.executed).unwrap_or(true);
+        if !executed && !resp.errors.is_empty() {
+            resp.http_headers
+                .insert(REQUEST_ERROR, poem::http::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
+        if let Ok(mut state) = self.state.lock() {
+            state.executed = true;
+        }
+        next.run(ctx, operation_name).await
     }
 
     fn subscribe<'s>(
@@ -539,6 +665,7 @@ impl Extension for PolicyExtension {
             request = request.data(caller);
         }
         let limits = &self.limits;
+        let persisted = self.persisted_query(&mut request)?;
         let query = request.query.as_str();
         if query.len() > limits.max_query_bytes {
             return Err(limit_error(format!(
@@ -556,7 +683,17 @@ impl Extension for PolicyExtension {
             let doc = async_graphql::parser::parse_query(query)
                 .map_err(|e| without_source_text(ServerError::from(e)))?;
             limits.check(&doc, &ctx.schema_env.registry)?;
+            if request.data.contains_key(&TypeId::of::<HttpGet>()) {
+                only_queries(&doc, request.operation_name.as_deref())?;
+            }
             request.set_parsed_query(doc);
+        } else if let Some(parsed) = &cached
+            && request.data.contains_key(&TypeId::of::<HttpGet>())
+        {
+            only_queries(&parsed.doc, request.operation_name.as_deref())?;
+        }
+        if let (Some(hash), Some(cache)) = (persisted, &limits.persisted) {
+            cache.insert(hash, request.query.as_str().into());
         }
         if let Ok(mut state) = self.state.lock() {
             state.operation.clone_from(&request.operation_name);
