@@ -100,7 +100,7 @@ while time.monotonic() < deadline:
         time.sleep(0.05)
 sys.exit("kvql did not answer /healthz within 60 s")
 PY
-say "kvql is up after $((SECONDS - START)) s"
+say "kvql is up ($((SECONDS - START)) s since the start, installs and build included)"
 
 # --- the programs ---
 export KVQL_URL="$BASE" KVQL_ADMIN_PASSWORD="$ADMIN_PASSWORD" KVQL_CHROMIUM="$CHROMIUM"
