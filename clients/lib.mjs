@@ -102,6 +102,7 @@ export async function runChecks(program, checks) {
   for (const [title, fn] of checks) {
     exchanges.length = 0;
     let timer;
+    const started = Date.now();
     try {
       await Promise.race([
         fn(),
@@ -113,10 +114,10 @@ export async function runChecks(program, checks) {
         }),
       ]);
       passed += 1;
-      console.log(`ok   - ${title}`);
+      console.log(`ok   - ${title} (${Date.now() - started} ms)`);
     } catch (error) {
       failed += 1;
-      console.log(`FAIL - ${title}\n      ${describe(error).replace(/\n/g, '\n      ')}`);
+      console.log(`FAIL - ${title} (${Date.now() - started} ms)\n      ${describe(error).replace(/\n/g, '\n      ')}`);
       if (exchanges.length) {
         console.log('      last HTTP exchanges:');
         printExchanges(exchanges);
