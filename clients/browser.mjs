@@ -67,7 +67,8 @@ try {
       page.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));
       page.on('request', (r) => {
         if (r.url().startsWith(BASE)) {
-          apiRequests.push({ method: r.method(), url: decodeURIComponent(r.url()), request: r, body: r.postData()?.slice(0, 200) });
+          const body = r.postData()?.replace(/"password":"[^"]*"/, '"password":"..."').slice(0, 300);
+          apiRequests.push({ method: r.method(), url: decodeURIComponent(r.url()), request: r, body });
         }
       });
       page.on('requestfinished', async (r) => {
