@@ -28,7 +28,8 @@ say() { printf 'clients.sh: %s\n' "$*" >&2; }
 START=$SECONDS
 
 # --- what the programs need ---
-command -v node >/dev/null && command -v npm >/dev/null || { say "node and npm are required"; exit 1; }
+command -v node >/dev/null && command -v npm >/dev/null || { say "node (20 or newer) and npm are required"; exit 1; }
+[ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] || { say "node 20 or newer is required, found $(node --version)"; exit 1; }
 if ! command -v curl >/dev/null; then
     say "installing curl (apt-get)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
