@@ -5,7 +5,7 @@ mod allow;
 mod body;
 mod params;
 
-pub use allow::allowed_methods;
+pub use allow::{all_methods, allowed_methods};
 
 use std::borrow::Cow;
 use std::sync::Arc;
