@@ -50,7 +50,9 @@ pub fn parse_origins(s: &str) -> Result<CorsOrigins, String> {
     let mut origins = Vec::new();
     for part in s.split(',').map(str::trim) {
         if part == "*" || part.eq_ignore_ascii_case("none") {
-            return Err(format!("`{part}` must stand alone, not in a list of origins"));
+            return Err(format!(
+                "`{part}` must stand alone, not in a list of origins"
+            ));
         }
         let origin = parse_origin(part)?;
         if !origins.contains(&origin) {
@@ -69,9 +71,7 @@ fn parse_origin(s: &str) -> Result<String, String> {
              e.g. https://app.example.com or http://localhost:3000"
         )
     };
-    let (scheme, authority) = s
-        .split_once("://")
-        .ok_or_else(|| malformed("no `://`"))?;
+    let (scheme, authority) = s.split_once("://").ok_or_else(|| malformed("no `://`"))?;
     let scheme = scheme.to_ascii_lowercase();
     let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
         && scheme
@@ -97,7 +97,10 @@ fn parse_origin(s: &str) -> Result<String, String> {
             }
             let port = match rest {
                 "" => None,
-                _ => Some(rest.strip_prefix(':').ok_or_else(|| malformed("bad port"))?),
+                _ => Some(
+                    rest.strip_prefix(':')
+                        .ok_or_else(|| malformed("bad port"))?,
+                ),
             };
             (format!("[{addr}]"), port)
         }
@@ -205,7 +208,10 @@ impl<E: Endpoint> Endpoint for CorsEndpoint<E> {
         } else if allowed.is_some() {
             Response::builder()
                 .status(StatusCode::NO_CONTENT)
-                .header(header::ACCESS_CONTROL_ALLOW_METHODS, self.allow_methods.clone())
+                .header(
+                    header::ACCESS_CONTROL_ALLOW_METHODS,
+                    self.allow_methods.clone(),
+                )
                 .header(
                     header::ACCESS_CONTROL_ALLOW_HEADERS,
                     HeaderValue::from_static(ALLOW_HEADERS),

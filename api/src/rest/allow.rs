@@ -85,13 +85,23 @@ pub fn all_methods() -> String {
         }
     }
     let order = |m: &Method| {
-        [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::PATCH, Method::DELETE]
-            .iter()
-            .position(|o| o == m)
-            .unwrap_or(usize::MAX)
+        [
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ]
+        .iter()
+        .position(|o| o == m)
+        .unwrap_or(usize::MAX)
     };
     all.sort_by_key(|m| order(m));
-    all.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+    all.iter()
+        .map(|m| m.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
