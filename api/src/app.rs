@@ -11,6 +11,7 @@ use poem::{Endpoint, EndpointExt, Route};
 use crate::auth::Auth;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::cors::Cors;
 use crate::db::Db;
 use crate::events::Events;
 use crate::store::{Limits, Store};
@@ -111,7 +112,8 @@ impl App {
         })
     }
 
-    /// The HTTP endpoint: REST, GraphQL, OpenAPI, Swagger UI, health probes.
+    /// The HTTP endpoint: REST, GraphQL, OpenAPI, Swagger UI, health probes,
+    /// inside the request middleware and, outermost, CORS.
     pub fn endpoint(&self) -> impl Endpoint + 'static {
         let api = rest::service();
         let spec = api.spec_endpoint();
@@ -125,6 +127,7 @@ impl App {
             .nest("/", api)
             .data(self.state.clone())
             .around(move |ep, req| middleware::around(ep, req, state.clone()))
+            .with(Cors::new(self.config.cors_origins.clone()))
     }
 
     /// Binds `config.listen` (port 0 picks a free port) and serves until

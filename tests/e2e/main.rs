@@ -8,6 +8,7 @@ mod auth;
 mod batch;
 mod cli;
 mod concurrency;
+mod cors;
 mod errors;
 mod graphql;
 mod graphql_http;
