@@ -12,10 +12,9 @@ mod ws;
 
 use std::sync::Arc;
 
-use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
 use async_graphql::{Context, Schema};
 use async_graphql_poem::{GraphQLProtocol, GraphQLResponse};
-use poem::web::Html;
 use poem::web::websocket::{WebSocket, WebSocketConfig};
 use poem::{Body, Endpoint, EndpointExt, IntoResponse, Request, Route, get, handler};
 
@@ -197,7 +196,7 @@ async fn playground_or_websocket(
     sockets: poem::web::Data<&Arc<ws::Sockets>>,
 ) -> poem::Result<poem::Response> {
     let Some(socket) = ws else {
-        return Ok(Html(graphiql_page()).into_response());
+        return Ok(crate::pages::graphiql().into_response());
     };
     let protocol = protocol.ok_or_else(|| {
         ApiError::invalid(
@@ -244,28 +243,13 @@ async fn playground_or_websocket(
         .into_response())
 }
 
-/// GraphiQL, wired to `/graphql` and `/graphql/ws`. Headers typed into its
-/// Headers tab are also sent in `connection_init`, so subscriptions work.
-fn graphiql_page() -> String {
-    let page = GraphiQLSource::build()
-        .endpoint("/graphql")
-        .subscription_endpoint("/graphql/ws")
-        .title("kvql GraphiQL")
-        .finish();
-    page.replacen(
-        "subscriptionUrl: createUrl('/graphql/ws', true),",
-        "subscriptionUrl: createUrl('/graphql/ws', true),\n            \
-         wsConnectionParams: () => { try { return JSON.parse(localStorage.getItem('graphiql:headers') || '{}'); } catch (e) { return {}; } },",
-        1,
-    )
-}
-
 /// `/graphql` (POST queries and mutations; GET GraphiQL or a WebSocket) and
 /// `/graphql/ws` (WebSocket).
 pub fn routes(schema: KvSchema) -> impl Endpoint {
     Route::new()
         .at("/", get(playground_or_websocket).post(execute))
         .at("/ws", get(playground_or_websocket))
+        .at("/assets/*path", get(crate::pages::asset))
         .data(schema)
         .data(Arc::new(ws::Sockets::default()))
 }
@@ -291,10 +275,5 @@ mod tests {
         );
         assert_eq!(init_authorization(&json!({})), None);
         assert_eq!(init_authorization(&json!(null)), None);
-    }
-
-    #[test]
-    fn graphiql_sends_its_headers_when_subscribing() {
-        assert!(graphiql_page().contains("wsConnectionParams"));
     }
 }
