@@ -175,8 +175,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn graphiql_sends_its_headers_when_subscribing() {
-        assert!(graphiql().0.contains("wsConnectionParams: storedHeaders"));
+    fn graphiql_subscribes_through_its_fetcher_which_sends_the_headers_tab() {
+        // createFetcher puts the Headers tab into connection_init only when it
+        // makes the socket itself: from `subscriptionUrl`, not a `wsClient`.
+        let page = graphiql().0;
+        assert!(page.contains("subscriptionUrl: wsUrl.toString()"));
+        assert!(!page.contains("wsClient"));
     }
 
     #[test]
