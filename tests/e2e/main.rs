@@ -17,6 +17,7 @@ mod listing;
 mod nodes;
 mod objects;
 mod openapi;
+mod pages;
 mod readme_flow;
 mod subscriptions;
 mod tenancy;
