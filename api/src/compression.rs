@@ -99,10 +99,11 @@ pub fn compressible(content_type: &str) -> bool {
     ) || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// `bytes` in `encoding`; `Identity` returns them unchanged.
-pub fn compress(bytes: &[u8], encoding: Encoding, effort: Effort) -> Bytes {
+/// `bytes` in `encoding` (`Identity`: unchanged), or `None` if the encoder
+/// failed.
+pub fn compress(bytes: &[u8], encoding: Encoding, effort: Effort) -> Option<Bytes> {
     match encoding {
-        Encoding::Identity => Bytes::copy_from_slice(bytes),
+        Encoding::Identity => Some(Bytes::copy_from_slice(bytes)),
         Encoding::Gzip => {
             let level = match effort {
                 Effort::Fast => flate2::Compression::new(5),
@@ -110,9 +111,8 @@ pub fn compress(bytes: &[u8], encoding: Encoding, effort: Effort) -> Bytes {
             };
             let mut encoder =
                 flate2::write::GzEncoder::new(Vec::with_capacity(bytes.len() / 3), level);
-            // Writing to a Vec cannot fail.
-            let _ = encoder.write_all(bytes);
-            encoder.finish().unwrap_or_default().into()
+            encoder.write_all(bytes).ok()?;
+            encoder.finish().ok().map(Bytes::from)
         }
         Encoding::Brotli => {
             let params = brotli::enc::BrotliEncoderParams {
@@ -126,9 +126,8 @@ pub fn compress(bytes: &[u8], encoding: Encoding, effort: Effort) -> Bytes {
             };
             let mut out = Vec::with_capacity(bytes.len() / 4);
             let mut input = bytes;
-            // Reading from a slice and writing to a Vec cannot fail.
-            let _ = brotli::BrotliCompress(&mut input, &mut out, &params);
-            out.into()
+            brotli::BrotliCompress(&mut input, &mut out, &params).ok()?;
+            Some(out.into())
         }
     }
 }
@@ -189,8 +188,9 @@ async fn compress_response(resp: Response, encoding: Encoding, head: bool) -> Re
         tokio::task::spawn_blocking(move || compress(&input, encoding, Effort::Fast))
             .await
             .ok()
+            .flatten()
     } else {
-        Some(compress(&bytes, encoding, Effort::Fast))
+        compress(&bytes, encoding, Effort::Fast)
     };
     match (compressed, encoding.header_value()) {
         (Some(compressed), Some(coding)) if compressed.len() < bytes.len() => {

@@ -27,13 +27,14 @@ const SVG: &str = "image/svg+xml";
 
 const FAVICON: &[u8] = include_bytes!("favicon.svg");
 
-/// A vendored file, with its compressed forms made on first use.
+/// A vendored file, with its compressed forms made on first use (`None`
+/// if compressing failed: the plain bytes are sent).
 struct Asset {
     path: String,
     content_type: &'static str,
     bytes: &'static [u8],
-    gzip: OnceLock<Bytes>,
-    brotli: OnceLock<Bytes>,
+    gzip: OnceLock<Option<Bytes>>,
+    brotli: OnceLock<Option<Bytes>>,
 }
 
 impl Asset {
@@ -53,7 +54,8 @@ impl Asset {
             Encoding::Gzip => &self.gzip,
             Encoding::Brotli => &self.brotli,
         };
-        Some(cell.get_or_init(|| compression::compress(self.bytes, encoding, Effort::Best)))
+        cell.get_or_init(|| compression::compress(self.bytes, encoding, Effort::Best))
+            .as_ref()
     }
 }
 
