@@ -102,6 +102,12 @@ async function graphiql() {
     throw new Error('GraphiQL did not send the Headers tab token with its POST');
   }
 
+  step('GraphiQL: the documentation explorer shows the schema');
+  await page.getByRole('button', { name: /Documentation Explorer/ }).click();
+  const explorer = page.locator('.graphiql-doc-explorer');
+  await explorer.getByText('Mutation', { exact: true }).click();
+  await explorer.getByText('login', { exact: true }).first().waitFor();
+
   step('GraphiQL: a subscription over /graphql/ws sees a write');
   const sentOnSocket = [];
   page.on('websocket', (ws) => ws.on('framesent', (f) => sentOnSocket.push(String(f.payload))));
