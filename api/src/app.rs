@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use poem::listener::{Acceptor, Listener, TcpListener};
-use poem::{Endpoint, EndpointExt, Route};
+use poem::{Endpoint, EndpointExt, Route, get};
 
 use crate::auth::Auth;
 use crate::clock::Clock;
@@ -16,7 +16,7 @@ use crate::db::Db;
 use crate::events::Events;
 use crate::store::{Limits, Store};
 use crate::sweeper::Sweeper;
-use crate::{graphql, middleware, rest, users};
+use crate::{compression, graphql, middleware, pages, rest, users};
 
 /// What every request handler may use.
 #[derive(Clone)]
@@ -113,20 +113,23 @@ impl App {
     }
 
     /// The HTTP endpoint: REST, GraphQL, OpenAPI, Swagger UI, health probes,
-    /// inside the request middleware and, outermost, CORS.
+    /// inside the request middleware, compressed where it pays and,
+    /// outermost, CORS.
     pub fn endpoint(&self) -> impl Endpoint + 'static {
         let api = rest::service();
         let spec = api.spec_endpoint();
-        let docs = api.swagger_ui();
         let state = self.state.clone();
         let schema = graphql::schema(&self.config.graphql, Some(self.state.clone()));
         Route::new()
             .at("/openapi.json", spec)
-            .nest("/docs", docs)
+            .nest("/docs", pages::docs_routes())
+            .at("/favicon.svg", get(pages::favicon))
+            .at("/favicon.ico", get(pages::favicon))
             .nest("/graphql", graphql::routes(schema))
             .nest("/", api)
             .data(self.state.clone())
             .around(move |ep, req| middleware::around(ep, req, state.clone()))
+            .around(compression::around)
             .with(Cors::new(self.config.cors_origins.clone()))
     }
 

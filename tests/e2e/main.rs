@@ -19,6 +19,7 @@ mod listing;
 mod nodes;
 mod objects;
 mod openapi;
+mod pages;
 mod readme_flow;
 mod subscriptions;
 mod tenancy;
