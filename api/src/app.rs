@@ -6,16 +6,17 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use poem::listener::{Acceptor, Listener, TcpListener};
-use poem::{Endpoint, EndpointExt, Route};
+use poem::{Endpoint, EndpointExt, Route, get};
 
 use crate::auth::Auth;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::cors::Cors;
 use crate::db::Db;
 use crate::events::Events;
 use crate::store::{Limits, Store};
 use crate::sweeper::Sweeper;
-use crate::{graphql, middleware, rest, users};
+use crate::{compression, graphql, middleware, pages, rest, users};
 
 /// What every request handler may use.
 #[derive(Clone)]
@@ -111,20 +112,25 @@ impl App {
         })
     }
 
-    /// The HTTP endpoint: REST, GraphQL, OpenAPI, Swagger UI, health probes.
+    /// The HTTP endpoint: REST, GraphQL, OpenAPI, Swagger UI, health probes,
+    /// inside the request middleware, compressed where it pays and,
+    /// outermost, CORS.
     pub fn endpoint(&self) -> impl Endpoint + 'static {
         let api = rest::service();
         let spec = api.spec_endpoint();
-        let docs = api.swagger_ui();
         let state = self.state.clone();
         let schema = graphql::schema(&self.config.graphql, Some(self.state.clone()));
         Route::new()
             .at("/openapi.json", spec)
-            .nest("/docs", docs)
+            .nest("/docs", pages::docs_routes())
+            .at("/favicon.svg", get(pages::favicon))
+            .at("/favicon.ico", get(pages::favicon))
             .nest("/graphql", graphql::routes(schema))
             .nest("/", api)
             .data(self.state.clone())
             .around(move |ep, req| middleware::around(ep, req, state.clone()))
+            .around(compression::around)
+            .with(Cors::new(self.config.cors_origins.clone()))
     }
 
     /// Binds `config.listen` (port 0 picks a free port) and serves until

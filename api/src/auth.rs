@@ -161,68 +161,82 @@ struct Claims {
 
 /// At most one argon2 computation per CPU at a time: each takes ~19 MiB and
 /// tens of milliseconds, so a burst of logins queues here instead of
-/// multiplying memory use.
-static HASHING: LazyLock<Arc<tokio::sync::Semaphore>> = LazyLock::new(|| {
-    Arc::new(tokio::sync::Semaphore::new(
-        std::thread::available_parallelism().map_or(2, |n| n.get()),
-    ))
-});
+/// multiplying memory use. Each node's logins have their own slots
+/// ([`Auth`]); the CLI and user administration share [`GLOBAL_HASHING`].
+pub(crate) struct Hashing {
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Computations waiting for a permit through [`Hashing::run_or_refuse`].
+    waiting: AtomicUsize,
+}
 
-/// Computations waiting for a [`HASHING`] permit through [`hashing_or_refuse`].
-static WAITING: AtomicUsize = AtomicUsize::new(0);
+static GLOBAL_HASHING: LazyLock<Hashing> = LazyLock::new(Hashing::per_cpu);
+
+impl Hashing {
+    fn per_cpu() -> Hashing {
+        Hashing {
+            permits: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// Like [`hashing`], but when `max_waiting` computations already wait
+    /// for a permit, refuses at once with 429 `RATE_LIMITED`
+    /// (`Retry-After: 1`): a flood of logins then costs neither memory nor
+    /// time of other requests.
+    async fn run_or_refuse<T: Send + 'static>(
+        &self,
+        max_waiting: usize,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let permit =
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(tokio::sync::TryAcquireError::Closed) => {
+                    return Err(ApiError::internal(anyhow::anyhow!(
+                        "hashing semaphore closed"
+                    )));
+                }
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    if self.waiting.fetch_add(1, Ordering::SeqCst) >= max_waiting {
+                        self.waiting.fetch_sub(1, Ordering::SeqCst);
+                        return Err(ApiError::RateLimited {
+                            message: "the server is busy checking passwords; try again in a second"
+                                .into(),
+                            retry_after: 1,
+                        });
+                    }
+                    let _waiting = Waiting(&self.waiting);
+                    self.permits.clone().acquire_owned().await.map_err(|e| {
+                        ApiError::internal(anyhow::anyhow!("hashing semaphore: {e}"))
+                    })?
+                }
+            };
+        run_hashing(permit, work)
+            .await
+            .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))
+    }
+}
 
 /// Runs an argon2 computation on the blocking pool, one per CPU at a time,
 /// waiting as long as it takes (the CLI and user administration).
 pub async fn hashing<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
-    let permit = HASHING
+    let permit = GLOBAL_HASHING
+        .permits
         .clone()
         .acquire_owned()
         .await
         .context("hashing semaphore closed")?;
     run_hashing(permit, work).await.map_err(anyhow::Error::msg)
-}
-
-/// Like [`hashing`], but when `max_waiting` computations already wait for a
-/// permit, refuses at once with 429 `RATE_LIMITED` (`Retry-After: 1`): a
-/// flood of logins then costs neither memory nor time of other requests.
-pub async fn hashing_or_refuse<T: Send + 'static>(
-    max_waiting: usize,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    struct Waiting;
-    impl Drop for Waiting {
-        fn drop(&mut self) {
-            WAITING.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-    let permit = match HASHING.clone().try_acquire_owned() {
-        Ok(permit) => permit,
-        Err(tokio::sync::TryAcquireError::Closed) => {
-            return Err(ApiError::internal(anyhow::anyhow!(
-                "hashing semaphore closed"
-            )));
-        }
-        Err(tokio::sync::TryAcquireError::NoPermits) => {
-            if WAITING.fetch_add(1, Ordering::SeqCst) >= max_waiting {
-                WAITING.fetch_sub(1, Ordering::SeqCst);
-                return Err(ApiError::RateLimited {
-                    message: "the server is busy checking passwords; try again in a second".into(),
-                    retry_after: 1,
-                });
-            }
-            let _waiting = Waiting;
-            HASHING
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| ApiError::internal(anyhow::anyhow!("hashing semaphore: {e}")))?
-        }
-    };
-    run_hashing(permit, work)
-        .await
-        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))
 }
 
 /// Runs `work` on the blocking pool holding `permit` until it ends, even
@@ -328,6 +342,7 @@ struct AuthInner {
     throttle: LoginThrottle,
     trusted_proxies: TrustedProxies,
     max_hashing_queue: usize,
+    hashing: Hashing,
     /// Tokens verified recently, so that a request with a known token costs
     /// a hash lookup instead of a signature check and a database query.
     verified: RwLock<HashMap<Box<str>, Verified, foldhash::fast::RandomState>>,
@@ -400,6 +415,7 @@ impl Auth {
                 throttle,
                 trusted_proxies: config.trusted_proxies.clone(),
                 max_hashing_queue: config.login_max_queued as usize,
+                hashing: Hashing::per_cpu(),
                 verified: RwLock::new(HashMap::default()),
                 cache_ttl_ms: config.auth_cache_ttl.as_millis() as i64,
                 validation,
@@ -463,10 +479,13 @@ impl Auth {
             _ => self.inner.dummy_hash.clone(),
         };
         let password = password.to_owned();
-        let ok = hashing_or_refuse(self.inner.max_hashing_queue, move || {
-            verify_password(&password, &hash)
-        })
-        .await?;
+        let ok = self
+            .inner
+            .hashing
+            .run_or_refuse(self.inner.max_hashing_queue, move || {
+                verify_password(&password, &hash)
+            })
+            .await?;
         Ok(match found {
             Some((u, Some(t))) if ok && !u.disabled => Some((u, t)),
             _ => None,

@@ -152,6 +152,14 @@ pub struct Config {
     #[arg(long, env = "KVQL_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// Which browser origins may call kvql (CORS, for apps that send a bearer
+    /// token; cookies are never allowed): `*` any origin, `none` CORS off, or
+    /// a comma-separated list such as
+    /// `https://app.example.com,http://localhost:3000`. A preflight from an
+    /// origin not in the list is answered 403 `FORBIDDEN`.
+    #[arg(long, env = "KVQL_CORS_ORIGINS", default_value = "*", value_parser = crate::cors::parse_origins)]
+    pub cors_origins: crate::cors::CorsOrigins,
+
     #[command(flatten)]
     pub websocket: WebSocketConfig,
 

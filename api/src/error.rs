@@ -163,7 +163,6 @@ impl ApiError {
             _ => (None, None),
         };
         ErrorBody {
-            error,
             code: self.code().to_owned(),
             field: self.field().map(str::to_owned),
             index,
@@ -171,6 +170,8 @@ impl ApiError {
             request_id: matches!(self, ApiError::Internal(_))
                 .then_some(request_id)
                 .flatten(),
+            msg: matches!(self, ApiError::Unauthenticated(_)).then(|| error.clone()),
+            error,
         }
     }
 
@@ -229,8 +230,8 @@ impl From<sea_orm::DbErr> for ApiError {
 }
 
 /// Every error answer: `{"error": "<sentence>", "code": "<CODE>"}`, plus
-/// `field`, `index`/`key` (a batch that failed as a whole) or `request_id`
-/// (internal errors) when they apply.
+/// `field`, `index`/`key` (a batch that failed as a whole), `request_id`
+/// (internal errors) or `msg` (401) when they apply.
 #[derive(Debug, Clone, serde::Serialize, Object)]
 pub struct ErrorBody {
     /// What went wrong, as a sentence for a human.
@@ -255,6 +256,11 @@ pub struct ErrorBody {
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// For UNAUTHENTICATED: the same sentence as `error`, under the name the
+    /// original Flask service gave it, for clients written against that service.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msg: Option<String>,
 }
 
 impl poem::error::ResponseError for ApiError {

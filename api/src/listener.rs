@@ -88,6 +88,7 @@ fn replacement(head: &[u8]) -> Option<Vec<u8>> {
         index: None,
         key: None,
         request_id: None,
+        msg: None,
     })
     .ok()?;
     Some(

@@ -298,3 +298,28 @@ async fn a_role_change_takes_effect_after_the_auth_cache_window() {
         .await
         .assert_error(403, "FORBIDDEN");
 }
+
+#[tokio::test]
+async fn a_401_carries_msg_as_the_original_service_did() {
+    let app = TestApp::spawn().await;
+    let before = app.snapshot().await;
+    let r = app
+        .post(
+            "/login",
+            None,
+            &json!({"username": "admin", "password": "not the password"}),
+        )
+        .await;
+    r.assert_error(401, "UNAUTHENTICATED");
+    assert_eq!(r.body["msg"], r.body["error"], "{}", r.text);
+    let r = app
+        .post("/api/object", None, &json!({"key": "k", "data": 1}))
+        .await;
+    r.assert_error(401, "UNAUTHENTICATED");
+    assert_eq!(r.body["msg"], r.body["error"], "{}", r.text);
+    let u = app.writer().await;
+    let r = app.read(&u, "absent").await;
+    r.assert_error(404, "NOT_FOUND");
+    assert_eq!(r.body.get("msg"), None, "only 401s carry msg: {}", r.text);
+    assert_eq!(app.snapshot().await, before);
+}

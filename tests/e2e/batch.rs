@@ -24,7 +24,8 @@ async fn a_batch_reports_each_item_in_order_and_writes_only_the_good_ones() {
             ]),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.status, 200, "some items failed: {}", r.text);
+    assert_eq!(r.body["message"], "Batch create complete");
     let results = r.body["results"].as_array().unwrap();
     let summary: Vec<(String, bool, u64, Option<&str>)> = results
         .iter()
@@ -73,7 +74,8 @@ async fn an_atomic_batch_writes_everything_when_every_item_is_good() {
             &json!([{"key": "x", "data": 1}, {"key": "y", "data": 2}]),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["message"], "Batch create complete");
     assert_eq!(r.body["succeeded"], 2);
     assert_eq!(app.row_count().await, 2);
 }
@@ -267,4 +269,88 @@ async fn a_large_batch_keeps_per_item_results_across_statement_boundaries() {
     }
     assert_eq!(app.read(&u, "k599").await.body["data"], 599);
     assert_eq!(app.row_count().await, 600);
+}
+
+#[tokio::test]
+async fn a_batch_create_answers_201_with_the_original_message_when_every_item_is_created() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let r = app
+        .post(
+            "/api/batch/object",
+            Some(&u.token),
+            &json!([
+                {"key": "key1", "data": {"info": "data1"}, "ttl": 3600},
+                {"key": "key2", "data": {"info": "data2"}}
+            ]),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["message"], "Batch create complete");
+    assert_eq!(r.body["succeeded"], 2);
+    assert_eq!(r.body["failed"], 0);
+    assert_eq!(r.body["results"][1]["status"], 201);
+    assert_eq!(app.read(&u, "key2").await.body["data"]["info"], "data2");
+
+    let empty = app
+        .post("/api/batch/object", Some(&u.token), &json!([]))
+        .await;
+    assert_eq!(empty.status, 201, "{}", empty.text);
+    assert_eq!(empty.body["message"], "Batch create complete");
+    assert_eq!(empty.body["results"], json!([]));
+}
+
+#[tokio::test]
+async fn a_batch_create_with_an_existing_key_answers_200_and_keeps_the_existing_value() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    app.create(&u, "taken", json!("original"), None).await;
+    let r = app
+        .post(
+            "/api/batch/object",
+            Some(&u.token),
+            &json!([{"key": "taken", "data": "overwrite?"}, {"key": "new", "data": 1}]),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["message"], "Batch create complete");
+    assert_eq!(r.body["succeeded"], 1);
+    assert_eq!(r.body["results"][0]["code"], "ALREADY_EXISTS");
+    assert_eq!(app.read(&u, "taken").await.body["data"], "original");
+    assert_eq!(app.read(&u, "taken").await.body["version"], 1);
+}
+
+#[tokio::test]
+async fn a_failed_batch_create_has_no_message_and_changes_nothing() {
+    let app = TestApp::spawn_with(|c| c.max_batch_items = 2).await;
+    let u = app.writer().await;
+    app.create(&u, "taken", json!("original"), None).await;
+    let before = app.snapshot().await;
+
+    let atomic = app
+        .post(
+            "/api/batch/object?atomic=true",
+            Some(&u.token),
+            &json!([{"key": "new", "data": 1}, {"key": "taken", "data": 2}]),
+        )
+        .await;
+    atomic.assert_error(409, "ALREADY_EXISTS");
+    assert_eq!(atomic.body.get("message"), None, "{}", atomic.text);
+
+    let too_many = app
+        .post(
+            "/api/batch/object",
+            Some(&u.token),
+            &json!([{"key": "a", "data": 1}, {"key": "b", "data": 1}, {"key": "c", "data": 1}]),
+        )
+        .await;
+    too_many.assert_error(413, "PAYLOAD_TOO_LARGE");
+    assert_eq!(too_many.body.get("message"), None);
+
+    let anonymous = app
+        .post("/api/batch/object", None, &json!([{"key": "a", "data": 1}]))
+        .await;
+    anonymous.assert_error(401, "UNAUTHENTICATED");
+
+    assert_eq!(app.snapshot().await, before);
 }

@@ -512,3 +512,77 @@ async fn objects_reads_many_keys_in_order() {
         }
     }
 }
+
+#[tokio::test]
+async fn kv_object_ids_are_the_key_across_every_read_and_write() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let t = Some(u.token.as_str());
+    let id_of = |r: &crate::support::Resp, path: &[&str]| {
+        let mut v = r.gql_data();
+        for p in path {
+            v = match p.parse::<usize>() {
+                Ok(i) => &v[i],
+                Err(_) => &v[*p],
+            };
+        }
+        assert_eq!(v["__typename"], "KvObject", "{}", r.text);
+        v["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no id at {path:?}: {}", r.text))
+            .to_owned()
+    };
+    let fields = "__typename id key version";
+
+    let created = app
+        .gql(
+            t,
+            &format!(
+                "mutation {{ createObject(input: {{key: \"a/1\", data: 1}}) {{ {fields} }} }}"
+            ),
+            json!({}),
+        )
+        .await;
+    let id = id_of(&created, &["createObject"]);
+    assert_eq!(id, "a/1");
+
+    let put = app
+        .gql(
+            t,
+            &format!("mutation {{ putObject(input: {{key: \"a/1\", data: 2}}) {{ object {{ {fields} }} }} }}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(id_of(&put, &["putObject", "object"]), id);
+
+    let read = app
+        .gql(
+            t,
+            &format!("{{ object(key: \"a/1\") {{ {fields} }} objects(keys: [\"a/1\"]) {{ {fields} }} listObjects(prefix: \"a/\") {{ edges {{ node {{ {fields} }} }} }} }}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(id_of(&read, &["object"]), id);
+    let data = read.gql_data();
+    assert_eq!(data["objects"][0]["id"], id.as_str(), "{}", read.text);
+    assert_eq!(
+        data["listObjects"]["edges"][0]["node"]["id"],
+        id.as_str(),
+        "{}",
+        read.text
+    );
+
+    let batch = app
+        .gql(
+            t,
+            &format!("mutation {{ c: batchCreate(items: [{{key: \"a/2\", data: 1}}]) {{ results {{ object {{ {fields} }} }} }} p: batchPut(items: [{{key: \"a/1\", data: 3}}]) {{ results {{ object {{ {fields} }} }} }} }}"),
+            json!({}),
+        )
+        .await;
+    let other = id_of(&batch, &["c", "results", "0", "object"]);
+    assert_eq!(other, "a/2");
+    assert_ne!(other, id);
+    let data = batch.gql_data();
+    assert_eq!(data["p"]["results"][0]["object"]["id"], id.as_str());
+    assert_eq!(data["p"]["results"][0]["object"]["version"], "3");
+}

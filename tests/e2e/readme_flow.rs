@@ -63,7 +63,8 @@ async fn the_readme_walkthrough_works_for_the_bootstrap_admin() {
             ]),
         )
         .await;
-    assert_eq!(batch.status, 200, "{}", batch.text);
+    assert_eq!(batch.status, 201, "{}", batch.text);
+    assert_eq!(batch.body["message"], "Batch create complete");
     assert_eq!(batch.body["succeeded"], 2);
     assert_eq!(batch.body["failed"], 0);
     let read2 = app.get("/api/object/key2", Some(&token)).await;

@@ -148,6 +148,52 @@ async fn a_subscription_without_a_token_gets_unauthenticated() {
 }
 
 #[tokio::test]
+async fn a_socket_without_a_token_can_log_in_and_nothing_else() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    app.create(&u, "k", json!(1), None).await;
+    let before = app.snapshot().await;
+    let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", json!({})).await;
+    ws.subscribe(
+        "login",
+        "mutation($u: String!, $p: String!) { login(username: $u, password: $p) { accessToken tokenType } }",
+        json!({"u": u.username, "p": crate::support::PASSWORD}),
+    )
+    .await;
+    let msg = ws.next().await;
+    assert_eq!(msg["id"], "login", "{msg}");
+    assert_eq!(
+        msg["payload"]["data"]["login"]["tokenType"], "Bearer",
+        "{msg}"
+    );
+    let token = msg["payload"]["data"]["login"]["accessToken"]
+        .as_str()
+        .expect("a token")
+        .to_owned();
+    assert_eq!(ws.next().await["type"], "complete");
+    assert_eq!(app.get("/api/objects", Some(&token)).await.status, 200);
+
+    for (id, op) in [
+        ("read", "{ object(key: \"k\") { key } }"),
+        ("me", "{ me { username } }"),
+        (
+            "write",
+            "mutation { putObject(input: {key: \"k\", data: 2}) { created } }",
+        ),
+    ] {
+        ws.subscribe(id, op, json!({})).await;
+        let msg = ws.next().await;
+        assert_eq!(msg["id"], id, "{msg}");
+        assert_eq!(
+            msg["payload"]["errors"][0]["extensions"]["code"], "UNAUTHENTICATED",
+            "{id}: {msg}"
+        );
+        assert_eq!(ws.next().await["type"], "complete", "{id}");
+    }
+    assert_eq!(app.snapshot().await, before);
+}
+
+#[tokio::test]
 async fn subscriptions_also_work_on_the_graphql_path() {
     let app = TestApp::spawn().await;
     let u = app.writer().await;

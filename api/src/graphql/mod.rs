@@ -13,10 +13,9 @@ mod ws;
 
 use std::sync::Arc;
 
-use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
 use async_graphql::{BatchRequest, BatchResponse, Context, Schema};
 use async_graphql_poem::GraphQLProtocol;
-use poem::web::Html;
 use poem::web::websocket::{WebSocket, WebSocketConfig};
 use poem::{Body, Endpoint, EndpointExt, IntoResponse, Request, Route, get, handler};
 
@@ -202,7 +201,7 @@ async fn get_or_websocket(
 ) -> poem::Result<poem::Response> {
     let Some(socket) = ws else {
         if http::wants_html(req) {
-            return Ok(Html(graphiql_page()).into_response());
+            return Ok(crate::pages::graphiql().into_response());
         }
         let batch = http::read_get(req, state.config().max_json_depth)?;
         return Ok(run(req, &state, &schema, batch, true).await);
@@ -252,28 +251,14 @@ async fn get_or_websocket(
         .into_response())
 }
 
-/// GraphiQL, wired to `/graphql` and `/graphql/ws`. Headers typed into its
-/// Headers tab are also sent in `connection_init`, so subscriptions work.
-fn graphiql_page() -> String {
-    let page = GraphiQLSource::build()
-        .endpoint("/graphql")
-        .subscription_endpoint("/graphql/ws")
-        .title("kvql GraphiQL")
-        .finish();
-    page.replacen(
-        "subscriptionUrl: createUrl('/graphql/ws', true),",
-        "subscriptionUrl: createUrl('/graphql/ws', true),\n            \
-         wsConnectionParams: () => { try { return JSON.parse(localStorage.getItem('graphiql:headers') || '{}'); } catch (e) { return {}; } },",
-        1,
-    )
-}
-
 /// `/graphql` (POST operations and batches; GET queries, GraphiQL for a
-/// browser, or a WebSocket) and `/graphql/ws` (the same for GET).
+/// browser, or a WebSocket), `/graphql/ws` (the same for GET) and the
+/// playground's files.
 pub fn routes(schema: KvSchema) -> impl Endpoint {
     Route::new()
         .at("/", get(get_or_websocket).post(execute))
         .at("/ws", get(get_or_websocket))
+        .at("/assets/*path", get(crate::pages::asset))
         .data(schema)
         .data(Arc::new(ws::Sockets::default()))
 }
@@ -299,10 +284,5 @@ mod tests {
         );
         assert_eq!(init_authorization(&json!({})), None);
         assert_eq!(init_authorization(&json!(null)), None);
-    }
-
-    #[test]
-    fn graphiql_sends_its_headers_when_subscribing() {
-        assert!(graphiql_page().contains("wsConnectionParams"));
     }
 }

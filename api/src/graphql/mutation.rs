@@ -91,6 +91,8 @@ impl Mutation {
 
     /// Deletes the live value under `key`: true when deleted, `NOT_FOUND`
     /// when there is none. With `expectedVersion`, deletes only that version.
+    /// A client cache evicts the object by its id, which is the key (Apollo:
+    /// `cache.evict({id: cache.identify({__typename: "KvObject", id: key})})`).
     async fn delete_object(
         &self,
         ctx: &Context<'_>,

@@ -2,7 +2,7 @@
 //! rename does not change the schema.
 
 use async_graphql::{
-    ComplexObject, Enum, InputObject, InputValueError, InputValueResult, Json, MaybeUndefined,
+    ComplexObject, Enum, ID, InputObject, InputValueError, InputValueResult, Json, MaybeUndefined,
     Object, Scalar, ScalarType, SimpleObject, Value,
 };
 
@@ -62,6 +62,16 @@ pub struct KvObject(pub store::Object);
 /// A value stored under a key of your tenant.
 #[Object]
 impl KvObject {
+    /// The object's identity for client caches: its key, unchanged. A key is
+    /// unique within your tenant and an object never changes key, so Apollo
+    /// Client, urql and Relay normalise objects with no configuration
+    /// (Apollo's cache id is `KvObject:<key>`), and a client can name an
+    /// object it has not fetched, e.g. to evict it after `deleteObject`.
+    /// A key deleted and created again keeps its id.
+    async fn id(&self) -> ID {
+        ID(self.0.key.clone())
+    }
+
     /// The key: 1 to 512 bytes of UTF-8 without control characters.
     async fn key(&self) -> &str {
         &self.0.key

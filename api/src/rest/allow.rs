@@ -75,6 +75,35 @@ pub fn allowed_methods(path: &str) -> Option<String> {
         })
 }
 
+/// Every method some route accepts, e.g. `GET, HEAD, POST, PUT, DELETE`:
+/// what a CORS preflight answers in `Access-Control-Allow-Methods`.
+pub fn all_methods() -> String {
+    let mut all: Vec<&Method> = Vec::new();
+    for method in ROUTES.iter().flat_map(|r| &r.methods) {
+        if !all.contains(&method) {
+            all.push(method);
+        }
+    }
+    let order = |m: &Method| {
+        [
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ]
+        .iter()
+        .position(|o| o == m)
+        .unwrap_or(usize::MAX)
+    };
+    all.sort_by_key(|m| order(m));
+    all.iter()
+        .map(|m| m.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +126,10 @@ mod tests {
         );
         assert_eq!(allowed_methods("/api/object/"), None);
         assert_eq!(allowed_methods("/nope"), None);
+    }
+
+    #[test]
+    fn all_methods_lists_each_method_once() {
+        assert_eq!(all_methods(), "GET, HEAD, POST, PUT, DELETE");
     }
 }

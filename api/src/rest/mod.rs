@@ -5,7 +5,7 @@ mod allow;
 mod body;
 mod params;
 
-pub use allow::allowed_methods;
+pub use allow::{all_methods, allowed_methods};
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -406,6 +406,43 @@ impl BatchResult {
     }
 }
 
+/// Per-item results of a batch create, in request order, with the message
+/// the original service answered.
+#[derive(Object)]
+struct BatchCreateResult {
+    /// Always `Batch create complete`, as the original service answered;
+    /// `failed` and `results` tell whether every item was created.
+    message: String,
+    /// One result per item, in request order.
+    results: Vec<BatchItemResult>,
+    /// How many items were created.
+    succeeded: u64,
+    /// How many items failed (and wrote nothing).
+    failed: u64,
+}
+
+impl From<BatchResult> for BatchCreateResult {
+    fn from(r: BatchResult) -> Self {
+        BatchCreateResult {
+            message: "Batch create complete".into(),
+            results: r.results,
+            succeeded: r.succeeded,
+            failed: r.failed,
+        }
+    }
+}
+
+#[derive(ApiResponse)]
+enum BatchCreateResponse {
+    /// Every item was created (always so for `atomic=true` and for an empty batch).
+    #[oai(status = 201)]
+    Created(Json<BatchCreateResult>),
+    /// Some items failed, each with its own status and code; the others
+    /// were created.
+    #[oai(status = 200)]
+    Partial(Json<BatchCreateResult>),
+}
+
 /// The state of this node.
 #[derive(Object)]
 struct Health {
@@ -690,12 +727,14 @@ impl RestApi {
 
     /// Create several values
     ///
-    /// Creates each item as `POST /api/object` would, in one transaction, and
-    /// answers 200 with one result per item in order: 201, or the item's own
-    /// error (409 `ALREADY_EXISTS`, 413 `PAYLOAD_TOO_LARGE`, ...). A failed
-    /// item writes nothing and the others still apply. With `atomic=true` the
-    /// batch is all-or-nothing: the first failing item fails the whole call
-    /// with its status and code, plus its `index` and `key`.
+    /// Creates each item as `POST /api/object` would, in one transaction,
+    /// with one result per item in order: 201, or the item's own error (409
+    /// `ALREADY_EXISTS`, 413 `PAYLOAD_TOO_LARGE`, ...), and the message
+    /// `Batch create complete`. The call answers 201 when every item was
+    /// created, 200 when some failed. A failed item writes nothing and the
+    /// others still apply. With `atomic=true` the batch is all-or-nothing:
+    /// the first failing item fails the whole call with its status and code,
+    /// plus its `index` and `key`.
     ///
     /// At most 1000 items (`KVQL_MAX_BATCH_ITEMS`; 413 above). An item whose
     /// `key` or `ttl` breaks the rules above fails on its own (400 in its
@@ -707,7 +746,7 @@ impl RestApi {
         auth: BearerAuth,
         atomic: Query<Option<bool>>,
         body: JsonBody<Vec<BatchItemRequest>>,
-    ) -> Result<Json<BatchResult>, Errors<BatchCreateErrors>> {
+    ) -> Result<BatchCreateResponse, Errors<BatchCreateErrors>> {
         let writer = auth.0.writer()?;
         let store = state.store();
         store.check_batch_len(body.0.len())?;
@@ -723,9 +762,13 @@ impl RestApi {
         let outcomes = store
             .batch_create(writer, items, atomicity(atomic.0))
             .await?;
-        Ok(Json(BatchResult::new(keys, outcomes, |o| {
-            (201, Some(o.version))
-        })))
+        let result =
+            BatchCreateResult::from(BatchResult::new(keys, outcomes, |o| (201, Some(o.version))));
+        Ok(if result.failed == 0 {
+            BatchCreateResponse::Created(Json(result))
+        } else {
+            BatchCreateResponse::Partial(Json(result))
+        })
     }
 
     /// Create or replace several values
