@@ -27,12 +27,17 @@ say() { printf 'schemathesis.sh: %s\n' "$*" >&2; }
 # schemathesis's coverage phase ("AST constructor recursion depth mismatch").
 PYTHON="${KVQL_SCHEMATHESIS_PYTHON:-}"
 if [ -z "$PYTHON" ]; then
-    for candidate in python3.13 python3.12 python3; do
+    # pyenv's shims answer only for the selected version, so look in its
+    # versions folder as well.
+    PYENV_PYTHONS="$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -V -r || true)"
+    for candidate in python3.13 python3.12 $PYENV_PYTHONS python3; do
         if "$candidate" -c 'import venv' >/dev/null 2>&1; then PYTHON="$candidate"; break; fi
     done
 fi
 [ -n "$PYTHON" ] || { say "python3 with venv is required"; exit 1; }
 
+# One venv per Python version, so a newer Python replaces an older venv.
+VENV="$VENV-$("$PYTHON" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
 if [ "$("$VENV/bin/schemathesis" --version 2>/dev/null)" != "schemathesis, version $SCHEMATHESIS_VERSION" ]; then
     say "installing schemathesis $SCHEMATHESIS_VERSION into $VENV (with $PYTHON)"
     "$PYTHON" -m venv "$VENV"
