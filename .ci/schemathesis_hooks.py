@@ -5,8 +5,13 @@ kvql keeps JSON numbers exact: an integer literal outside 64 bits
 INVALID_INPUT instead of being rounded (README, "Hostile input"). OpenAPI 3.0
 cannot say that of "any JSON value" or of extra object members, so generated
 bodies get such integers as strings, which is what a client is told to send.
-Everything else about the generated bodies is left as it is.
+Members the schema types (`key`, `ttl`, ...) are left alone: there a large
+integer is a deliberately wrong type, which kvql must refuse. Everything else
+about the generated bodies is left as it is.
 """
+
+import json
+import os
 
 import schemathesis
 
@@ -25,6 +30,48 @@ def _fit(value):
     return value
 
 
+def _typed_members():
+    """(METHOD, path) -> names of body members (of batch items, for arrays)
+    whose type the OpenAPI document states."""
+    spec_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "openapi.json")
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    schemas = spec.get("components", {}).get("schemas", {})
+
+    def resolve(schema):
+        ref = schema.get("$ref", "")
+        return schemas.get(ref.rsplit("/", 1)[-1], {}) if ref else schema
+
+    typed = {}
+    for path, operations in spec.get("paths", {}).items():
+        for method, operation in operations.items():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                schema = resolve(media.get("schema", {}))
+                if schema.get("type") == "array":
+                    schema = resolve(schema.get("items", {}))
+                typed[(method.upper(), path)] = {
+                    name
+                    for name, member in schema.get("properties", {}).items()
+                    if "type" in resolve(member) or "anyOf" in member or "$ref" in member
+                }
+    return typed
+
+
+TYPED = _typed_members()
+
+
+def _fit_members(value, typed):
+    if isinstance(value, dict):
+        return {k: (v if k in typed else _fit(v)) for k, v in value.items()}
+    return _fit(value)
+
+
 @schemathesis.hook
 def map_body(context, body):
-    return _fit(body)
+    operation = getattr(context, "operation", None)
+    key = (operation.method.upper(), operation.path) if operation is not None else None
+    typed = TYPED.get(key, set())
+    if isinstance(body, list):
+        # Batch items are objects; a batch delete lists keys, which are typed.
+        return [_fit_members(item, typed) if isinstance(item, dict) else item for item in body]
+    return _fit_members(body, typed)

@@ -33,7 +33,7 @@ fn is_json(content_type: &str) -> bool {
 pub fn parse<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, ApiError> {
     input::check_json(bytes, max_depth, "request body")?;
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|err| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         let message = if inner.is_syntax() || inner.is_eof() {
@@ -43,7 +43,13 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, A
         };
         let field = (path != "." && !path.is_empty()).then_some(path);
         ApiError::InvalidInput { field, message }
-    })
+    })?;
+    // One JSON value and nothing after it but whitespace.
+    de.end().map_err(|e| ApiError::InvalidInput {
+        field: None,
+        message: format!("the body is not valid JSON: {e}"),
+    })?;
+    Ok(value)
 }
 
 impl<'a, T: Type + DeserializeOwned + Send> ApiExtractor<'a> for JsonBody<T> {
@@ -147,6 +153,17 @@ mod tests {
         assert!(err.to_string().contains("missing field `key`"), "{err}");
         let err = parse::<Item>(br#"{"key": "#, 64).unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn nothing_but_whitespace_may_follow_the_value() {
+        assert!(parse::<Item>(b"{\"key\": \"k\"} \r\n\t", 64).is_ok());
+        let err = parse::<Vec<Item>>(b"[]e\x1e\xff]", 64).unwrap_err();
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+        for body in [&b"{\"key\": \"k\"}{}"[..], b"{\"key\": \"k\"} x"] {
+            let err = parse::<Item>(body, 64).unwrap_err();
+            assert!(err.to_string().contains("not valid JSON"), "{err}");
+        }
     }
 
     #[test]

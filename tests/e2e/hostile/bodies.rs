@@ -245,3 +245,40 @@ async fn eight_concurrent_60_mib_anonymous_bodies_barely_move_memory() {
     assert!(client.get(format!("{base}/healthz")).send().await.is_ok());
     let _ = child.kill().await;
 }
+
+#[tokio::test]
+async fn a_body_with_bytes_after_its_json_value_is_refused_and_nothing_is_written() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    for (path, body) in [
+        ("/api/object", &b"{\"key\": \"k\", \"data\": 1} x"[..]),
+        (
+            "/api/object",
+            b"{\"key\": \"k\", \"data\": 1}{\"key\": \"j\", \"data\": 2}",
+        ),
+        ("/api/batch/object", b"[]e\x1e\xff]"),
+        (
+            "/api/batch/object?atomic=true",
+            b"[{\"key\": \"k\", \"data\": 1}] ]",
+        ),
+    ] {
+        let r = app
+            .send(
+                app.request(reqwest::Method::POST, path, Some(&u.token))
+                    .header("content-type", "application/json")
+                    .body(body.to_vec()),
+            )
+            .await;
+        r.assert_error(400, "INVALID_INPUT");
+        r.assert_mentions("not valid JSON");
+    }
+    let put = app
+        .send(
+            app.request(reqwest::Method::PUT, "/api/object/k", Some(&u.token))
+                .header("content-type", "application/json")
+                .body("{\"data\": 1} trailing"),
+        )
+        .await;
+    put.assert_error(400, "INVALID_INPUT");
+    assert_eq!(app.row_count().await, 0);
+}
