@@ -121,7 +121,7 @@ impl App {
         let state = self.state.clone();
         let schema = graphql::schema(&self.config.graphql, Some(self.state.clone()));
         Route::new()
-            .at("/openapi.json", spec)
+            .at("/openapi.json", get(spec))
             .nest("/docs", pages::docs_routes())
             .at("/favicon.svg", get(pages::favicon))
             .at("/favicon.ico", get(pages::favicon))

@@ -48,22 +48,12 @@ pub enum Effort {
 /// request. Without the header (or with only `identity`), none.
 pub fn negotiate(headers: &HeaderMap) -> Encoding {
     let (mut br, mut gzip, mut star) = (None::<f32>, None::<f32>, None::<f32>);
-    for value in headers.get_all(header::ACCEPT_ENCODING) {
-        let Ok(value) = value.to_str() else { continue };
-        for item in value.split(',') {
-            let mut parts = item.split(';');
-            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-            let q = parts
-                .filter_map(|p| p.trim().strip_prefix("q=").or(p.trim().strip_prefix("Q=")))
-                .find_map(|q| q.trim().parse::<f32>().ok())
-                .filter(|q| (0.0..=1.0).contains(q))
-                .unwrap_or(1.0);
-            match coding.as_str() {
-                "br" => br = Some(q),
-                "gzip" | "x-gzip" => gzip = Some(q),
-                "*" => star = Some(q),
-                _ => {}
-            }
+    for (coding, q) in crate::headers::weighted(headers, &header::ACCEPT_ENCODING) {
+        match coding.as_str() {
+            "br" => br = Some(q),
+            "gzip" | "x-gzip" => gzip = Some(q),
+            "*" => star = Some(q),
+            _ => {}
         }
     }
     let br = br.or(star).unwrap_or(0.0);

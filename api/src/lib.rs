@@ -12,6 +12,7 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod graphql;
+mod headers;
 pub mod input;
 mod listener;
 mod middleware;

@@ -319,6 +319,41 @@ async fn graphiql_is_served_only_to_clients_that_want_html() {
         "{}",
         program.text
     );
+    // The page, an answer and an error share a URL: caches must key on Accept.
+    let page = app
+        .send(
+            app.request(Method::GET, "/graphql?query=%7B__typename%7D", None)
+                .header("accept", browser),
+        )
+        .await;
+    let answer = app
+        .gql_get(None, "application/json", &[("query", "{__typename}")])
+        .await;
+    for r in [&page, &answer, &program] {
+        let vary = r.header("vary").unwrap_or_default().to_ascii_lowercase();
+        assert!(
+            vary.contains("accept") && vary.contains("authorization"),
+            "{vary}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_anonymous_get_gets_the_anonymous_budget_for_its_query_string() {
+    let app = TestApp::spawn_with(|c| c.max_anonymous_body_bytes = 4096).await;
+    let u = app.writer().await;
+    let variables = json!({"pad": "x".repeat(8 * 1024)}).to_string();
+    let params = [
+        ("query", "{ __typename }"),
+        ("variables", variables.as_str()),
+    ];
+    let anonymous = app.gql_get(None, "application/json", &params).await;
+    anonymous.assert_error(413, "PAYLOAD_TOO_LARGE");
+    let with_token = app
+        .gql_get(Some(&u.token), "application/json", &params)
+        .await;
+    assert_eq!(with_token.status, 200, "{}", with_token.text);
+    assert_eq!(with_token.body["data"]["__typename"], "Query");
 }
 
 #[tokio::test]
@@ -559,4 +594,65 @@ async fn persisted_queries_can_be_turned_off() {
     );
     let plain = app.gql(None, query, json!({})).await;
     assert_eq!(plain.gql_data()["__typename"], "Query");
+}
+
+#[tokio::test]
+async fn persisted_queries_are_kept_per_tenant_and_never_for_anonymous_callers() {
+    let app = TestApp::spawn().await;
+    let acme = app.user("acme", api::auth::Role::Writer).await;
+    let other = app.user("other", api::auth::Role::Writer).await;
+    let query = "{ object(key: \"acme/merger\") { data } }";
+    let hash = sha256_hex(query);
+    let registered = app
+        .gql_accept(
+            Some(&acme.token),
+            APOLLO_ACCEPT,
+            &json!({"query": query, "extensions": persisted(&hash)}),
+        )
+        .await;
+    assert_eq!(registered.status, 200, "{}", registered.text);
+    let same_tenant = app
+        .gql_accept(
+            Some(&acme.token),
+            APOLLO_ACCEPT,
+            &json!({"extensions": persisted(&hash)}),
+        )
+        .await;
+    assert_eq!(same_tenant.status, 200, "{}", same_tenant.text);
+    // Whether a hash is known says nothing about what other tenants sent.
+    for token in [Some(other.token.as_str()), None] {
+        let r = app
+            .gql_accept(
+                token,
+                APOLLO_ACCEPT,
+                &json!({"extensions": persisted(&hash)}),
+            )
+            .await;
+        assert_request_error(&r, "PERSISTED_QUERY_NOT_FOUND");
+    }
+    // An anonymous caller's document runs, and is not remembered.
+    let login = "mutation { login(username: \"nobody\", password: \"guess\") { accessToken } }";
+    let login_hash = sha256_hex(login);
+    let ran = app
+        .gql_accept(
+            None,
+            APOLLO_ACCEPT,
+            &json!({"query": login, "extensions": persisted(&login_hash)}),
+        )
+        .await;
+    assert_eq!(ran.status, 200, "{}", ran.text);
+    assert_eq!(
+        ran.body["errors"][0]["extensions"]["code"],
+        "UNAUTHENTICATED"
+    );
+    for token in [None, Some(acme.token.as_str())] {
+        let r = app
+            .gql_accept(
+                token,
+                APOLLO_ACCEPT,
+                &json!({"extensions": persisted(&login_hash)}),
+            )
+            .await;
+        assert_request_error(&r, "PERSISTED_QUERY_NOT_FOUND");
+    }
 }

@@ -2,6 +2,7 @@
 //! files they load, and compression of answers.
 
 use std::io::Read;
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -321,7 +322,10 @@ async fn websocket_upgrades_work_when_the_client_accepts_compression() {
             .await
             .unwrap();
         let mut seen = Vec::new();
-        while let Some(message) = ws.next().await {
+        while let Some(message) = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer within 10 s after {seen:?}"))
+        {
             let Message::Text(text) = message.expect("message") else {
                 continue;
             };

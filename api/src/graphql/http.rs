@@ -7,13 +7,15 @@
 //! servers always answered.
 
 use async_graphql::{BatchRequest, BatchResponse};
-use poem::http::{HeaderValue, StatusCode, header};
+use poem::http::{HeaderMap, HeaderValue, StatusCode, header};
 use poem::{Body, Request, Response};
 use serde::Deserialize;
 
 use super::policy;
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::input;
+use crate::middleware::Verified;
 
 pub(crate) const GRAPHQL_RESPONSE: &str = "application/graphql-response+json";
 
@@ -48,29 +50,21 @@ struct Accepts {
     explicit_json: f32,
 }
 
-fn accepts(header: Option<&str>) -> Accepts {
-    let Some(header) = header.map(str::trim).filter(|h| !h.is_empty()) else {
+fn accepts(headers: &HeaderMap) -> Accepts {
+    if headers.get(header::ACCEPT).is_none() {
         return Accepts {
             graphql_response: 0.0,
             json: 1.0,
             html: 0.0,
             explicit_json: 1.0,
         };
-    };
+    }
     // (specificity, q) of the best match for each target so far.
     let mut graphql = (0u8, 0.0f32);
     let mut json = (0u8, 0.0f32);
     let mut html = (0u8, 0.0f32);
     let mut explicit = 0.0f32;
-    for range in header.split(',').take(64) {
-        let mut parts = range.split(';');
-        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-        let q = parts
-            .filter_map(|p| p.split_once('='))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
-            .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok())
-            .filter(|q| q.is_finite())
-            .map_or(0.0, |q| q.clamp(0.0, 1.0));
+    for (media, q) in crate::headers::weighted(headers, &header::ACCEPT) {
         let Some((ty, sub)) = media.split_once('/') else {
             continue;
         };
@@ -107,11 +101,11 @@ fn accepts(header: Option<&str>) -> Accepts {
 /// `application/json` (also when the client accepts neither: the spec allows
 /// it, and a readable error beats a bare 406).
 pub(super) fn media(req: &Request) -> Media {
-    media_for(req.header(header::ACCEPT))
+    media_for(req.headers())
 }
 
-fn media_for(accept: Option<&str>) -> Media {
-    let a = accepts(accept);
+fn media_for(headers: &HeaderMap) -> Media {
+    let a = accepts(headers);
     if a.graphql_response > 0.0 && a.graphql_response >= a.json {
         Media::GraphqlResponse
     } else {
@@ -122,11 +116,11 @@ fn media_for(accept: Option<&str>) -> Media {
 /// Whether a GET wants the GraphiQL page rather than a GraphQL answer: a
 /// browser navigating to `/graphql` prefers `text/html` to anything JSON.
 pub(super) fn wants_html(req: &Request) -> bool {
-    html_for(req.header(header::ACCEPT))
+    html_for(req.headers())
 }
 
-fn html_for(accept: Option<&str>) -> bool {
-    let a = accepts(accept);
+fn html_for(headers: &HeaderMap) -> bool {
+    let a = accepts(headers);
     a.html > 0.0 && a.html > a.explicit_json.max(a.json)
 }
 
@@ -225,8 +219,18 @@ struct GetParams {
 }
 
 /// A GET request: `?query=&operationName=&variables=&extensions=`, the last
-/// two as JSON text.
-pub(super) fn read_get(req: &Request, max_depth: usize) -> Result<BatchRequest, ApiError> {
+/// two as JSON text. Without a valid token the query string gets the
+/// anonymous body budget, as a POST body would.
+pub(super) fn read_get(req: &Request, config: &Config) -> Result<BatchRequest, ApiError> {
+    let max_depth = config.max_json_depth;
+    let query_len = req.uri().query().map_or(0, str::len) as u64;
+    if req.extensions().get::<Verified>().is_none() && query_len > config.max_anonymous_body_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the query string is {query_len} bytes; without a valid token the limit is {} \
+             (KVQL_MAX_ANONYMOUS_BODY_BYTES)",
+            config.max_anonymous_body_bytes
+        )));
+    }
     let params = req.params::<GetParams>().map_err(|e| {
         ApiError::invalid(
             "query string",
@@ -313,13 +317,19 @@ pub(super) fn answer(resp: BatchResponse, media: Media, get: bool) -> Response {
         headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
     }
     if get {
-        // Answers are per tenant: a shared cache must key on the token too.
-        headers.insert(
-            header::VARY,
-            HeaderValue::from_static("Accept, Authorization"),
-        );
+        vary_for_get(headers);
     }
     out
+}
+
+/// `GET /graphql` answers with the page or GraphQL by `Accept`, and with
+/// each tenant's own data by `Authorization`: a shared cache must key on both.
+pub(super) fn vary_for_get(headers: &mut poem::http::HeaderMap) {
+    headers.remove(header::VARY);
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Authorization"),
+    );
 }
 
 #[derive(serde::Serialize)]
@@ -333,7 +343,21 @@ struct RequestErrors<'a> {
 mod tests {
     use super::*;
 
-    use super::{html_for as html, media_for as pick};
+    fn with_accept(accept: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(a) = accept {
+            headers.insert(header::ACCEPT, HeaderValue::from_str(a).unwrap());
+        }
+        headers
+    }
+
+    fn pick(accept: Option<&str>) -> Media {
+        media_for(&with_accept(accept))
+    }
+
+    fn html(accept: Option<&str>) -> bool {
+        html_for(&with_accept(accept))
+    }
 
     #[test]
     fn the_answer_type_follows_the_accept_header() {

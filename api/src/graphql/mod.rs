@@ -200,11 +200,18 @@ async fn get_or_websocket(
     sockets: poem::web::Data<&Arc<ws::Sockets>>,
 ) -> poem::Result<poem::Response> {
     let Some(socket) = ws else {
-        if http::wants_html(req) {
-            return Ok(crate::pages::graphiql().into_response());
-        }
-        let batch = http::read_get(req, state.config().max_json_depth)?;
-        return Ok(run(req, &state, &schema, batch, true).await);
+        // The page, a GraphQL answer or an error, all by `Accept`: a cache
+        // must not hand one to a client that asked for another.
+        let mut resp = if http::wants_html(req) {
+            crate::pages::graphiql().into_response()
+        } else {
+            match http::read_get(req, state.config()) {
+                Ok(batch) => run(req, &state, &schema, batch, true).await,
+                Err(e) => e.into_response(),
+            }
+        };
+        http::vary_for_get(resp.headers_mut());
+        return Ok(resp);
     };
     let protocol = protocol.ok_or_else(|| {
         ApiError::invalid(

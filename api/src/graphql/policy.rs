@@ -42,7 +42,8 @@ struct Limits {
     /// same few queries over and over.
     parsed: moka::sync::Cache<Arc<str>, Arc<Parsed>>,
     /// Automatic persisted queries: query texts that passed the checks, by
-    /// their SHA-256 (lowercase hex). `None` when turned off.
+    /// tenant and SHA-256 (`<tenant id>:<lowercase hex>`), so that whether a
+    /// hash is known tells nothing about other tenants. `None` when off.
     persisted: Option<moka::sync::Cache<Arc<str>, Arc<str>>>,
 }
 
@@ -198,8 +199,9 @@ impl Policy {
                 persisted: (config.graphql_persisted_queries_bytes > 0).then(|| {
                     moka::sync::Cache::builder()
                         .max_capacity(config.graphql_persisted_queries_bytes)
-                        .weigher(|hash: &Arc<str>, query: &Arc<str>| {
-                            u32::try_from(hash.len() + query.len()).unwrap_or(u32::MAX)
+                        .weigher(|key: &Arc<str>, query: &Arc<str>| {
+                            // Plus the cache's own bookkeeping per entry.
+                            u32::try_from(key.len() + query.len() + 128).unwrap_or(u32::MAX)
                         })
                         .build()
                 }),
@@ -491,8 +493,11 @@ fn coded(message: &str, code: &str) -> ServerError {
 impl PolicyExtension {
     /// Apollo's Automatic Persisted Queries: a request may name its query by
     /// SHA-256 hash instead of sending the text, once the text has been sent
-    /// with its hash. Returns the hash to remember the text under, once the
-    /// text has passed every check.
+    /// with its hash by a caller of the same tenant. Returns the cache key to
+    /// remember the text under, once the text has passed every check.
+    /// Callers without a valid token neither register nor look up hashes:
+    /// their documents (`login` with literal credentials, say) must not be
+    /// confirmable by anyone else.
     fn persisted_query(&self, request: &mut Request) -> ServerResult<Option<Arc<str>>> {
         let Some(ext) = request.extensions.remove(PERSISTED_QUERY) else {
             return Ok(None);
@@ -521,8 +526,17 @@ impl PolicyExtension {
             }
             _ => return Err(invalid("`sha256Hash` must be 64 hexadecimal digits")),
         };
+        let tenant = request
+            .data
+            .get(&TypeId::of::<Caller>())
+            .and_then(|d| d.downcast_ref::<Caller>())
+            .and_then(|c| match c {
+                Caller::Authenticated(p) => Some(p.tenant().get()),
+                _ => None,
+            });
+        let key = tenant.map(|t| Arc::<str>::from(format!("{t}:{hash}")));
         if request.query.is_empty() {
-            return match cache.get(hash.as_str()) {
+            return match key.and_then(|k| cache.get(&k)) {
                 Some(query) => {
                     request.query = query.to_string();
                     Ok(None)
@@ -536,7 +550,7 @@ impl PolicyExtension {
         if actual != hash {
             return Err(invalid("`sha256Hash` is not the SHA-256 of the query"));
         }
-        Ok(Some(hash.into()))
+        Ok(key)
     }
 }
 
@@ -692,8 +706,8 @@ impl Extension for PolicyExtension {
         {
             only_queries(&parsed.doc, request.operation_name.as_deref())?;
         }
-        if let (Some(hash), Some(cache)) = (persisted, &limits.persisted) {
-            cache.insert(hash, request.query.as_str().into());
+        if let (Some(key), Some(cache)) = (persisted, &limits.persisted) {
+            cache.insert(key, request.query.as_str().into());
         }
         if let Ok(mut state) = self.state.lock() {
             state.operation.clone_from(&request.operation_name);

@@ -48,14 +48,25 @@ impl Asset {
         }
     }
 
+    fn cell(&self, encoding: Encoding) -> Option<&OnceLock<Option<Bytes>>> {
+        match encoding {
+            Encoding::Identity => None,
+            Encoding::Gzip => Some(&self.gzip),
+            Encoding::Brotli => Some(&self.brotli),
+        }
+    }
+
+    /// The file in `encoding`, compressing it on first use.
     fn encoded(&self, encoding: Encoding) -> Option<&Bytes> {
-        let cell = match encoding {
-            Encoding::Identity => return None,
-            Encoding::Gzip => &self.gzip,
-            Encoding::Brotli => &self.brotli,
-        };
-        cell.get_or_init(|| compression::compress(self.bytes, encoding, Effort::Best))
+        self.cell(encoding)?
+            .get_or_init(|| compression::compress(self.bytes, encoding, Effort::Best))
             .as_ref()
+    }
+
+    /// The file in `encoding` if it was compressed already (`Some(None)`:
+    /// the encoder failed, send it plain).
+    fn cached(&self, encoding: Encoding) -> Option<Option<&Bytes>> {
+        self.cell(encoding)?.get().map(Option::as_ref)
     }
 }
 
@@ -146,10 +157,14 @@ pub async fn asset(req: &Request) -> Response {
     let encoding = compression::negotiate(req.headers());
     let encoded = match encoding {
         Encoding::Identity => None,
-        _ => tokio::task::spawn_blocking(move || asset.encoded(encoding).cloned())
-            .await
-            .ok()
-            .flatten(),
+        // Compressed once per process; only that first time is slow work.
+        _ => match asset.cached(encoding) {
+            Some(done) => done.cloned(),
+            None => tokio::task::spawn_blocking(move || asset.encoded(encoding).cloned())
+                .await
+                .ok()
+                .flatten(),
+        },
     };
     let mut resp = Response::builder()
         .content_type(asset.content_type)

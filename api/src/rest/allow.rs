@@ -11,25 +11,43 @@ use super::RestApi;
 
 /// One route: its path split into segments (`None` for a `{param}`) and
 /// the methods it accepts, HEAD included wherever GET is (poem answers HEAD
-/// with the GET route).
+/// with the GET route). A route ending in `*` takes any longer path.
 struct Route {
     segments: Vec<Option<String>>,
+    rest: bool,
     methods: Vec<Method>,
 }
 
-/// The routes `app` mounts outside the OpenAPI document (GraphQL, in
-/// `graphql::routes`), which poem cannot list: keep this in step with them.
+const GET_HEAD: &[Method] = &[Method::GET, Method::HEAD];
+
+/// The routes `app` mounts outside the OpenAPI document (GraphQL, the pages
+/// and their files, the spec), which poem cannot list: keep this in step
+/// with `App::endpoint`, `graphql::routes` and `pages::docs_routes`.
 const OTHER_ROUTES: &[(&str, &[Method])] = &[
     ("/graphql", &[Method::GET, Method::HEAD, Method::POST]),
-    ("/graphql/ws", &[Method::GET, Method::HEAD]),
+    ("/graphql/ws", GET_HEAD),
+    ("/graphql/assets/*", GET_HEAD),
+    ("/docs", GET_HEAD),
+    ("/docs/", GET_HEAD),
+    ("/docs/assets/*", GET_HEAD),
+    ("/openapi.json", GET_HEAD),
+    ("/favicon.svg", GET_HEAD),
+    ("/favicon.ico", GET_HEAD),
 ];
 
 static ROUTES: LazyLock<Vec<Route>> = LazyLock::new(|| {
     let mut routes: Vec<Route> = OTHER_ROUTES
         .iter()
-        .map(|(path, methods)| Route {
-            segments: path.split('/').map(|s| Some(s.to_owned())).collect(),
-            methods: methods.to_vec(),
+        .map(|(path, methods)| {
+            let (path, rest) = match path.strip_suffix("/*") {
+                Some(prefix) => (prefix, true),
+                None => (*path, false),
+            };
+            Route {
+                segments: path.split('/').map(|s| Some(s.to_owned())).collect(),
+                rest,
+                methods: methods.to_vec(),
+            }
         })
         .collect();
     for path in RestApi::meta().into_iter().flat_map(|api| api.paths) {
@@ -42,7 +60,11 @@ static ROUTES: LazyLock<Vec<Route>> = LazyLock::new(|| {
         if methods.contains(&Method::GET) {
             methods.push(Method::HEAD);
         }
-        routes.push(Route { segments, methods });
+        routes.push(Route {
+            segments,
+            rest: false,
+            methods,
+        });
     }
     routes
 });
@@ -54,7 +76,15 @@ pub fn allowed_methods(path: &str) -> Option<String> {
     ROUTES
         .iter()
         .find(|route| {
-            route.segments.len() == requested.len()
+            let length_fits = if route.rest {
+                requested.len() > route.segments.len()
+                    && requested[route.segments.len()..]
+                        .iter()
+                        .all(|s| !s.is_empty())
+            } else {
+                route.segments.len() == requested.len()
+            };
+            length_fits
                 && route
                     .segments
                     .iter()
@@ -124,6 +154,23 @@ mod tests {
             allowed_methods("/graphql").as_deref(),
             Some("GET, HEAD, POST")
         );
+        assert_eq!(
+            allowed_methods("/graphql/assets/graphiql-4.1.2/graphiql.min.js").as_deref(),
+            Some("GET, HEAD")
+        );
+        assert_eq!(
+            allowed_methods("/favicon.svg").as_deref(),
+            Some("GET, HEAD")
+        );
+        assert_eq!(
+            allowed_methods("/openapi.json").as_deref(),
+            Some("GET, HEAD")
+        );
+        assert_eq!(
+            allowed_methods("/docs/assets/x/y.css").as_deref(),
+            Some("GET, HEAD")
+        );
+        assert_eq!(allowed_methods("/docs/assets"), None);
         assert_eq!(allowed_methods("/api/object/"), None);
         assert_eq!(allowed_methods("/nope"), None);
     }

@@ -59,6 +59,20 @@ async fn a_405_answer_lists_the_allowed_methods() {
         ("GET", "/api/batch/object", "POST, PUT"),
         ("DELETE", "/graphql", "GET, HEAD, POST"),
         ("POST", "/graphql/ws", "GET, HEAD"),
+        ("POST", "/favicon.svg", "GET, HEAD"),
+        ("PUT", "/favicon.ico", "GET, HEAD"),
+        ("POST", "/openapi.json", "GET, HEAD"),
+        ("DELETE", "/docs", "GET, HEAD"),
+        (
+            "POST",
+            "/docs/assets/swagger-ui-5.35.0/swagger-ui.css",
+            "GET, HEAD",
+        ),
+        (
+            "PUT",
+            "/graphql/assets/graphiql-4.1.2/graphiql.min.js",
+            "GET, HEAD",
+        ),
     ] {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let r = app.send(app.request(method, path, None)).await;
