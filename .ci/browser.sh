@@ -18,31 +18,18 @@ fi
 (cd .ci/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
 
 cargo build --bin kvql
-bin="${CARGO_TARGET_DIR:-target}/debug/kvql"
+. .ci/kvql-server.sh
 
 work="$(mktemp -d)"
-server=""
 cleanup() {
-    if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
+    stop_kvql
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-base="http://127.0.0.1:$port"
 password="browser-test-$RANDOM$RANDOM"
-KVQL_DATABASE_URL="sqlite://$work/kvql.db?mode=rwc" \
-KVQL_LISTEN="127.0.0.1:$port" \
-KVQL_BOOTSTRAP_ADMIN_PASSWORD="$password" \
-    "$bin" serve >"$work/server.log" 2>&1 &
-server=$!
-
-for _ in $(seq 1 300); do
-    curl -fsS "$base/healthz" >/dev/null 2>&1 && break
-    kill -0 "$server" 2>/dev/null || { cat "$work/server.log"; echo "kvql exited" >&2; exit 1; }
-    sleep 0.1
-done
-curl -fsS "$base/healthz" >/dev/null || { cat "$work/server.log"; echo "kvql did not answer" >&2; exit 1; }
+start_kvql "$work" KVQL_BOOTSTRAP_ADMIN_PASSWORD="$password"
+base="$KVQL_BASE"
 
 token="$(curl -fsS -X POST "$base/login" -H 'Content-Type: application/json' \
     -d "{\"username\": \"admin\", \"password\": \"$password\"}" |
@@ -55,6 +42,6 @@ curl -fsS -o /dev/null -X POST "$base/api/object" \
 if ! KVQL_URL="$base" KVQL_TOKEN="$token" KVQL_KEY="$key" CHROMIUM="$CHROMIUM" \
     node .ci/browser/test.mjs; then
     echo "--- kvql's log" >&2
-    tail -n 50 "$work/server.log" >&2
+    tail -n 50 "$work/kvql.log" >&2
     exit 1
 fi

@@ -60,47 +60,20 @@ say "building kvql (debug)"
 cargo build --quiet --bin kvql
 
 # --- the server ---
+. .ci/kvql-server.sh
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/kvql-clients.XXXXXX")"
-SERVER_PID=""
 cleanup() {
-    if [ -n "$SERVER_PID" ]; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
+    stop_kvql
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-# A port that was free a moment ago; should someone take it in between, kvql
-# fails to start and the wait below says so.
-PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-BASE="http://127.0.0.1:$PORT"
-
-say "starting kvql on $BASE (log: $WORK/kvql.log)"
-KVQL_LISTEN="127.0.0.1:$PORT" \
-    KVQL_DATABASE_URL="sqlite://$WORK/kvql.db?mode=rwc" \
+say "starting kvql (log: $WORK/kvql.log)"
+start_kvql "$WORK" \
     KVQL_BOOTSTRAP_ADMIN_PASSWORD="$ADMIN_PASSWORD" \
-    KVQL_GRAPHQL_MAX_BATCH=5 \
-    KVQL_LOG=warn \
-    "${CARGO_TARGET_DIR:-target}/debug/kvql" serve >"$WORK/kvql.log" 2>&1 &
-SERVER_PID=$!
-
-python3 - "$BASE" "$SERVER_PID" <<'PY' || { say "kvql did not start; its log:"; cat "$WORK/kvql.log" >&2; exit 1; }
-import os, sys, time, urllib.request
-base, pid = sys.argv[1], int(sys.argv[2])
-deadline = time.monotonic() + 60
-while time.monotonic() < deadline:
-    try:
-        urllib.request.urlopen(base + "/healthz", timeout=2).read()
-        sys.exit(0)
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            sys.exit("kvql exited")
-        time.sleep(0.05)
-sys.exit("kvql did not answer /healthz within 60 s")
-PY
+    KVQL_GRAPHQL_MAX_BATCH=5
+BASE="$KVQL_BASE"
+SERVER_PID="$KVQL_PID"
 say "kvql is up ($((SECONDS - START)) s since the start, installs and build included)"
 
 # --- the programs ---

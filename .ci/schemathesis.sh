@@ -47,29 +47,21 @@ fi
 say "building kvql"
 cargo build --quiet --bin kvql
 
+. .ci/kvql-server.sh
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/kvql-schemathesis.XXXXXX")"
-SERVER_PID=""
 cleanup() {
-    if [ -n "$SERVER_PID" ]; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
+    stop_kvql
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-# A port that was free a moment ago; the server fails to start (and so does
-# this script) in the unlikely case someone takes it in between.
-PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-BASE="http://127.0.0.1:$PORT"
-
-say "starting kvql on $BASE (log: $WORK/kvql.log)"
-KVQL_LISTEN="127.0.0.1:$PORT" \
+say "starting kvql (log: $WORK/kvql.log)"
+start_kvql "$WORK" \
     KVQL_DATABASE_URL="${KVQL_SCHEMATHESIS_DATABASE_URL:-sqlite://$WORK/kvql.db?mode=rwc}" \
-    KVQL_BOOTSTRAP_ADMIN_PASSWORD="$ADMIN_PASSWORD" \
-    KVQL_LOG=warn \
-    "${CARGO_TARGET_DIR:-target}/debug/kvql" serve >"$WORK/kvql.log" 2>&1 &
-SERVER_PID=$!
+    KVQL_BOOTSTRAP_ADMIN_PASSWORD="$ADMIN_PASSWORD"
+BASE="$KVQL_BASE"
+SERVER_PID="$KVQL_PID"
+say "kvql is up at $BASE"
 
 # Waits for the server (giving up if it exits) and logs in as the admin.
 TOKEN="$(python3 - "$BASE" "$ADMIN_PASSWORD" "$SERVER_PID" <<'PY'
