@@ -69,24 +69,17 @@ pub fn negotiate(headers: &HeaderMap) -> Encoding {
 
 /// Whether a body of this `Content-Type` shrinks when compressed.
 pub fn compressible(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    matches!(
-        essence.as_str(),
-        "text/html"
-            | "text/css"
-            | "text/javascript"
-            | "text/plain"
-            | "application/javascript"
-            | "application/json"
-            | "application/graphql-response+json"
-            | "application/problem+json"
-            | "image/svg+xml"
-    ) || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = crate::headers::essence(content_type);
+    crate::headers::is_json(content_type)
+        || matches!(
+            essence.as_str(),
+            "text/html"
+                | "text/css"
+                | "text/javascript"
+                | "text/plain"
+                | "application/javascript"
+                | "image/svg+xml"
+        )
 }
 
 /// `bytes` in `encoding` (`Identity`: unchanged), or `None` if the encoder

@@ -1,5 +1,5 @@
-//! The weighted lists of `Accept` and `Accept-Encoding` (RFC 9110 §12.4),
-//! read one way for content negotiation and for compression.
+//! Header values read one way everywhere: the weighted lists of `Accept`
+//! and `Accept-Encoding` (RFC 9110 §12.4) and media types.
 
 use poem::http::HeaderMap;
 use poem::http::header::HeaderName;
@@ -36,6 +36,25 @@ pub fn weighted<'a>(
         })
 }
 
+/// The media type of a `Content-Type` value without its parameters,
+/// lower-cased: `Application/JSON; charset=utf-8` is `application/json`.
+pub fn essence(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Whether a `Content-Type` is JSON: `application/json` or any
+/// `application/*+json`.
+pub fn is_json(content_type: &str) -> bool {
+    let essence = essence(content_type);
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +87,15 @@ mod tests {
             ]
         );
         assert_eq!(items(&[&"a,".repeat(1000)]).len(), MAX_ITEMS);
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json("application/json"));
+        assert!(is_json("application/json; charset=utf-8"));
+        assert!(is_json("Application/JSON"));
+        assert!(is_json("application/merge-patch+json"));
+        assert!(!is_json("text/plain"));
+        assert!(!is_json("application/x-www-form-urlencoded"));
     }
 }

@@ -136,10 +136,7 @@ fn needs_json(resp: &Response) -> bool {
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.starts_with("application/json")
-                || v.starts_with(crate::graphql::GRAPHQL_RESPONSE_MEDIA_TYPE)
-        });
+        .is_some_and(crate::headers::is_json);
     (status.is_client_error() || status.is_server_error()) && !json
 }
 

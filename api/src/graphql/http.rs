@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::input;
 use crate::middleware::Verified;
 
-pub(crate) const GRAPHQL_RESPONSE: &str = "application/graphql-response+json";
+const GRAPHQL_RESPONSE: &str = "application/graphql-response+json";
 
 /// The media type of an answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,7 +133,7 @@ pub(super) async fn read_post(
     max_batch: usize,
 ) -> Result<BatchRequest, ApiError> {
     let content_type = req.content_type().unwrap_or("");
-    let (essence, params) = content_type.split_once(';').unwrap_or((content_type, ""));
+    let params = content_type.split_once(';').map_or("", |(_, p)| p);
     let charset_ok = params
         .split(';')
         .filter_map(|p| p.split_once('='))
@@ -142,7 +142,7 @@ pub(super) async fn read_post(
             let v = v.trim().trim_matches('"');
             v.eq_ignore_ascii_case("utf-8") || v.eq_ignore_ascii_case("utf8")
         });
-    if !essence.trim().eq_ignore_ascii_case("application/json") || !charset_ok {
+    if crate::headers::essence(content_type) != "application/json" || !charset_ok {
         return Err(ApiError::UnsupportedMediaType(
             "send GraphQL requests as `Content-Type: application/json` (UTF-8); \
              GET /graphql?query=... also runs queries; uploads are not supported"

@@ -28,8 +28,6 @@ pub use mutation::Mutation;
 pub use query::Query;
 pub use subscription::Subscription;
 
-pub(crate) use http::GRAPHQL_RESPONSE as GRAPHQL_RESPONSE_MEDIA_TYPE;
-
 pub type KvSchema = Schema<Query, Mutation, Subscription>;
 
 /// Who is calling, as established once per request or connection.
