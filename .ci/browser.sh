@@ -17,15 +17,9 @@ fi
 
 (cd .ci/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
 
-cargo build --bin kvql
 . .ci/kvql-server.sh
-
-work="$(mktemp -d)"
-cleanup() {
-    stop_kvql
-    rm -rf "$work"
-}
-trap cleanup EXIT
+prepare_kvql browser
+work="$KVQL_WORK"
 
 password="browser-test-$RANDOM$RANDOM"
 start_kvql "$work" KVQL_BOOTSTRAP_ADMIN_PASSWORD="$password"

@@ -56,17 +56,11 @@ if want browser && [ ! -x "$CHROMIUM" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 
-say "building kvql (debug)"
-cargo build --quiet --bin kvql
-
 # --- the server ---
 . .ci/kvql-server.sh
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/kvql-clients.XXXXXX")"
-cleanup() {
-    stop_kvql
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+say "building kvql (debug)"
+prepare_kvql clients
+WORK="$KVQL_WORK"
 
 say "starting kvql (log: $WORK/kvql.log)"
 start_kvql "$WORK" \

@@ -1,6 +1,11 @@
 # Sourced by the CI scripts that talk to a live kvql (browser.sh, clients.sh,
 # schemathesis.sh).
 #
+#   prepare_kvql NAME
+#
+# Builds the debug binary and makes KVQL_WORK, a temporary folder that is
+# removed, with kvql stopped, when the script exits (an EXIT trap).
+#
 #   start_kvql WORK [VAR=value ...]
 #
 # Starts the debug build (`cargo build --bin kvql` first) with `serve` on
@@ -8,7 +13,13 @@
 # WORK unless KVQL_DATABASE_URL is among the arguments, and its log in
 # WORK/kvql.log. Reads the bound address from the log, waits until /healthz
 # answers, and sets KVQL_BASE (http://127.0.0.1:PORT) and KVQL_PID. Exits the
-# script with the log on failure. `stop_kvql` belongs in the caller's EXIT trap.
+# script with the log on failure.
+
+prepare_kvql() {
+    cargo build --quiet --bin kvql
+    KVQL_WORK="$(mktemp -d "${TMPDIR:-/tmp}/kvql-$1.XXXXXX")"
+    trap 'stop_kvql; rm -rf "$KVQL_WORK"' EXIT
+}
 
 start_kvql() {
     local work="$1"

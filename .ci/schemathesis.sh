@@ -44,16 +44,10 @@ if [ "$("$VENV/bin/schemathesis" --version 2>/dev/null)" != "schemathesis, versi
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
-say "building kvql"
-cargo build --quiet --bin kvql
-
 . .ci/kvql-server.sh
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/kvql-schemathesis.XXXXXX")"
-cleanup() {
-    stop_kvql
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+say "building kvql"
+prepare_kvql schemathesis
+WORK="$KVQL_WORK"
 
 say "starting kvql (log: $WORK/kvql.log)"
 start_kvql "$WORK" \
