@@ -6,9 +6,9 @@
 //! functions; no rule about objects lives anywhere else.
 //!
 //! Time is the server clock in Unix milliseconds, so expiry is exact to the
-//! millisecond. On SQLite, writes go through one committer task (group
-//! commit, see `write`) and reads through a cache (see `cache`); on
-//! PostgreSQL both go straight to the pool, since several nodes share it.
+//! millisecond. Writes go through committer tasks (group commit, see
+//! `write`). On SQLite reads go through a cache (see `cache`); on
+//! PostgreSQL, which several nodes share, straight to the pool.
 
 mod cache;
 mod sql;
@@ -31,9 +31,9 @@ use cache::{Cache, Lookup};
 use sql::{Sql, object_from_row};
 use write::{Committer, Job, JobResult, Op, Outcome};
 
-/// Times a PostgreSQL write job is tried when it keeps being chosen as a
-/// deadlock victim.
-const MAX_ATTEMPTS: u32 = 5;
+/// Committer tasks on PostgreSQL: while one waits for its group's round
+/// trips and commit, the next collects and runs the following group.
+const POSTGRES_COMMITTERS: usize = 2;
 
 /// Configured limits on values and batches.
 #[derive(Clone, Copy, Debug)]
@@ -115,7 +115,7 @@ struct Inner {
     limits: Limits,
     events: Events,
     cache: Option<Arc<Cache>>,
-    committer: Option<Committer>,
+    committer: Committer,
 }
 
 /// Publishes a job's committed writes and records them in the cache.
@@ -167,7 +167,7 @@ impl Store {
     pub fn new(db: Db, clock: Clock, limits: Limits, events: Events, cache_bytes: u64) -> Self {
         let sqlite = db.backend == DatabaseBackend::Sqlite;
         let cache = (sqlite && cache_bytes > 0).then(|| Arc::new(Cache::new(cache_bytes)));
-        let committer = sqlite.then(|| {
+        let committer = {
             let events = events.clone();
             let cache = cache.clone();
             Committer::start(
@@ -176,8 +176,9 @@ impl Store {
                 Box::new(move |tenant, result| {
                     after_commit(&events, cache.as_deref(), tenant, result)
                 }),
+                if sqlite { 1 } else { POSTGRES_COMMITTERS },
             )
-        });
+        };
         Store {
             inner: Arc::new(Inner {
                 db,
@@ -318,31 +319,9 @@ impl Store {
         Ok(Page { objects, next })
     }
 
-    /// Applies a job: through the committer on SQLite, directly on PostgreSQL,
-    /// where a transaction PostgreSQL aborted to break a deadlock (e.g. two
-    /// batches touching the same keys in opposite orders) is run again.
+    /// Applies a job through the committers (group commit, see `write`).
     async fn run(&self, job: Job) -> JobResult {
-        if let Some(committer) = &self.inner.committer {
-            return committer.submit(job).await;
-        }
-        let tenant = job.tenant;
-        let mut attempt = 1;
-        let result = loop {
-            let now = self.inner.clock.now_ms();
-            let result = write::run_alone(&self.inner.db.write, &job, now).await;
-            match &result {
-                Err(e) if attempt < MAX_ATTEMPTS && write::is_transient(e) => {
-                    tracing::debug!(
-                        attempt,
-                        "transaction aborted by PostgreSQL (deadlock or serialization); retrying"
-                    );
-                    attempt += 1;
-                }
-                _ => break result,
-            }
-        };
-        after_commit(&self.inner.events, None, tenant, &result);
-        result
+        self.inner.committer.submit(job).await
     }
 
     /// Runs one operation; its outcome or error.

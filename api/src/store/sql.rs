@@ -398,14 +398,15 @@ async fn missing_or_moved<C: ConnectionTrait>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use migration::{Migrator, MigratorTrait};
     use sea_orm::{ConnectOptions, Database};
 
     /// A migrated SQLite file with one connection whose foreign keys are
     /// checked only when a transaction commits, so a commit can fail.
-    async fn sqlite_with_deferred_checks() -> (sea_orm::DatabaseConnection, std::path::PathBuf) {
+    pub(in crate::store) async fn sqlite_with_deferred_checks()
+    -> (sea_orm::DatabaseConnection, std::path::PathBuf) {
         let path = std::env::temp_dir().join(format!(
             "kvql-sql-{}-{}.db",
             std::process::id(),

@@ -3,14 +3,16 @@
 //! A request's writes form a job: one or more operations for one tenant,
 //! applied in order (by key, writes to one key in request order, wherever a
 //! job has statements of its own: concurrent transactions then lock rows in
-//! one order), each failing on its own or (atomic) all together. On
-//! PostgreSQL a job runs in the request's task on the pool. On SQLite, which
-//! has one writer at a time, every job goes to one committer task that owns
-//! the writer connection and applies the jobs queued at that moment in one
-//! transaction: group commit, one commit (one fsync with
-//! `synchronous=FULL`) for many concurrent writers. Jobs never see each
-//! other's failures: an atomic job rolls back to its own savepoint, and if the
-//! group's transaction itself fails, each job is retried alone.
+//! one order), each failing on its own or (atomic) all together. Every job
+//! goes to a committer task that applies the jobs queued at that moment in
+//! one transaction: group commit, one commit (one fsync) for many concurrent
+//! writers, and multi-row statements for their writes. SQLite, which has one
+//! writer at a time, gets one committer that owns the writer connection;
+//! PostgreSQL gets a few, sharing the queue, so that one group's round trips
+//! overlap the next group's. Jobs never see each other's failures: an atomic
+//! job rolls back to its own savepoint, and if the group's transaction itself
+//! fails before its commit, each job is run again alone (on PostgreSQL, a
+//! transaction aborted to break a deadlock is retried).
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
@@ -139,6 +141,35 @@ async fn exec_seq<C: ConnectionTrait>(
     Ok(results)
 }
 
+/// Executes operations in `(tenant, key)` order, those on one key in the
+/// order given, so that every transaction locks rows in one order
+/// (PostgreSQL); the results come back in the order given. `Err` only for
+/// database failures.
+async fn exec_in_key_order<C: ConnectionTrait>(
+    conn: &C,
+    ops: &[(TenantId, &str, Result<&Op, &ApiError>)],
+    now: i64,
+) -> Result<Vec<Result<Outcome, ApiError>>, ApiError> {
+    let mut order: Vec<usize> = (0..ops.len()).collect();
+    order.sort_by_key(|&i| (ops[i].0.get(), ops[i].1));
+    let sorted: Vec<_> = order.iter().map(|&i| (ops[i].0, ops[i].2)).collect();
+    let mut by_index: Vec<Option<Result<Outcome, ApiError>>> = Vec::new();
+    by_index.resize_with(ops.len(), || None);
+    for (position, result) in exec_seq(conn, &sorted, now).await?.into_iter().enumerate() {
+        by_index[order[position]] = Some(result);
+    }
+    Ok(by_index
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(ApiError::internal(anyhow::anyhow!(
+                    "an operation got no result"
+                )))
+            })
+        })
+        .collect())
+}
+
 /// Applies a job's operations in order on `conn`. `Err` means the database
 /// failed and the caller must roll back; `Ok(Err(_))` is an atomic job that
 /// failed and wrote nothing (rolled back to `savepoint`, when given).
@@ -156,27 +187,12 @@ async fn apply<C: ConnectionTrait>(
     // concurrent jobs over the same keys then lock rows in the same order and
     // cannot deadlock (PostgreSQL). An atomic job runs to the end so that
     // its first failing item in request order is the one reported.
-    let mut order: Vec<usize> = (0..job.ops.len()).collect();
-    order.sort_by(|&a, &b| job.ops[a].0.cmp(&job.ops[b].0));
-    let ops: Vec<_> = order
+    let ops: Vec<_> = job
+        .ops
         .iter()
-        .map(|&i| (job.tenant, job.ops[i].1.as_ref()))
+        .map(|(key, op)| (job.tenant, key.as_str(), op.as_ref()))
         .collect();
-    let mut by_index: Vec<Option<Result<Outcome, ApiError>>> = Vec::new();
-    by_index.resize_with(ops.len(), || None);
-    for (position, result) in exec_seq(conn, &ops, now).await?.into_iter().enumerate() {
-        by_index[order[position]] = Some(result);
-    }
-    let results: Vec<Result<Outcome, ApiError>> = by_index
-        .into_iter()
-        .map(|r| {
-            r.unwrap_or_else(|| {
-                Err(ApiError::internal(anyhow::anyhow!(
-                    "an operation got no result"
-                )))
-            })
-        })
-        .collect();
+    let results = exec_in_key_order(conn, &ops, now).await?;
     if job.atomic
         && let Some(index) = results.iter().position(Result::is_err)
     {
@@ -204,27 +220,61 @@ async fn apply<C: ConnectionTrait>(
     Ok(Ok(results))
 }
 
+/// The sqlx error under an internal error, if that is what it is.
+fn sqlx_error(err: &ApiError) -> Option<&sea_orm::sqlx::Error> {
+    use sea_orm::{DbErr, RuntimeErr};
+    let ApiError::Internal(cause) = err else {
+        return None;
+    };
+    match cause.downcast_ref::<DbErr>()? {
+        DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e))
+        | DbErr::Conn(RuntimeErr::SqlxError(e)) => Some(e),
+        _ => None,
+    }
+}
+
 /// Whether the database aborted the transaction only because of other
 /// transactions (PostgreSQL's deadlock_detected or serialization_failure),
 /// so that running it again can succeed and nothing of it was written.
-pub(super) fn is_transient(err: &ApiError) -> bool {
-    use sea_orm::{DbErr, RuntimeErr};
-    let ApiError::Internal(cause) = err else {
-        return false;
-    };
-    let Some(DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e))) =
-        cause.downcast_ref::<DbErr>()
-    else {
-        return false;
-    };
-    e.as_database_error()
+fn is_transient(err: &ApiError) -> bool {
+    sqlx_error(err)
+        .and_then(|e| e.as_database_error())
         .and_then(|d| d.code())
         .is_some_and(|code| code == "40P01" || code == "40001")
 }
 
+/// Whether a failed `COMMIT` was refused by the database, which then rolled
+/// the transaction back. Any other failure (the connection broke) leaves
+/// the outcome unknown: the transaction may have been committed.
+fn refused_by_database(err: &ApiError) -> bool {
+    sqlx_error(err).is_some_and(|e| e.as_database_error().is_some())
+}
+
+/// Times a job is tried when PostgreSQL keeps choosing it as a deadlock victim.
+const MAX_ATTEMPTS: u32 = 5;
+
 /// Runs one job on its own: a single operation as one statement, several in
-/// one transaction.
-pub(super) async fn run_alone(conn: &DatabaseConnection, job: &Job, now: i64) -> JobResult {
+/// one transaction. A transaction PostgreSQL aborted to break a deadlock
+/// (e.g. two batches touching the same keys in opposite orders) is run again.
+async fn run_alone(conn: &DatabaseConnection, job: &Job, clock: &Clock) -> JobResult {
+    let mut attempt = 1;
+    loop {
+        let result = run_alone_once(conn, job, clock.now_ms()).await;
+        match &result {
+            Err(e) if attempt < MAX_ATTEMPTS && is_transient(e) => {
+                tracing::debug!(
+                    attempt,
+                    "transaction aborted by PostgreSQL (deadlock or serialization); retrying"
+                );
+                attempt += 1;
+            }
+            _ => return result,
+        }
+    }
+}
+
+async fn run_alone_once(conn: &DatabaseConnection, job: &Job, now: i64) -> JobResult {
     if job.ops.len() == 1 {
         return apply(conn, job, now, false).await?;
     }
@@ -254,7 +304,7 @@ struct Queued {
     reply: oneshot::Sender<JobResult>,
 }
 
-/// The SQLite committer's queue.
+/// The committers' queue.
 #[derive(Clone)]
 pub(super) struct Committer {
     tx: mpsc::Sender<Queued>,
@@ -264,44 +314,49 @@ pub(super) struct Committer {
 const MAX_GROUP_OPS: usize = 4096;
 
 impl Committer {
-    pub(super) fn start(conn: DatabaseConnection, clock: Clock, after: AfterCommit) -> Committer {
-        let (tx, mut rx) = mpsc::channel::<Queued>(4096);
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut ops = first.job.ops.len();
-                let mut group = vec![first];
-                while ops < MAX_GROUP_OPS {
-                    match rx.try_recv() {
-                        Ok(next) => {
-                            ops += next.job.ops.len();
-                            group.push(next);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let now = clock.now_ms();
-                let results = if group.len() == 1 {
-                    vec![run_alone(&conn, &group[0].job, now).await]
-                } else {
-                    let refs: Vec<&Job> = group.iter().map(|q| &q.job).collect();
-                    match run_group(&conn, &refs, now).await {
-                        Ok(results) => results,
-                        Err(e) => {
-                            tracing::warn!(error = ?e, jobs = group.len(), "group commit failed; retrying each write alone");
-                            let mut results = Vec::with_capacity(group.len());
-                            for q in &group {
-                                results.push(run_alone(&conn, &q.job, now).await);
+    /// Starts `tasks` committers on `conn` sharing one queue. `after` runs
+    /// in each committer's commit order; with several committers, groups of
+    /// different committers may commit in either order.
+    pub(super) fn start(
+        conn: DatabaseConnection,
+        clock: Clock,
+        after: AfterCommit,
+        tasks: usize,
+    ) -> Committer {
+        let (tx, rx) = mpsc::channel::<Queued>(4096);
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        let after = std::sync::Arc::new(after);
+        for _ in 0..tasks.max(1) {
+            let (rx, after, conn, clock) = (rx.clone(), after.clone(), conn.clone(), clock.clone());
+            tokio::spawn(async move {
+                loop {
+                    let group = {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else {
+                            break;
+                        };
+                        let mut ops = first.job.ops.len();
+                        let mut group = vec![first];
+                        while ops < MAX_GROUP_OPS {
+                            match rx.try_recv() {
+                                Ok(next) => {
+                                    ops += next.job.ops.len();
+                                    group.push(next);
+                                }
+                                Err(_) => break,
                             }
-                            results
                         }
+                        group
+                    };
+                    let jobs: Vec<&Job> = group.iter().map(|q| &q.job).collect();
+                    let results = commit_group(&conn, &clock, &jobs).await;
+                    for (q, result) in group.into_iter().zip(results) {
+                        after(q.job.tenant, &result);
+                        let _ = q.reply.send(result);
                     }
-                };
-                for (q, result) in group.into_iter().zip(results) {
-                    after(q.job.tenant, &result);
-                    let _ = q.reply.send(result);
                 }
-            }
-        });
+            });
+        }
         Committer { tx }
     }
 
@@ -316,6 +371,46 @@ impl Committer {
     }
 }
 
+/// Applies a group of queued jobs, one result per job.
+async fn commit_group(conn: &DatabaseConnection, clock: &Clock, group: &[&Job]) -> Vec<JobResult> {
+    if group.len() == 1 {
+        return vec![run_alone(conn, group[0], clock).await];
+    }
+    let failure = match run_group(conn, group, clock.now_ms()).await {
+        Ok(results) => return results,
+        Err(failure) => failure,
+    };
+    match failure {
+        GroupFailure::Unknown(e) => {
+            tracing::error!(error = ?e, jobs = group.len(), "group commit failed with an unknown outcome");
+            group.iter().map(|_| Err(e.clone())).collect()
+        }
+        GroupFailure::RolledBack(e) => {
+            if is_transient(&e) {
+                tracing::debug!(
+                    jobs = group.len(),
+                    "group transaction aborted by PostgreSQL; retrying each write alone"
+                );
+            } else {
+                tracing::warn!(error = ?e, jobs = group.len(), "group commit failed; retrying each write alone");
+            }
+            let mut results = Vec::with_capacity(group.len());
+            for job in group {
+                results.push(run_alone(conn, job, clock).await);
+            }
+            results
+        }
+    }
+}
+
+/// Why a group transaction wrote nothing, or may have.
+enum GroupFailure {
+    /// Rolled back: nothing of the group was written.
+    RolledBack(ApiError),
+    /// The commit failed without an answer from the database.
+    Unknown(ApiError),
+}
+
 /// Runs several jobs in one transaction. Consecutive jobs that are not
 /// atomic are applied as one sequence of operations, so that their writes
 /// share multi-row statements; an atomic job runs on its own savepoint.
@@ -323,16 +418,26 @@ async fn run_group(
     conn: &DatabaseConnection,
     jobs: &[&Job],
     now: i64,
-) -> Result<Vec<JobResult>, ApiError> {
-    let txn = conn.begin().await?;
+) -> Result<Vec<JobResult>, GroupFailure> {
+    let txn = conn
+        .begin()
+        .await
+        .map_err(|e| GroupFailure::RolledBack(e.into()))?;
     match run_group_in(&txn, jobs, now).await {
-        Ok(results) => {
-            txn.commit().await?;
-            Ok(results)
-        }
+        Ok(results) => match txn.commit().await {
+            Ok(()) => Ok(results),
+            Err(e) => {
+                let e = ApiError::from(e);
+                Err(if refused_by_database(&e) {
+                    GroupFailure::RolledBack(e)
+                } else {
+                    GroupFailure::Unknown(e)
+                })
+            }
+        },
         Err(e) => {
             let _ = txn.rollback().await;
-            Err(e)
+            Err(GroupFailure::RolledBack(e))
         }
     }
 }
@@ -356,13 +461,74 @@ async fn run_group_in<C: ConnectionTrait>(
             .map_or(jobs.len(), |p| i + p);
         let ops: Vec<_> = jobs[i..end]
             .iter()
-            .flat_map(|j| j.ops.iter().map(|(_, op)| (j.tenant, op.as_ref())))
+            .flat_map(|j| {
+                j.ops
+                    .iter()
+                    .map(|(key, op)| (j.tenant, key.as_str(), op.as_ref()))
+            })
             .collect();
-        let mut flat = exec_seq(conn, &ops, now).await?.into_iter();
+        let mut flat = exec_in_key_order(conn, &ops, now).await?.into_iter();
         for job in &jobs[i..end] {
             results.push(Ok(flat.by_ref().take(job.ops.len()).collect()));
         }
         i = end;
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sql::tests::sqlite_with_deferred_checks;
+    use crate::store::types::Data;
+
+    fn put(tenant: i64, key: &str) -> Job {
+        let item = Item {
+            key: Key::parse(key.to_owned()).expect("key"),
+            data: Data::parse(&serde_json::json!(key), 1024).expect("data"),
+            ttl: None,
+        };
+        Job {
+            tenant: TenantId::for_store_tests(tenant),
+            ops: vec![(key.to_owned(), Ok(Op::Put(item, Expect::Any)))],
+            atomic: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_whose_commit_is_refused_writes_every_other_job_alone() {
+        let (conn, path) = sqlite_with_deferred_checks().await;
+        conn.execute_unprepared("INSERT INTO tenant (id, name, created_at) VALUES (1, 't', 0)")
+            .await
+            .expect("tenant");
+        // The second job names a tenant that does not exist: its row breaks a
+        // foreign key checked only at COMMIT, which fails the whole group.
+        let (a, b, c) = (put(1, "a"), put(404, "b"), put(1, "c"));
+        let results = commit_group(&conn, &Clock::manual(), &[&a, &b, &c]).await;
+        assert_eq!(results.len(), 3);
+        assert!(results[0].is_ok(), "{:?}", results[0]);
+        assert!(results[1].is_err(), "{:?}", results[1]);
+        assert!(results[2].is_ok(), "{:?}", results[2]);
+        let rows = conn
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Sqlite,
+                r#"SELECT tenant_id, "key" FROM object ORDER BY "key""#,
+            ))
+            .await
+            .expect("rows");
+        let keys: Vec<(i64, String)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get("", "tenant_id").expect("t"),
+                    r.try_get("", "key").expect("k"),
+                )
+            })
+            .collect();
+        assert_eq!(keys, vec![(1, "a".to_owned()), (1, "c".to_owned())]);
+        drop(conn);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
 }
