@@ -6,6 +6,12 @@ scenario with wrk (-t1, on loopback) and reports req/s, p50, p99 and each
 scenario's ratio to the in-process ceiling (GET /healthz: no auth, no
 database) measured in the same run, plus the server's peak RSS. Absolute
 numbers vary between machines; the ratios are what to compare.
+
+Baselines, measured in the same run unless --smoke or --no-baselines:
+Redis behind webdis (a throw-away redis-server and webdis on free ports) for
+GET and SET, pgbench -S on a scratch database (dropped after) for GET when
+--postgres is given, and etcd's put for durable writes; each printed beside
+kvql's rows with kvql's req/s ÷ the baseline's.
 """
 
 import argparse
@@ -13,6 +19,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 ADMIN_PASSWORD = "bench-admin-password"
@@ -256,16 +264,18 @@ def batch_script(token, run_id):
                init=f"counter = 0\ntid = '{run_id}-' .. string.format('%x', math.random(0, 2^30))")
 
 
+def pg_url(base, dbname):
+    """`base` (a postgres:// URL) with its database replaced by `dbname`."""
+    return urllib.parse.urlsplit(base)._replace(path="/" + dbname).geturl()
+
+
 @contextlib.contextmanager
 def database(args, tmpdir, name):
     if args.postgres:
-        import re
-
         dbname = f"kvql_bench_{name}_{int(time.time())}"
         base = args.postgres
         subprocess.run(["psql", base, "-q", "-c", f"CREATE DATABASE {dbname}"], check=True)
-        url = re.sub(r"/[^/?]*(\?|$)", f"/{dbname}\\1", base.split("://", 1)[1], count=1)
-        url = base.split("://", 1)[0] + "://" + url
+        url = pg_url(base, dbname)
         try:
             yield url
         finally:
@@ -470,8 +480,8 @@ def etcd_puts(args, tmpdir, nkeys, seconds, results):
         etcd.stop()
 
 
-def durable(args, tmpdir, nkeys, seconds, run_id, results, out):
-    etcd = etcd_puts(args, tmpdir, nkeys, seconds, results)
+def durable(args, tmpdir, nkeys, seconds, run_id, with_baselines, results, out):
+    etcd = etcd_puts(args, tmpdir, nkeys, seconds, results) if with_baselines else None
     with database(args, tmpdir, "durable") as url:
         server = Server(args.binary, url, env={"KVQL_SQLITE_SYNCHRONOUS": "full"}).start()
         try:
@@ -496,7 +506,9 @@ def durable(args, tmpdir, nkeys, seconds, run_id, results, out):
                     if etcd is not None:
                         results["scenarios"][f"durable_{name}@{c}"]["vs_etcd"] = r["rps"] / etcd[c]
             out()
-            if etcd is None:
+            if etcd is None and not with_baselines:
+                out("Baselines skipped (--smoke or --no-baselines): no etcd baseline in this run.")
+            elif etcd is None:
                 out("etcd is not installed (apt-get install etcd-server): no etcd baseline in this run.")
             else:
                 out("Full-durability writes against etcd's put in this run (one etcd member, its JSON "
@@ -506,6 +518,258 @@ def durable(args, tmpdir, nkeys, seconds, run_id, results, out):
                         for c in sorted(etcd)) + ".")
         finally:
             server.stop()
+
+
+def resp(*args):
+    """One Redis command in RESP."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(parts)
+
+
+class Webdis:
+    """The in-memory baseline: a throw-away redis-server (no persistence, on a
+    free port) behind webdis, Redis's HTTP/JSON gateway, measured on this
+    machine in this run with the same wrk settings as kvql."""
+
+    THREADS = 2  # webdis's HTTP threads; redis itself answers on one
+
+    def __init__(self, redis_binary, webdis_binary, tmpdir):
+        self.redis_port, self.port = free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        workdir = os.path.join(tmpdir, "webdis")
+        os.makedirs(workdir, exist_ok=True)
+        self.procs = []
+        try:
+            self.procs.append(subprocess.Popen(
+                [redis_binary, "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
+                 "--appendonly", "no", "--dir", workdir, "--daemonize", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+            self._wait(self._redis_ready, "redis-server")
+            config = os.path.join(workdir, "webdis.json")
+            with open(config, "w") as f:
+                json.dump({
+                    "redis_host": "127.0.0.1", "redis_port": self.redis_port, "redis_auth": None,
+                    "http_host": "127.0.0.1", "http_port": self.port, "threads": self.THREADS,
+                    "daemonize": False, "database": 0, "verbosity": 0,
+                    "logfile": os.path.join(workdir, "webdis.log"),
+                }, f)
+            self.procs.append(subprocess.Popen(
+                [webdis_binary, config], cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+            self._wait(self._webdis_ready, "webdis")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self, ready, what):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                raise SystemExit(f"{what} exited at start")
+            try:
+                if ready():
+                    return
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise SystemExit(f"{what} did not answer within 30 s")
+
+    def _redis_ready(self):
+        with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1) as s:
+            s.sendall(resp("PING"))
+            return s.recv(64).startswith(b"+PONG")
+
+    def _webdis_ready(self):
+        return http("GET", self.base + "/PING", timeout=1)[1] == {"PING": [True, "PONG"]}
+
+    def preload(self, count):
+        """SETs `count` keys k0… to the JSON values kvql's keys hold (MSET, 1,000 a time)."""
+        with socket.create_connection(("127.0.0.1", self.redis_port), timeout=30) as s:
+            replies = s.makefile("rb")
+            for start in range(0, count, 1000):
+                args = ["MSET"]
+                for i in range(start, min(start + 1000, count)):
+                    args += [f"k{i}", json.dumps(value(i), separators=(",", ":"))]
+                s.sendall(resp(*args))
+                reply = replies.readline()
+                if reply != b"+OK\r\n":
+                    raise SystemExit(f"redis preload failed: {reply!r}")
+        _, body = http("GET", self.base + "/DBSIZE")
+        if body != {"DBSIZE": count}:
+            raise SystemExit(f"redis holds {body} keys after the preload, not {count}")
+
+    def stop(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def webdis_scripts(nkeys):
+    """GET and SET of a random pre-loaded key through webdis; SET's value
+    (the PUT body, as webdis takes the last argument) is kvql's rest_put data."""
+    data = lua_str(json.dumps({"id": 1, "name": "updated", "tags": ["bench", "kvql"], "score": 0.5,
+                               "active": True}, separators=(",", ":")))
+    return {
+        "get": lua(None, f'  return wrk.format("GET", "/GET/k" .. math.random(0, {nkeys - 1}))'),
+        "set": lua(None, f'  return wrk.format("PUT", "/SET/k" .. math.random(0, {nkeys - 1}), nil, {data})'),
+    }
+
+
+def webdis_baseline(conns, get, put, nkeys, seconds, tmpdir, results):
+    """redis+webdis GET/SET by connection count into results; False when
+    redis-server or webdis is not installed."""
+    redis_binary, webdis_binary = shutil.which("redis-server"), shutil.which("webdis")
+    if redis_binary is None or webdis_binary is None:
+        return False
+    webdis = Webdis(redis_binary, webdis_binary, tmpdir)
+    try:
+        webdis.preload(nkeys)
+        scripts = webdis_scripts(nkeys)
+        for c in conns:
+            for op, on in (("get", get), ("set", put)):
+                if on:
+                    log(f"redis+webdis {op.upper()} c={c}")
+                    r = run_wrk(webdis, scripts[op], c, seconds, tmpdir, f"webdis-{op}-{c}")
+                    results["scenarios"][f"webdis_{op}@{c}"] = r
+        return True
+    finally:
+        webdis.stop()
+
+
+def run_pgbench(pgbench, url, mode, c, seconds):
+    cmd = [pgbench, "-n", "-S", "-M", mode, "-c", str(c), "-j", "1", "-T", str(seconds), url]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    tps = re.search(r"^tps = ([0-9.]+)", p.stdout, re.M)
+    if tps is None:
+        raise SystemExit(f"pgbench printed no tps ({' '.join(cmd)}):\n{p.stdout}{p.stderr}")
+
+    def number(pattern):
+        m = re.search(pattern, p.stdout, re.M)
+        return float(m.group(1)) if m else 0
+
+    return {
+        "mode": mode,
+        "requests": int(number(r"^number of transactions actually processed: (\d+)")),
+        "duration_us": seconds * 1_000_000,
+        "rps": float(tps.group(1)),
+        "latency_avg_us": number(r"^latency average = ([0-9.]+) ms") * 1000,
+        "errors": int(number(r"^number of failed transactions: (\d+)")) + (p.returncode != 0),
+    }
+
+
+def pgbench_baseline(args, conns, seconds, run_id, results):
+    """`pgbench -S` (prepared, and extended for information) on a scratch
+    database of the --postgres server, dropped after; False when pgbench or
+    psql is not installed."""
+    pgbench, psql = shutil.which("pgbench"), shutil.which("psql")
+    if pgbench is None or psql is None:
+        return False
+    dbname = f"kvql_bench_pgbench_{run_id}"
+    url = pg_url(args.postgres, dbname)
+
+    def sql(statement):
+        p = subprocess.run([psql, args.postgres, "-q", "-c", statement], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"psql failed ({statement}): {p.stderr}")
+
+    sql(f"CREATE DATABASE {dbname}")
+    try:
+        log(f"pgbench -i -s 1 on the scratch database {dbname}")
+        p = subprocess.run([pgbench, "-i", "-s", "1", "-q", url], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"pgbench -i failed: {p.stderr}")
+        for c in conns:
+            for mode in ("prepared", "extended"):
+                log(f"pgbench -S -M {mode} c={c}")
+                results["scenarios"][f"pgbench_{mode}@{c}"] = run_pgbench(pgbench, url, mode, c, seconds)
+        return True
+    finally:
+        sql(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+
+
+def baselines(args, nkeys, seconds, run_id, tmpdir, results, out):
+    """Other servers doing what kvql's rest_get and rest_put do, measured in
+    this run at the main table's connection counts: Redis behind webdis (the
+    in-memory baseline for GET and SET) and, on PostgreSQL, pgbench's
+    select-only transaction (the baseline for GET). Printed beside kvql's
+    rows with kvql's req/s ÷ the baseline's."""
+    only = args.only.split(",") if args.only else None
+    get = only is None or "rest_get" in only
+    put = only is None or "rest_put" in only
+    if not (get or put):
+        return
+    conns = [int(x) for x in args.conns.split(",")]
+    sc = results["scenarios"]
+    has_webdis = webdis_baseline(conns, get, put, nkeys, seconds, tmpdir, results)
+    has_pgbench = bool(args.postgres) and get and pgbench_baseline(args, conns, seconds, run_id, results)
+    results["baselines"] = {
+        "webdis": {"get": get, "set": put, "threads": Webdis.THREADS} if has_webdis else None,
+        "pgbench": {"scale": 1, "threads": 1, "modes": ["prepared", "extended"]} if has_pgbench else None,
+    }
+
+    def row(name, c, r, kvql=None, key=None):
+        ratio = ""
+        if kvql is not None:
+            kvql[key] = kvql["rps"] / r["rps"] if r["rps"] else 0
+            ratio = f"{kvql[key]:.2f}"
+        if "p50_us" in r:
+            lat = f"{r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f}"
+        else:
+            lat = "— | —"
+        note = f"  (average latency {r['latency_avg_us'] / 1000:.2f} ms)" if "latency_avg_us" in r else ""
+        err = f"  ({r['errors']} errors)" if r["errors"] else ""
+        out(f"| {name} | {c} | {r['rps']:,.0f} | {lat} | {ratio} |{note}{err}")
+
+    out()
+    if has_webdis or has_pgbench:
+        how = [w for w, on in (("redis+webdis driven by wrk -t1", has_webdis),
+                               ("pgbench -j 1 on a scratch database", has_pgbench)) if on]
+        out(f"Baselines measured in this run at the same connection counts ({'; '.join(how)}); "
+            "last column: kvql's req/s ÷ the baseline's:")
+        out()
+        out("| scenario | conns | req/s | p50 ms | p99 ms | kvql ÷ baseline |")
+        out("|---|---|---|---|---|---|")
+        for c in conns:
+            if get:
+                kvql = sc[f"rest_get@{c}"]
+                row("rest_get", c, kvql)
+                if has_webdis:
+                    row("redis+webdis GET (baseline)", c, sc[f"webdis_get@{c}"], kvql, "vs_webdis")
+                if has_pgbench:
+                    row("pgbench -S -M prepared (baseline)", c, sc[f"pgbench_prepared@{c}"], kvql,
+                        "vs_pgbench_prepared")
+                    row("pgbench -S -M extended (for information)", c, sc[f"pgbench_extended@{c}"], kvql,
+                        "vs_pgbench_extended")
+            if put and has_webdis:
+                kvql = sc[f"rest_put@{c}"]
+                row("rest_put", c, kvql)
+                row("redis+webdis SET (baseline)", c, sc[f"webdis_set@{c}"], kvql, "vs_webdis")
+        out()
+        summary = []
+        for c in conns:
+            parts = []
+            if get and has_webdis:
+                parts.append(f"GET {sc[f'rest_get@{c}']['vs_webdis']:.2f}x redis+webdis")
+            if get and has_pgbench:
+                parts.append(f"GET {sc[f'rest_get@{c}']['vs_pgbench_prepared']:.2f}x pgbench -S -M prepared")
+            if put and has_webdis:
+                parts.append(f"PUT {sc[f'rest_put@{c}']['vs_webdis']:.2f}x redis+webdis SET")
+            summary.append(f"c={c}: " + ", ".join(parts))
+        out("kvql against the baselines: " + "; ".join(summary) + ".")
+    if not has_webdis:
+        out("redis-server or webdis is not installed (apt-get install redis-server webdis): "
+            "no redis+webdis baseline in this run.")
+    if args.postgres and get and not has_pgbench:
+        out("pgbench or psql is not installed (it ships with PostgreSQL): no pgbench baseline in this run.")
 
 
 def main():
@@ -518,8 +782,11 @@ def main():
     p.add_argument("--big", type=int, help="keys for the flat-latency check (default 1000000, smoke 20000)")
     p.add_argument("--expiring", type=int, help="keys expiring at once in the sweeper check (default 100000, smoke 5000)")
     p.add_argument("--out", help="results file (default bench/results/<time>.md)")
-    p.add_argument("--only", help="comma-separated scenarios of the main table; skips the other measurements")
+    p.add_argument("--only", help="comma-separated scenarios of the main table; skips the other measurements "
+                        "except the baselines of rest_get and rest_put")
     p.add_argument("--conns", default="32,64", help="connection counts (default 32,64)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the baselines (redis+webdis, pgbench, etcd); --smoke always skips them")
     args = p.parse_args()
 
     smoke = args.smoke
@@ -529,6 +796,7 @@ def main():
     expiring = args.expiring or (5_000 if smoke else 100_000)
     backend = "PostgreSQL" if args.postgres else "SQLite"
     run_id = f"{int(time.time())}"
+    with_baselines = not smoke and not args.no_baselines
     tmpdir = tempfile.mkdtemp(prefix="kvql-bench-")
     lines = []
     results = {"backend": backend, "smoke": smoke, "seconds": seconds, "scenarios": {}}
@@ -554,6 +822,8 @@ def main():
                 results["rss_after_table_kib"] = rss
                 out()
                 out(f"Server RSS after the scenarios above: {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB).")
+                if with_baselines:
+                    baselines(args, nkeys, seconds, run_id, tmpdir, results, out)
                 if not args.only or "hostile" in args.only.split(","):
                     hostile(server, token, nkeys, seconds, tmpdir, results, out)
                 if not args.only:
@@ -583,7 +853,7 @@ def main():
                     again.stop()
 
         if not args.postgres and not args.only:
-            durable(args, tmpdir, nkeys, seconds, run_id, results, out)
+            durable(args, tmpdir, nkeys, seconds, run_id, with_baselines, results, out)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 

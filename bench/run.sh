@@ -4,6 +4,7 @@
 #   bench/run.sh                 full run on SQLite (~10 minutes)
 #   bench/run.sh --smoke         a few seconds per scenario (what CI runs)
 #   bench/run.sh --postgres URL  on a fresh database of that PostgreSQL server
+#   bench/run.sh --no-baselines  without redis+webdis, pgbench and etcd beside it
 #   bench/run.sh --help          all options
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,13 +19,28 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 command -v wrk >/dev/null || { echo "bench: wrk is required (apt-get install wrk)" >&2; exit 1; }
 
-# etcd is the baseline for durable writes; a full run installs it if it can.
+# The baselines: etcd for durable writes, Redis behind webdis for in-memory GET
+# and SET (pgbench, for PostgreSQL, ships with PostgreSQL). A full run installs
+# what is missing if it can, and runs without the baselines it could not get.
+apt_updated=
+install_baseline() {  # command, Debian package, what it is the baseline for
+    command -v "$1" >/dev/null 2>&1 && return 0
+    echo "bench: installing $2 from Debian's packages ($3)" >&2
+    apt-get install -y -q "$2" >/dev/null 2>&1 && return 0
+    if [ -z "$apt_updated" ]; then
+        apt_updated=1
+        apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "$2" >/dev/null 2>&1 && return 0
+    fi
+    echo "bench: could not install $2; no $3 in this run" >&2
+}
 case " $* " in
-    *" --smoke "*) ;;
+    *" --smoke "* | *" --no-baselines "*) ;;
     *)
-        if ! command -v etcd >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
-            echo "bench: installing etcd-server from Debian's packages (durable-write baseline)" >&2
-            apt-get install -y -q etcd-server >/dev/null 2>&1 || echo "bench: could not install etcd; no etcd baseline" >&2
+        if [ "$(id -u)" -eq 0 ]; then
+            export DEBIAN_FRONTEND=noninteractive
+            install_baseline etcd etcd-server "etcd baseline (durable writes)"
+            install_baseline redis-server redis-server "redis+webdis baseline (GET, SET)"
+            install_baseline webdis webdis "redis+webdis baseline (GET, SET)"
         fi
         ;;
 esac
