@@ -96,3 +96,42 @@ async fn users_of_one_tenant_share_its_data() {
     app.create(&a, "k", json!(1), None).await;
     assert_eq!(app.read(&b, "k").await.body["data"], 1);
 }
+
+/// Concurrent point reads are coalesced into shared statements (read
+/// coalescing); each must still get its own tenant's value, or 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reads_of_the_same_keys_by_two_tenants_each_get_their_own() {
+    let app = TestApp::spawn_with(|c| c.cache_bytes = 0).await;
+    let alice = app.user("alpha", Role::Writer).await;
+    let bob = app.user("beta", Role::Writer).await;
+    let keys: Vec<String> = (0..32).map(|i| format!("k{i:02}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        app.create(&alice, key, json!({"owner": "alice", "i": i}), None)
+            .await;
+        if i % 2 == 0 {
+            app.create(&bob, key, json!({"owner": "bob", "i": i}), None)
+                .await;
+        }
+    }
+    let app = &app;
+    for _ in 0..4 {
+        let reads = keys
+            .iter()
+            .flat_map(|k| [(&alice, k), (&bob, k)])
+            .map(|(user, key)| async move { (user, key, app.read(user, key).await) });
+        for (user, key, r) in futures_util::future::join_all(reads).await {
+            let i: usize = key[1..].parse().expect("index");
+            if std::ptr::eq(user, &bob) && i % 2 == 1 {
+                r.assert_error(404, "NOT_FOUND");
+            } else {
+                let owner = if std::ptr::eq(user, &alice) {
+                    "alice"
+                } else {
+                    "bob"
+                };
+                assert_eq!(r.status, 200, "{}", r.text);
+                assert_eq!(r.body["data"], json!({"owner": owner, "i": i}));
+            }
+        }
+    }
+}

@@ -11,6 +11,7 @@
 //! PostgreSQL, which several nodes share, straight to the pool.
 
 mod cache;
+mod read;
 mod sql;
 mod types;
 mod write;
@@ -30,6 +31,10 @@ use crate::events::{Event, EventKind, Events};
 use cache::{Cache, Lookup};
 use sql::{Sql, object_from_row};
 use write::{Committer, Job, JobResult, Op, Outcome};
+
+/// Reader tasks (see `read`): each holds a read connection while its
+/// statement runs, and the next collects lookups meanwhile.
+const READERS: usize = 4;
 
 /// Committer tasks on PostgreSQL: while one waits for its group's round
 /// trips and commit, the next collects and runs the following group.
@@ -116,6 +121,7 @@ struct Inner {
     events: Events,
     cache: Option<Arc<Cache>>,
     committer: Committer,
+    reader: read::Reader,
 }
 
 /// Publishes a job's committed writes and records them in the cache.
@@ -179,8 +185,10 @@ impl Store {
                 if sqlite { 1 } else { POSTGRES_COMMITTERS },
             )
         };
+        let reader = read::Reader::start(db.clone(), clock.clone(), READERS);
         Store {
             inner: Arc::new(Inner {
+                reader,
                 db,
                 clock,
                 limits,
@@ -244,11 +252,7 @@ impl Store {
             Some((c, Lookup::Unknown)) => Some(c.read_started()),
             None => None,
         };
-        let mut sql = Sql::select_live(self.backend(), tenant, now);
-        let k = sql.next(key.as_str());
-        sql.push(&format!(r#" AND "key" = {k}"#));
-        let row = self.inner.db.read.query_one_raw(sql.build()).await?;
-        let found = row.map(|r| object_from_row(&r, now)).transpose()?;
+        let found = self.inner.reader.get(tenant, key.as_str()).await?;
         if let (Some(c), Some(started)) = (cache, started) {
             c.fill(started, tenant.get(), key.as_str(), found.as_ref());
         }
@@ -466,10 +470,11 @@ impl Store {
         sql.push(&format!(
             r#"DELETE FROM object WHERE (tenant_id, "key") IN (
                  SELECT tenant_id, "key" FROM object
-                 WHERE expires_at IS NOT NULL AND expires_at <= {n}
+                 WHERE {expired}
                  ORDER BY expires_at LIMIT {l}{lock})
-               AND expires_at IS NOT NULL AND expires_at <= {n}
-               RETURNING tenant_id, "key", version"#
+               AND {expired}
+               RETURNING tenant_id, "key", version"#,
+            expired = sql::expired("", &n)
         ));
         let rows = self.inner.db.write.query_all_raw(sql.build()).await?;
         let events = rows

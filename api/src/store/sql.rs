@@ -6,6 +6,7 @@ use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, QueryResult, Statement, V
 use super::types::{Data, Expect, Key};
 use super::{Item, Object};
 use crate::auth::TenantId;
+use crate::db::Db;
 use crate::error::ApiError;
 
 pub(super) const COLUMNS: &str = r#""key", version, expires_at, created_at, updated_at"#;
@@ -73,7 +74,8 @@ impl Sql {
         let n = sql.next(now);
         sql.push(&format!(
             "SELECT {COLUMNS}, {data} FROM object WHERE tenant_id = {t} \
-             AND (expires_at IS NULL OR expires_at > {n})"
+             AND {}",
+            live(&n)
         ));
         sql
     }
@@ -86,6 +88,113 @@ fn json_cast(backend: DatabaseBackend, placeholder: String) -> String {
     }
 }
 
+/// The condition that a row of `object` is live at `now` (a placeholder).
+pub(super) fn live(now: &str) -> String {
+    format!("(expires_at IS NULL OR expires_at > {now})")
+}
+
+/// The condition that a row has expired at `now` (a placeholder), for
+/// `table.` (`"object."` in `ON CONFLICT`, else `""`): the negation of [`live`].
+pub(super) fn expired(table: &str, now: &str) -> String {
+    format!("{table}expires_at IS NOT NULL AND {table}expires_at <= {now}")
+}
+
+/// The live objects of `tenant` under `keys` (distinct), in one statement,
+/// straight on sqlx: the hot path of point reads (see `read`).
+pub(super) async fn select_keys(
+    db: &Db,
+    tenant: TenantId,
+    keys: &[&str],
+    now: i64,
+) -> Result<Vec<Object>, ApiError> {
+    use sea_orm::sqlx::{self, Row};
+    let fail = |e: sqlx::Error| {
+        ApiError::internal(anyhow::Error::new(DbErr::Query(
+            sea_orm::RuntimeErr::SqlxError(e.into()),
+        )))
+    };
+    match db.backend {
+        DatabaseBackend::Postgres => {
+            let text = format!(
+                r#"SELECT {COLUMNS}, data::text AS data FROM object
+                   WHERE tenant_id = $1 AND "key" = ANY($2) AND {}"#,
+                live("$3")
+            );
+            let rows = sqlx::query(sqlx::AssertSqlSafe(text))
+                .bind(tenant.get())
+                .bind(keys)
+                .bind(now)
+                .fetch_all(db.read.get_postgres_connection_pool())
+                .await
+                .map_err(fail)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(object_from_parts(
+                        r.try_get("key")?,
+                        r.try_get("data")?,
+                        r.try_get("version")?,
+                        r.try_get("expires_at")?,
+                        r.try_get("created_at")?,
+                        r.try_get("updated_at")?,
+                        now,
+                    ))
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(fail)
+        }
+        _ => {
+            let text = format!(
+                r#"SELECT {COLUMNS}, data FROM object
+                   WHERE tenant_id = ?1 AND "key" IN (SELECT value FROM json_each(?2)) AND {}"#,
+                live("?3")
+            );
+            let keys = serde_json::to_string(keys)
+                .map_err(|e| ApiError::internal(anyhow::Error::new(e)))?;
+            let rows = sqlx::query(sqlx::AssertSqlSafe(text))
+                .bind(tenant.get())
+                .bind(keys)
+                .bind(now)
+                .fetch_all(db.read.get_sqlite_connection_pool())
+                .await
+                .map_err(fail)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(object_from_parts(
+                        r.try_get("key")?,
+                        r.try_get("data")?,
+                        r.try_get("version")?,
+                        r.try_get("expires_at")?,
+                        r.try_get("created_at")?,
+                        r.try_get("updated_at")?,
+                        now,
+                    ))
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(fail)
+        }
+    }
+}
+
+fn object_from_parts(
+    key: String,
+    data: String,
+    version: i64,
+    expires_at: Option<i64>,
+    created_at: i64,
+    updated_at: i64,
+    now: i64,
+) -> Object {
+    Object {
+        key,
+        data: crate::input::canonical_numbers(data).into(),
+        version,
+        ttl: expires_at.map(|e| seconds_left(e, now)),
+        expires_at,
+        created_at,
+        updated_at,
+    }
+}
+
 /// Seconds left until `expires_at`, rounded up, as clients see `ttl`.
 pub(crate) fn seconds_left(expires_at: i64, now: i64) -> i64 {
     let ms = (expires_at - now).max(0);
@@ -93,17 +202,15 @@ pub(crate) fn seconds_left(expires_at: i64, now: i64) -> i64 {
 }
 
 pub(super) fn object_from_row(row: &QueryResult, now: i64) -> Result<Object, DbErr> {
-    let expires_at: Option<i64> = row.try_get("", "expires_at")?;
-    let data: String = row.try_get("", "data")?;
-    Ok(Object {
-        key: row.try_get("", "key")?,
-        data: crate::input::canonical_numbers(data).into(),
-        version: row.try_get("", "version")?,
-        ttl: expires_at.map(|e| seconds_left(e, now)),
-        expires_at,
-        created_at: row.try_get("", "created_at")?,
-        updated_at: row.try_get("", "updated_at")?,
-    })
+    Ok(object_from_parts(
+        row.try_get("", "key")?,
+        row.try_get("", "data")?,
+        row.try_get("", "version")?,
+        row.try_get("", "expires_at")?,
+        row.try_get("", "created_at")?,
+        row.try_get("", "updated_at")?,
+        now,
+    ))
 }
 
 fn expires_at(item: &Item, now: i64) -> Option<i64> {
@@ -181,8 +288,9 @@ pub(super) async fn create<C: ConnectionTrait>(
     let n = sql.arg(now);
     sql.push(&head).push(&format!(
         r#" version = 1, created_at = excluded.created_at
-           WHERE object.expires_at IS NOT NULL AND object.expires_at <= {n}
-           RETURNING version, created_at"#
+           WHERE {}
+           RETURNING version, created_at"#,
+        expired("object.", &n)
     ));
     match returning_one(conn, sql).await? {
         Some(row) => Ok(written(item, &row, now)?),
@@ -240,7 +348,7 @@ async fn write_chunk<C: ConnectionTrait>(
         .collect();
     let mut expired = || {
         let n = sql.next(now);
-        format!("object.expires_at IS NOT NULL AND object.expires_at <= {n}")
+        expired("object.", &n)
     };
     let on_conflict = if create_only {
         format!(
@@ -306,7 +414,7 @@ pub(super) async fn put<C: ConnectionTrait>(
             let mut sql = Sql::new(backend);
             let head = insert(&mut sql, tenant, item, now);
             let n = sql.arg(now);
-            let expired = format!("object.expires_at IS NOT NULL AND object.expires_at <= {n}");
+            let expired = expired("object.", &n);
             sql.push(&head).push(&format!(
                 r#" version = CASE WHEN {expired} THEN 1 ELSE object.version + 1 END,
                    created_at = CASE WHEN {expired} THEN excluded.created_at ELSE object.created_at END
@@ -330,7 +438,8 @@ pub(super) async fn put<C: ConnectionTrait>(
     let k = sql.arg(item.key.as_str());
     sql.push(&format!(
         r#"UPDATE object SET data = {d}, expires_at = {e}, updated_at = {n}, version = version + 1
-           WHERE tenant_id = {t} AND "key" = {k} AND (expires_at IS NULL OR expires_at > {n})"#
+           WHERE tenant_id = {t} AND "key" = {k} AND {}"#,
+        live(&n)
     ));
     if let Some(v) = expected_version {
         let v = sql.arg(v);
@@ -357,7 +466,8 @@ pub(super) async fn delete<C: ConnectionTrait>(
     let n = sql.arg(now);
     sql.push(&format!(
         r#"DELETE FROM object WHERE tenant_id = {t} AND "key" = {k}
-           AND (expires_at IS NULL OR expires_at > {n})"#
+           AND {}"#,
+        live(&n)
     ));
     if let Some(v) = expected {
         let v = sql.arg(v);
@@ -388,7 +498,8 @@ async fn missing_or_moved<C: ConnectionTrait>(
     let n = sql.arg(now);
     sql.push(&format!(
         r#"SELECT version FROM object WHERE tenant_id = {t} AND "key" = {k}
-           AND (expires_at IS NULL OR expires_at > {n})"#
+           AND {}"#,
+        live(&n)
     ));
     match conn.query_one_raw(sql.build()).await {
         Ok(Some(_)) => version_mismatch(expected),
