@@ -13,7 +13,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::cors::Cors;
 use crate::db::Db;
-use crate::events::Events;
+use crate::store::events::Events;
 use crate::store::{Limits, Store};
 use crate::sweeper::Sweeper;
 use crate::{compression, graphql, middleware, pages, rest, users};

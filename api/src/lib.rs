@@ -10,7 +10,6 @@ pub mod config;
 pub mod cors;
 pub mod db;
 pub mod error;
-pub mod events;
 pub mod graphql;
 mod headers;
 pub mod input;

@@ -2,8 +2,8 @@ use async_graphql::{Context, Object};
 
 use super::ContextExt;
 use super::types::{
-    BatchItemResult, BatchPayload, CreateObjectInput, KvObject, LoginPayload, PutObjectInput,
-    PutObjectPayload, Version, input_data,
+    BatchPayload, CreateObjectInput, KvObject, LoginPayload, PutObjectInput, PutObjectPayload,
+    Version, input_data,
 };
 use crate::auth::ClientAddr;
 use crate::error::ApiError;
@@ -125,20 +125,10 @@ impl Mutation {
             .iter()
             .map(|i| (i.key.clone(), create_item(store, i)))
             .collect();
-        let keys: Vec<String> = items.into_iter().map(|i| i.key).collect();
-        let outcomes = store
+        let outcome = store
             .batch_create(writer, inputs, atomicity(atomic))
             .await?;
-        Ok(BatchPayload::new(
-            keys.into_iter()
-                .zip(outcomes)
-                .enumerate()
-                .map(|(i, (key, r))| match r {
-                    Ok(o) => BatchItemResult::done(i, key, None, Some(o)),
-                    Err(e) => BatchItemResult::failed(i, key, &e),
-                })
-                .collect(),
-        ))
+        Ok(BatchPayload::new(outcome, |o| (None, Some(o))))
     }
 
     /// Creates or replaces several values in one transaction, each honouring
@@ -156,18 +146,10 @@ impl Mutation {
             .iter()
             .map(|i| (i.key.clone(), put_item(store, i)))
             .collect();
-        let keys: Vec<String> = items.into_iter().map(|i| i.key).collect();
-        let outcomes = store.batch_put(writer, inputs, atomicity(atomic)).await?;
-        Ok(BatchPayload::new(
-            keys.into_iter()
-                .zip(outcomes)
-                .enumerate()
-                .map(|(i, (key, r))| match r {
-                    Ok(p) => BatchItemResult::done(i, key, Some(p.created), Some(p.object)),
-                    Err(e) => BatchItemResult::failed(i, key, &e),
-                })
-                .collect(),
-        ))
+        let outcome = store.batch_put(writer, inputs, atomicity(atomic)).await?;
+        Ok(BatchPayload::new(outcome, |p| {
+            (Some(p.created), Some(p.object))
+        }))
     }
 
     /// Deletes several keys in one transaction, with one result per key
@@ -183,21 +165,12 @@ impl Mutation {
         let store = ctx.state().store();
         store.check_batch_len(keys.len())?;
         let inputs: Vec<BatchInput<Key>> = keys
-            .iter()
-            .map(|k| (k.clone(), Key::parse(k.clone())))
+            .into_iter()
+            .map(|k| (k.clone(), Key::parse(k)))
             .collect();
-        let outcomes = store
+        let outcome = store
             .batch_delete(writer, inputs, atomicity(atomic))
             .await?;
-        Ok(BatchPayload::new(
-            keys.into_iter()
-                .zip(outcomes)
-                .enumerate()
-                .map(|(i, (key, r))| match r {
-                    Ok(()) => BatchItemResult::done(i, key, None, None),
-                    Err(e) => BatchItemResult::failed(i, key, &e),
-                })
-                .collect(),
-        ))
+        Ok(BatchPayload::new(outcome, |()| (None, None)))
     }
 }

@@ -9,7 +9,7 @@ use super::{ContextExt, SocketAuth};
 use crate::auth::Auth;
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::events::{Event, EventKind};
+use crate::store::events::{Event, EventKind};
 use crate::store::{Key, Prefix, Store};
 
 pub struct Subscription;

@@ -191,37 +191,6 @@ pub struct BatchItemResult {
     pub object: Option<KvObject>,
 }
 
-impl BatchItemResult {
-    pub fn failed(index: usize, key: String, e: &ApiError) -> Self {
-        BatchItemResult {
-            index: index as i32,
-            key,
-            ok: false,
-            code: Some(e.code().to_owned()),
-            message: Some(e.to_string()),
-            created: None,
-            object: None,
-        }
-    }
-
-    pub fn done(
-        index: usize,
-        key: String,
-        created: Option<bool>,
-        object: Option<store::Object>,
-    ) -> Self {
-        BatchItemResult {
-            index: index as i32,
-            key,
-            ok: true,
-            code: None,
-            message: None,
-            created,
-            object: object.map(KvObject),
-        }
-    }
-}
-
 /// Per-item results of a batch, in request order.
 #[derive(SimpleObject)]
 pub struct BatchPayload {
@@ -234,13 +203,44 @@ pub struct BatchPayload {
 }
 
 impl BatchPayload {
-    pub fn new(results: Vec<BatchItemResult>) -> Self {
-        let succeeded = results.iter().filter(|r| r.ok).count() as i32;
-        let failed = results.len() as i32 - succeeded;
+    /// `done` gives a successful item's `created` and `object`.
+    pub fn new<T>(
+        outcome: store::BatchOutcome<T>,
+        done: impl Fn(T) -> (Option<bool>, Option<store::Object>),
+    ) -> Self {
         BatchPayload {
-            results,
-            succeeded,
-            failed,
+            succeeded: outcome.succeeded as i32,
+            failed: outcome.failed as i32,
+            results: outcome
+                .items
+                .into_iter()
+                .map(|item| {
+                    let (index, key) = (item.index as i32, item.key);
+                    match item.result {
+                        Ok(value) => {
+                            let (created, object) = done(value);
+                            BatchItemResult {
+                                index,
+                                key,
+                                ok: true,
+                                code: None,
+                                message: None,
+                                created,
+                                object: object.map(KvObject),
+                            }
+                        }
+                        Err(e) => BatchItemResult {
+                            index,
+                            key,
+                            ok: false,
+                            code: Some(e.code().to_owned()),
+                            message: Some(e.to_string()),
+                            created: None,
+                            object: None,
+                        },
+                    }
+                })
+                .collect(),
         }
     }
 }
@@ -330,12 +330,12 @@ pub enum EventKind {
     Expire,
 }
 
-impl From<crate::events::EventKind> for EventKind {
-    fn from(k: crate::events::EventKind) -> Self {
+impl From<crate::store::events::EventKind> for EventKind {
+    fn from(k: crate::store::events::EventKind) -> Self {
         match k {
-            crate::events::EventKind::Put => EventKind::Put,
-            crate::events::EventKind::Delete => EventKind::Delete,
-            crate::events::EventKind::Expire => EventKind::Expire,
+            crate::store::events::EventKind::Put => EventKind::Put,
+            crate::store::events::EventKind::Delete => EventKind::Delete,
+            crate::store::events::EventKind::Expire => EventKind::Expire,
         }
     }
 }

@@ -359,49 +359,41 @@ struct BatchResult {
 }
 
 impl BatchResult {
-    fn new<T>(
-        keys: Vec<String>,
-        outcomes: Vec<Result<T, ApiError>>,
-        ok: impl Fn(&T) -> (u16, Option<i64>),
-    ) -> Self {
-        let mut succeeded = 0;
-        let results: Vec<BatchItemResult> = keys
-            .into_iter()
-            .zip(outcomes)
-            .enumerate()
-            .map(|(index, (key, outcome))| {
-                let index = index as u64;
-                match outcome {
-                    Ok(value) => {
-                        succeeded += 1;
-                        let (status, version) = ok(&value);
-                        BatchItemResult {
+    /// `ok` gives a successful item's status and version.
+    fn new<T>(outcome: store::BatchOutcome<T>, ok: impl Fn(&T) -> (u16, Option<i64>)) -> Self {
+        BatchResult {
+            succeeded: outcome.succeeded as u64,
+            failed: outcome.failed as u64,
+            results: outcome
+                .items
+                .into_iter()
+                .map(|item| {
+                    let (index, key) = (item.index as u64, item.key);
+                    match item.result {
+                        Ok(value) => {
+                            let (status, version) = ok(&value);
+                            BatchItemResult {
+                                index,
+                                key,
+                                ok: true,
+                                status,
+                                version,
+                                code: None,
+                                error: None,
+                            }
+                        }
+                        Err(e) => BatchItemResult {
                             index,
                             key,
-                            ok: true,
-                            status,
-                            version,
-                            code: None,
-                            error: None,
-                        }
+                            ok: false,
+                            status: e.status().as_u16(),
+                            version: None,
+                            code: Some(e.code().to_owned()),
+                            error: Some(e.to_string()),
+                        },
                     }
-                    Err(e) => BatchItemResult {
-                        index,
-                        key,
-                        ok: false,
-                        status: e.status().as_u16(),
-                        version: None,
-                        code: Some(e.code().to_owned()),
-                        error: Some(e.to_string()),
-                    },
-                }
-            })
-            .collect();
-        let failed = results.len() as u64 - succeeded;
-        BatchResult {
-            results,
-            succeeded,
-            failed,
+                })
+                .collect(),
         }
     }
 }
@@ -750,20 +742,18 @@ impl RestApi {
         let writer = auth.0.writer()?;
         let store = state.store();
         store.check_batch_len(body.0.len())?;
-        let (keys, items) = body
+        let items = body
             .0
             .into_iter()
             .map(|i| {
-                let key = i.key;
-                let parsed = store.item(key.clone(), &i.data.0, i.ttl);
-                (key.clone(), (key, parsed))
+                let parsed = store.item(i.key.clone(), &i.data.0, i.ttl);
+                (i.key, parsed)
             })
-            .unzip();
-        let outcomes = store
+            .collect();
+        let outcome = store
             .batch_create(writer, items, atomicity(atomic.0))
             .await?;
-        let result =
-            BatchCreateResult::from(BatchResult::new(keys, outcomes, |o| (201, Some(o.version))));
+        let result = BatchCreateResult::from(BatchResult::new(outcome, |o| (201, Some(o.version))));
         Ok(if result.failed == 0 {
             BatchCreateResponse::Created(Json(result))
         } else {
@@ -791,19 +781,18 @@ impl RestApi {
         let writer = auth.0.writer()?;
         let store = state.store();
         store.check_batch_len(body.0.len())?;
-        let (keys, items) = body
+        let items = body
             .0
             .into_iter()
             .map(|i| {
-                let key = i.key;
                 let parsed = store
-                    .item(key.clone(), &i.data.0, i.ttl)
+                    .item(i.key.clone(), &i.data.0, i.ttl)
                     .map(|item| (item, Expect::Any));
-                (key.clone(), (key, parsed))
+                (i.key, parsed)
             })
-            .unzip();
-        let outcomes = store.batch_put(writer, items, atomicity(atomic.0)).await?;
-        Ok(Json(BatchResult::new(keys, outcomes, |p| {
+            .collect();
+        let outcome = store.batch_put(writer, items, atomicity(atomic.0)).await?;
+        Ok(Json(BatchResult::new(outcome, |p| {
             (if p.created { 201 } else { 200 }, Some(p.object.version))
         })))
     }
@@ -826,15 +815,15 @@ impl RestApi {
         let writer = auth.0.writer()?;
         let store = state.store();
         store.check_batch_len(body.0.len())?;
-        let keys: Vec<String> = body.0;
-        let parsed = keys
-            .iter()
-            .map(|k| (k.clone(), store::Key::parse(k.clone())))
+        let parsed = body
+            .0
+            .into_iter()
+            .map(|k| (k.clone(), store::Key::parse(k)))
             .collect();
-        let outcomes = store
+        let outcome = store
             .batch_delete(writer, parsed, atomicity(atomic.0))
             .await?;
-        Ok(Json(BatchResult::new(keys, outcomes, |_| (200, None))))
+        Ok(Json(BatchResult::new(outcome, |_| (200, None))))
     }
 
     /// Liveness

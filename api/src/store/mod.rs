@@ -11,6 +11,7 @@
 //! PostgreSQL, which several nodes share, straight to the pool.
 
 mod cache;
+pub mod events;
 mod read;
 mod sql;
 mod types;
@@ -18,7 +19,7 @@ mod write;
 
 use std::sync::Arc;
 
-pub use types::{Cursor, Data, Expect, Key, Limit, Prefix, Ttl, parse_version};
+pub use types::{Cursor, Data, Expect, Key, Limit, Object, Prefix, Ttl, parse_version};
 
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr};
 pub(crate) use sql::seconds_left;
@@ -27,8 +28,8 @@ use crate::auth::{TenantId, Writer};
 use crate::clock::Clock;
 use crate::db::Db;
 use crate::error::ApiError;
-use crate::events::{Event, EventKind, Events};
 use cache::{Cache, Lookup};
+use events::{Event, EventKind, Events};
 use sql::{Sql, object_from_row};
 use write::{Committer, Job, JobResult, Op, Outcome};
 
@@ -45,32 +46,6 @@ const POSTGRES_COMMITTERS: usize = 2;
 pub struct Limits {
     pub max_value_bytes: u64,
     pub max_batch_items: u64,
-}
-
-/// A live value, as read or just written.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Object {
-    pub key: String,
-    /// The value as compact JSON text.
-    pub data: Arc<str>,
-    pub version: i64,
-    /// Whole seconds left before expiry, rounded up; `None` if it never expires.
-    pub ttl: Option<i64>,
-    pub expires_at: Option<i64>,
-    pub created_at: i64,
-    pub updated_at: i64,
-}
-
-impl Object {
-    /// The value as a JSON tree.
-    pub fn data_json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.data).unwrap_or(serde_json::Value::Null)
-    }
-
-    /// The strong ETag for this version, e.g. `"3"`.
-    pub fn etag(&self) -> String {
-        format!("\"{}\"", self.version)
-    }
 }
 
 /// A value to write, parsed.
@@ -99,6 +74,54 @@ pub struct Page {
 /// One batch item: the key as the client sent it (for the results) and the
 /// parsed input, or why it could not be parsed.
 pub type BatchInput<T> = (String, Result<T, ApiError>);
+
+/// One item of a batch's outcome.
+#[derive(Debug)]
+pub struct BatchItem<T> {
+    /// Position of the item in the request, from 0.
+    pub index: usize,
+    /// The key as the client sent it.
+    pub key: String,
+    /// What the item did, or why it failed (and wrote nothing).
+    pub result: Result<T, ApiError>,
+}
+
+/// What a batch did, item by item in request order.
+#[derive(Debug)]
+pub struct BatchOutcome<T> {
+    pub items: Vec<BatchItem<T>>,
+    /// How many items were written.
+    pub succeeded: usize,
+    /// How many items failed (and wrote nothing).
+    pub failed: usize,
+}
+
+impl<T> BatchOutcome<T> {
+    fn new(keys: Vec<String>, results: impl IntoIterator<Item = Result<T, ApiError>>) -> Self {
+        let items: Vec<BatchItem<T>> = keys
+            .into_iter()
+            .zip(results)
+            .enumerate()
+            .map(|(index, (key, result))| BatchItem { index, key, result })
+            .collect();
+        let succeeded = items.iter().filter(|i| i.result.is_ok()).count();
+        BatchOutcome {
+            failed: items.len() - succeeded,
+            items,
+            succeeded,
+        }
+    }
+
+    /// The same items with each success turned into a `U` (or a failure).
+    fn map<U>(self, f: impl Fn(T) -> Result<U, ApiError>) -> BatchOutcome<U> {
+        let (keys, results) = self
+            .items
+            .into_iter()
+            .map(|i| (i.key, i.result.and_then(&f)))
+            .unzip::<_, _, Vec<_>, Vec<_>>();
+        BatchOutcome::new(keys, results)
+    }
+}
 
 /// Whether a batch is all-or-nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -348,8 +371,9 @@ impl Store {
         items: Vec<BatchInput<T>>,
         atomicity: Atomicity,
         op: impl Fn(T) -> Op,
-    ) -> Result<Vec<Result<Outcome, ApiError>>, ApiError> {
+    ) -> Result<BatchOutcome<Outcome>, ApiError> {
         self.check_batch_len(items.len())?;
+        let keys: Vec<String> = items.iter().map(|(key, _)| key.clone()).collect();
         let job = Job {
             tenant: writer.tenant(),
             ops: items
@@ -358,7 +382,7 @@ impl Store {
                 .collect(),
             atomic: atomicity == Atomicity::Atomic,
         };
-        self.run(job).await
+        Ok(BatchOutcome::new(keys, self.run(job).await?))
     }
 
     /// Creates a value; `ALREADY_EXISTS` if a live one is stored under the key.
@@ -409,15 +433,12 @@ impl Store {
         writer: Writer<'_>,
         items: Vec<BatchInput<Item>>,
         atomicity: Atomicity,
-    ) -> Result<Vec<Result<Object, ApiError>>, ApiError> {
-        let results = self.run_batch(writer, items, atomicity, Op::Create).await?;
-        Ok(results
-            .into_iter()
-            .map(|r| match r? {
-                Outcome::Written { object, .. } => Ok(object),
-                Outcome::Deleted { .. } => Err(unexpected()),
-            })
-            .collect())
+    ) -> Result<BatchOutcome<Object>, ApiError> {
+        let outcome = self.run_batch(writer, items, atomicity, Op::Create).await?;
+        Ok(outcome.map(|o| match o {
+            Outcome::Written { object, .. } => Ok(object),
+            Outcome::Deleted { .. } => Err(unexpected()),
+        }))
     }
 
     /// Writes several values in one transaction, each as its `Expect`
@@ -427,19 +448,16 @@ impl Store {
         writer: Writer<'_>,
         items: Vec<BatchInput<(Item, Expect)>>,
         atomicity: Atomicity,
-    ) -> Result<Vec<Result<Put, ApiError>>, ApiError> {
-        let results = self
+    ) -> Result<BatchOutcome<Put>, ApiError> {
+        let outcome = self
             .run_batch(writer, items, atomicity, |(item, expect)| {
                 Op::Put(item, expect)
             })
             .await?;
-        Ok(results
-            .into_iter()
-            .map(|r| match r? {
-                Outcome::Written { object, created } => Ok(Put { object, created }),
-                Outcome::Deleted { .. } => Err(unexpected()),
-            })
-            .collect())
+        Ok(outcome.map(|o| match o {
+            Outcome::Written { object, created } => Ok(Put { object, created }),
+            Outcome::Deleted { .. } => Err(unexpected()),
+        }))
     }
 
     /// Deletes several keys in one transaction; `NOT_FOUND` for keys with no live value.
@@ -448,11 +466,11 @@ impl Store {
         writer: Writer<'_>,
         keys: Vec<BatchInput<Key>>,
         atomicity: Atomicity,
-    ) -> Result<Vec<Result<(), ApiError>>, ApiError> {
-        let results = self
+    ) -> Result<BatchOutcome<()>, ApiError> {
+        let outcome = self
             .run_batch(writer, keys, atomicity, |key| Op::Delete(key, None))
             .await?;
-        Ok(results.into_iter().map(|r| r.map(|_| ())).collect())
+        Ok(outcome.map(|_| Ok(())))
     }
 
     /// Deletes up to `limit` expired rows of any tenant in one statement and

@@ -4,6 +4,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+use std::sync::Arc;
+
 use crate::error::ApiError;
 
 /// A key: 1 to 512 bytes of UTF-8 without control characters. `/`, spaces,
@@ -246,6 +248,32 @@ impl Limit {
 
     pub fn get(self) -> u32 {
         self.0
+    }
+}
+
+/// A live value, as read or just written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Object {
+    pub key: String,
+    /// The value as compact JSON text.
+    pub data: Arc<str>,
+    pub version: i64,
+    /// Whole seconds left before expiry, rounded up; `None` if it never expires.
+    pub ttl: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl Object {
+    /// The value as a JSON tree.
+    pub fn data_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The strong ETag for this version, e.g. `"3"`.
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", self.version)
     }
 }
 

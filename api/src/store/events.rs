@@ -12,9 +12,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
+use super::Object;
 use crate::clock::Clock;
 use crate::db::Db;
-use crate::store::Object;
 
 const CHANNEL: &str = "kvql_events";
 /// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
