@@ -8,10 +8,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
-if [ ! -x "$CHROMIUM" ] || ! command -v npm >/dev/null; then
-    echo "installing Debian's chromium, nodejs and npm"
+# Only what is missing: a Node.js from another source (NodeSource's bundles
+# npm) conflicts with Debian's npm package.
+missing=()
+[ -x "$CHROMIUM" ] || missing+=(chromium chromium-driver)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing Debian's ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver nodejs npm >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 "$CHROMIUM" --version 2>/dev/null
 
