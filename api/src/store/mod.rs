@@ -12,6 +12,7 @@
 
 mod cache;
 pub mod events;
+mod queue;
 mod read;
 mod sql;
 mod types;

@@ -11,12 +11,9 @@
 //! and key, so a lookup never sees another tenant's row.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
 
-use tokio::sync::{Mutex, mpsc, oneshot};
-
-use super::Object;
-use super::sql;
+use super::{Object, queue, sql};
 use crate::auth::TenantId;
 use crate::clock::Clock;
 use crate::db::Db;
@@ -39,27 +36,12 @@ pub(super) struct Reader {
 impl Reader {
     /// Starts `tasks` readers on `db`'s read pool.
     pub(super) fn start(db: Db, clock: Clock, tasks: usize) -> Reader {
-        let (tx, rx) = mpsc::channel::<Lookup>(4096);
-        let rx = Arc::new(Mutex::new(rx));
+        let (tx, rx) = queue::channel::<Lookup>(4096);
         let max = sql::max_rows_per_statement(db.backend);
         for _ in 0..tasks.max(1) {
             let (rx, db, clock) = (rx.clone(), db.clone(), clock.clone());
             tokio::spawn(async move {
-                loop {
-                    let batch = {
-                        let mut rx = rx.lock().await;
-                        let Some(first) = rx.recv().await else {
-                            break;
-                        };
-                        let mut batch = vec![first];
-                        while batch.len() < max {
-                            match rx.try_recv() {
-                                Ok(next) => batch.push(next),
-                                Err(_) => break,
-                            }
-                        }
-                        batch
-                    };
+                while let Some(batch) = rx.next_group(max, |_| 1).await {
                     answer(&db, clock.now_ms(), batch).await;
                 }
             });

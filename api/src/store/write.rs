@@ -323,31 +323,12 @@ impl Committer {
         after: AfterCommit,
         tasks: usize,
     ) -> Committer {
-        let (tx, rx) = mpsc::channel::<Queued>(4096);
-        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        let (tx, rx) = super::queue::channel::<Queued>(4096);
         let after = std::sync::Arc::new(after);
         for _ in 0..tasks.max(1) {
             let (rx, after, conn, clock) = (rx.clone(), after.clone(), conn.clone(), clock.clone());
             tokio::spawn(async move {
-                loop {
-                    let group = {
-                        let mut rx = rx.lock().await;
-                        let Some(first) = rx.recv().await else {
-                            break;
-                        };
-                        let mut ops = first.job.ops.len();
-                        let mut group = vec![first];
-                        while ops < MAX_GROUP_OPS {
-                            match rx.try_recv() {
-                                Ok(next) => {
-                                    ops += next.job.ops.len();
-                                    group.push(next);
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        group
-                    };
+                while let Some(group) = rx.next_group(MAX_GROUP_OPS, |q| q.job.ops.len()).await {
                     let jobs: Vec<&Job> = group.iter().map(|q| &q.job).collect();
                     let results = commit_group(&conn, &clock, &jobs).await;
                     for (q, result) in group.into_iter().zip(results) {
