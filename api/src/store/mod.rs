@@ -7,8 +7,9 @@
 //!
 //! Time is the server clock in Unix milliseconds, so expiry is exact to the
 //! millisecond. Writes go through committer tasks (group commit, see
-//! `write`). On SQLite reads go through a cache (see `cache`); on
-//! PostgreSQL, which several nodes share, straight to the pool.
+//! `write`). Point reads that the cache (SQLite only, see `cache`; on
+//! PostgreSQL several nodes write) cannot answer go through reader tasks
+//! (read coalescing, see `read`).
 
 mod cache;
 pub mod events;
