@@ -118,6 +118,16 @@ impl Cache {
     }
 
     /// Drops keys the sweeper removed (they were expired, so already invisible).
+    /// Drops `keys` of `tenant` whose writes may or may not have been
+    /// committed; reads already under way do not fill them back.
+    pub(super) fn uncertain<'a>(&self, tenant: i64, keys: impl Iterator<Item = &'a str>) {
+        let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
+        *seq += 1;
+        for key in keys {
+            self.map.invalidate(&(tenant, key.into()));
+        }
+    }
+
     pub(super) fn forget(&self, tenant: i64, key: &str) {
         self.map.invalidate(&(tenant, key.into()));
     }

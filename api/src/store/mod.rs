@@ -150,9 +150,18 @@ struct Inner {
 }
 
 /// Publishes a job's committed writes and records them in the cache.
-fn after_commit(events: &Events, cache: Option<&Cache>, tenant: TenantId, result: &JobResult) {
-    let Ok(results) = result else {
-        return;
+fn after_commit(events: &Events, cache: Option<&Cache>, job: &Job, result: &JobResult) {
+    let tenant = job.tenant;
+    let results = match result {
+        Ok(results) => results,
+        Err(ApiError::Internal(_)) => {
+            // A database failure: the job's writes may have been committed.
+            if let Some(cache) = cache {
+                cache.uncertain(tenant.get(), job.ops.iter().map(|(key, _)| key.as_str()));
+            }
+            return;
+        }
+        Err(_) => return,
     };
     let done = || results.iter().filter_map(|r| r.as_ref().ok());
     if let Some(cache) = cache {
@@ -204,9 +213,7 @@ impl Store {
             Committer::start(
                 db.write.clone(),
                 clock.clone(),
-                Box::new(move |tenant, result| {
-                    after_commit(&events, cache.as_deref(), tenant, result)
-                }),
+                Box::new(move |job, result| after_commit(&events, cache.as_deref(), job, result)),
                 if sqlite { 1 } else { POSTGRES_COMMITTERS },
             )
         };

@@ -74,11 +74,18 @@ async fn answer(db: &Db, now: i64, batch: Vec<Lookup>) {
             .1
             .push(lookup);
     }
+    // When the database cannot be reached, the other tenants' lookups fail
+    // at once instead of each waiting for the pool's timeout in turn.
+    let mut unreachable: Option<ApiError> = None;
     for (tenant, lookups) in by_tenant.into_values() {
         let mut keys: Vec<&str> = lookups.iter().map(|l| l.key.as_str()).collect();
         keys.sort_unstable();
         keys.dedup();
-        match sql::select_keys(db, tenant, &keys, now).await {
+        let found = match &unreachable {
+            Some(e) => Err(e.clone()),
+            None => sql::select_keys(db, tenant, &keys, now).await,
+        };
+        match found {
             Ok(found) => {
                 let found: HashMap<String, Object> =
                     found.into_iter().map(|o| (o.key.clone(), o)).collect();
@@ -87,6 +94,9 @@ async fn answer(db: &Db, now: i64, batch: Vec<Lookup>) {
                 }
             }
             Err(e) => {
+                if super::write::unreachable(&e) {
+                    unreachable = Some(e.clone());
+                }
                 for lookup in lookups {
                     let _ = lookup.reply.send(Err(e.clone()));
                 }

@@ -244,11 +244,25 @@ fn is_transient(err: &ApiError) -> bool {
         .is_some_and(|code| code == "40P01" || code == "40001")
 }
 
-/// Whether a failed `COMMIT` was refused by the database, which then rolled
-/// the transaction back. Any other failure (the connection broke) leaves
-/// the outcome unknown: the transaction may have been committed.
+/// Whether a failed `COMMIT` (or autocommitted statement) was refused by the
+/// database, which then rolled the transaction back. Any other failure
+/// leaves the outcome unknown: the connection broke, or PostgreSQL ended the
+/// session (SQLSTATE classes 08 connection, 57 operator intervention, 58
+/// system, XX internal), which it may do after committing locally.
 fn refused_by_database(err: &ApiError) -> bool {
-    sqlx_error(err).is_some_and(|e| e.as_database_error().is_some())
+    let Some(db) = sqlx_error(err).and_then(|e| e.as_database_error()) else {
+        return false;
+    };
+    let code = db.code();
+    let class = code.as_deref().filter(|c| c.len() == 5).map(|c| &c[..2]);
+    !matches!(class, Some("08" | "57" | "58" | "XX"))
+}
+
+/// Whether a failure came from reaching the database (no connection, the
+/// pool's timeout, a broken socket) rather than from what was asked of it:
+/// the next request would most likely fail the same way.
+pub(super) fn unreachable(err: &ApiError) -> bool {
+    sqlx_error(err).is_some_and(|e| e.as_database_error().is_none())
 }
 
 /// Times a job is tried when PostgreSQL keeps choosing it as a deadlock victim.
@@ -296,8 +310,9 @@ async fn run_alone_once(conn: &DatabaseConnection, job: &Job, now: i64) -> JobRe
 }
 
 /// Called by the committer after each commit, in commit order, before the
-/// writers hear back.
-pub(super) type AfterCommit = Box<dyn Fn(TenantId, &JobResult) + Send + Sync>;
+/// writers hear back; also for a job that failed, whose writes may or may
+/// not have been committed when the failure is a database error.
+pub(super) type AfterCommit = Box<dyn Fn(&Job, &JobResult) + Send + Sync>;
 
 struct Queued {
     job: Job,
@@ -332,7 +347,7 @@ impl Committer {
                     let jobs: Vec<&Job> = group.iter().map(|q| &q.job).collect();
                     let results = commit_group(&conn, &clock, &jobs).await;
                     for (q, result) in group.into_iter().zip(results) {
-                        after(q.job.tenant, &result);
+                        after(&q.job, &result);
                         let _ = q.reply.send(result);
                     }
                 }
@@ -366,6 +381,10 @@ async fn commit_group(conn: &DatabaseConnection, clock: &Clock, group: &[&Job]) 
             tracing::error!(error = ?e, jobs = group.len(), "group commit failed with an unknown outcome");
             group.iter().map(|_| Err(e.clone())).collect()
         }
+        GroupFailure::NotStarted(e) => {
+            tracing::error!(error = ?e, jobs = group.len(), "could not begin a group transaction");
+            group.iter().map(|_| Err(e.clone())).collect()
+        }
         GroupFailure::RolledBack(e) => {
             if is_transient(&e) {
                 tracing::debug!(
@@ -375,9 +394,15 @@ async fn commit_group(conn: &DatabaseConnection, clock: &Clock, group: &[&Job]) 
             } else {
                 tracing::warn!(error = ?e, jobs = group.len(), "group commit failed; retrying each write alone");
             }
-            let mut results = Vec::with_capacity(group.len());
+            let mut results: Vec<JobResult> = Vec::with_capacity(group.len());
             for job in group {
-                results.push(run_alone(conn, job, clock).await);
+                // When the database cannot be reached, the rest would each
+                // wait for the pool's timeout in turn: they fail at once.
+                let result = match results.last() {
+                    Some(Err(e)) if unreachable(e) => Err(e.clone()),
+                    _ => run_alone(conn, job, clock).await,
+                };
+                results.push(result);
             }
             results
         }
@@ -414,6 +439,8 @@ enum GroupFailure {
     RolledBack(ApiError),
     /// The commit failed without an answer from the database.
     Unknown(ApiError),
+    /// The transaction could not begin: nothing was written.
+    NotStarted(ApiError),
 }
 
 /// Runs several jobs in one transaction. Consecutive jobs that are not
@@ -438,10 +465,12 @@ async fn run_group(
             }
         });
     }
+    // A group that cannot even begin wrote nothing; its writes fail at once
+    // rather than each waiting for the pool again.
     let txn = conn
         .begin()
         .await
-        .map_err(|e| GroupFailure::RolledBack(e.into()))?;
+        .map_err(|e| GroupFailure::NotStarted(e.into()))?;
     match run_group_in(&txn, jobs, now).await {
         Ok(results) => match txn.commit().await {
             Ok(()) => Ok(results),
