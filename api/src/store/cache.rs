@@ -117,7 +117,6 @@ impl Cache {
         }
     }
 
-    /// Drops keys the sweeper removed (they were expired, so already invisible).
     /// Drops `keys` of `tenant` whose writes may or may not have been
     /// committed; reads already under way do not fill them back.
     pub(super) fn uncertain<'a>(&self, tenant: i64, keys: impl Iterator<Item = &'a str>) {
@@ -128,6 +127,7 @@ impl Cache {
         }
     }
 
+    /// Drops keys the sweeper removed (they were expired, so already invisible).
     pub(super) fn forget(&self, tenant: i64, key: &str) {
         self.map.invalidate(&(tenant, key.into()));
     }

@@ -100,12 +100,16 @@ pub struct BatchOutcome<T> {
 
 impl<T> BatchOutcome<T> {
     fn new(keys: Vec<String>, results: impl IntoIterator<Item = Result<T, ApiError>>) -> Self {
-        let items: Vec<BatchItem<T>> = keys
-            .into_iter()
-            .zip(results)
-            .enumerate()
-            .map(|(index, (key, result))| BatchItem { index, key, result })
-            .collect();
+        Self::counted(
+            keys.into_iter()
+                .zip(results)
+                .enumerate()
+                .map(|(index, (key, result))| BatchItem { index, key, result })
+                .collect(),
+        )
+    }
+
+    fn counted(items: Vec<BatchItem<T>>) -> Self {
         let succeeded = items.iter().filter(|i| i.result.is_ok()).count();
         BatchOutcome {
             failed: items.len() - succeeded,
@@ -116,12 +120,16 @@ impl<T> BatchOutcome<T> {
 
     /// The same items with each success turned into a `U` (or a failure).
     fn map<U>(self, f: impl Fn(T) -> Result<U, ApiError>) -> BatchOutcome<U> {
-        let (keys, results) = self
-            .items
-            .into_iter()
-            .map(|i| (i.key, i.result.and_then(&f)))
-            .unzip::<_, _, Vec<_>, Vec<_>>();
-        BatchOutcome::new(keys, results)
+        BatchOutcome::counted(
+            self.items
+                .into_iter()
+                .map(|i| BatchItem {
+                    index: i.index,
+                    key: i.key,
+                    result: i.result.and_then(&f),
+                })
+                .collect(),
+        )
     }
 }
 

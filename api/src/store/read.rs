@@ -2,9 +2,8 @@
 //!
 //! A `get` that the cache cannot answer queues its (tenant, key). A few
 //! reader tasks share the queue; each takes every lookup waiting at that
-//! moment and asks for all of them in one statement per tenant (`"key" =
-//! ANY($2)` on PostgreSQL, `"key" IN (SELECT value FROM json_each(?))` on
-//! SQLite), then answers each caller. Under load one round trip to the
+//! moment and asks for all of them in one statement per tenant (see
+//! `sql::select_keys`), then answers each caller. Under load one round trip to the
 //! database (or on SQLite one hop to its worker thread) serves many
 //! requests; a lone request waits for nothing, as its batch is itself. A
 //! statement only ever names one tenant, and answers are matched by tenant

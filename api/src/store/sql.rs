@@ -108,6 +108,7 @@ pub(super) async fn select_keys(
     now: i64,
 ) -> Result<Vec<Object>, ApiError> {
     use sea_orm::sqlx::{self, AssertSqlSafe, Row};
+    use std::sync::LazyLock;
     let fail = |e: sqlx::Error| {
         ApiError::internal(anyhow::Error::new(DbErr::Query(
             sea_orm::RuntimeErr::SqlxError(e.into()),
@@ -133,18 +134,28 @@ pub(super) async fn select_keys(
                 .map_err(fail)
         };
     }
+    // Built once: this runs for every batch of GETs.
+    static POSTGRES: LazyLock<String> = LazyLock::new(|| {
+        // One index probe per key whatever the statistics say: a subquery
+        // with LIMIT is never flattened into a join, so the planner cannot
+        // trade the probes for a scan of the tenant.
+        format!(
+            r#"SELECT o.* FROM unnest($2::text[]) AS wanted(k), LATERAL (
+                 SELECT {COLUMNS}, data::text AS data FROM object
+                 WHERE tenant_id = $1 AND "key" = wanted.k AND {} LIMIT 1) AS o"#,
+            live("$3")
+        )
+    });
+    static SQLITE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            r#"SELECT {COLUMNS}, data FROM object
+               WHERE tenant_id = ?1 AND "key" IN (SELECT value FROM json_each(?2)) AND {}"#,
+            live("?3")
+        )
+    });
     match db.backend {
         DatabaseBackend::Postgres => {
-            // One index probe per key whatever the statistics say: a
-            // subquery with LIMIT is never flattened into a join, so the
-            // planner cannot trade the probes for a scan of the tenant.
-            let text = format!(
-                r#"SELECT o.* FROM unnest($2::text[]) AS wanted(k), LATERAL (
-                     SELECT {COLUMNS}, data::text AS data FROM object
-                     WHERE tenant_id = $1 AND "key" = wanted.k AND {} LIMIT 1) AS o"#,
-                live("$3")
-            );
-            let rows = sqlx::query(AssertSqlSafe(text))
+            let rows = sqlx::query(AssertSqlSafe(POSTGRES.as_str()))
                 .bind(tenant.get())
                 .bind(keys)
                 .bind(now)
@@ -154,14 +165,9 @@ pub(super) async fn select_keys(
             objects!(rows)
         }
         _ => {
-            let text = format!(
-                r#"SELECT {COLUMNS}, data FROM object
-                   WHERE tenant_id = ?1 AND "key" IN (SELECT value FROM json_each(?2)) AND {}"#,
-                live("?3")
-            );
             let keys = serde_json::to_string(keys)
                 .map_err(|e| ApiError::internal(anyhow::Error::new(e)))?;
-            let rows = sqlx::query(AssertSqlSafe(text))
+            let rows = sqlx::query(AssertSqlSafe(SQLITE.as_str()))
                 .bind(tenant.get())
                 .bind(keys)
                 .bind(now)

@@ -377,12 +377,8 @@ async fn commit_group(conn: &DatabaseConnection, clock: &Clock, group: &[&Job]) 
         Err(failure) => failure,
     };
     match failure {
-        GroupFailure::Unknown(e) => {
-            tracing::error!(error = ?e, jobs = group.len(), "group commit failed with an unknown outcome");
-            group.iter().map(|_| Err(e.clone())).collect()
-        }
-        GroupFailure::NotStarted(e) => {
-            tracing::error!(error = ?e, jobs = group.len(), "could not begin a group transaction");
+        GroupFailure::Unknown(e) | GroupFailure::NotStarted(e) => {
+            tracing::error!(error = ?e, jobs = group.len(), "group commit failed; its writes are not run again");
             group.iter().map(|_| Err(e.clone())).collect()
         }
         GroupFailure::RolledBack(e) => {
@@ -443,6 +439,18 @@ enum GroupFailure {
     NotStarted(ApiError),
 }
 
+impl GroupFailure {
+    /// A failed `COMMIT`, or autocommitted statement: rolled back if the
+    /// database refused it, else of unknown outcome.
+    fn at_commit(e: ApiError) -> Self {
+        if refused_by_database(&e) {
+            GroupFailure::RolledBack(e)
+        } else {
+            GroupFailure::Unknown(e)
+        }
+    }
+}
+
 /// Runs several jobs in one transaction. Consecutive jobs that are not
 /// atomic are applied as one sequence of operations, so that their writes
 /// share multi-row statements; an atomic job runs on its own savepoint.
@@ -457,13 +465,9 @@ async fn run_group(
     ) {
         // A single statement is atomic on its own: no BEGIN and COMMIT,
         // two round trips (or SQLite worker hops) fewer.
-        return run_group_in(conn, jobs, now).await.map_err(|e| {
-            if refused_by_database(&e) {
-                GroupFailure::RolledBack(e)
-            } else {
-                GroupFailure::Unknown(e)
-            }
-        });
+        return run_group_in(conn, jobs, now)
+            .await
+            .map_err(GroupFailure::at_commit);
     }
     // A group that cannot even begin wrote nothing; its writes fail at once
     // rather than each waiting for the pool again.
@@ -474,14 +478,7 @@ async fn run_group(
     match run_group_in(&txn, jobs, now).await {
         Ok(results) => match txn.commit().await {
             Ok(()) => Ok(results),
-            Err(e) => {
-                let e = ApiError::from(e);
-                Err(if refused_by_database(&e) {
-                    GroupFailure::RolledBack(e)
-                } else {
-                    GroupFailure::Unknown(e)
-                })
-            }
+            Err(e) => Err(GroupFailure::at_commit(e.into())),
         },
         Err(e) => {
             let _ = txn.rollback().await;
