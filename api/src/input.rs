@@ -7,6 +7,8 @@
 //! - GraphQL documents: nesting depth of `{`, `[` and `(` (selections,
 //!   literals, arguments, variable defaults), and the same integer rule.
 
+use async_graphql_value::RAW_VALUE_TOKEN;
+
 use crate::error::ApiError;
 
 /// Most nesting levels accepted in JSON and in GraphQL documents when not
@@ -25,7 +27,20 @@ pub fn check_json(bytes: &[u8], max_depth: usize, what: &str) -> Result<(), ApiE
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'"' => i = skip_json_string(bytes, i + 1),
+            b'"' => {
+                let end = skip_json_string(bytes, i + 1);
+                if is_raw_value_token(&bytes[i..end.min(bytes.len())]) && is_key(bytes, end) {
+                    return Err(ApiError::InvalidInput {
+                        field: None,
+                        message: format!(
+                            "the {what} has an object key `{RAW_VALUE_TOKEN}`: the JSON \
+                             library reserves it (it would read the object as other JSON), \
+                             so kvql refuses it"
+                        ),
+                    });
+                }
+                i = end;
+            }
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max_depth {
@@ -126,6 +141,30 @@ fn too_deep(what: &str, max_depth: usize) -> ApiError {
     }
 }
 
+/// Whether the quoted string `quoted` (quotes included) is serde_json's
+/// raw-value token, written plainly or with escapes. serde_json (with its
+/// `raw_value` feature, which sqlx turns on) does not read it as a key: an
+/// object whose first key it is becomes the JSON text of its value, so
+/// `{"<token>": "[1]"}` would be stored as `[1]`.
+fn is_raw_value_token(quoted: &[u8]) -> bool {
+    let inner = quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or(&[]);
+    if inner == RAW_VALUE_TOKEN.as_bytes() {
+        return true;
+    }
+    // Escapes make it longer; at most six bytes per character (`\u0024`).
+    inner.contains(&b'\\')
+        && inner.len() <= RAW_VALUE_TOKEN.len() * 6
+        && serde_json::from_slice::<String>(quoted).is_ok_and(|s| s == RAW_VALUE_TOKEN)
+}
+
+/// Whether the string ending before `end` is an object key: a colon follows.
+fn is_key(bytes: &[u8], end: usize) -> bool {
+    bytes
+        .get(end..)
+        .and_then(|rest| rest.iter().find(|b| !b.is_ascii_whitespace()))
+        == Some(&b':')
+}
+
 /// The index after the string whose content starts at `i` (after its quote).
 fn skip_json_string(bytes: &[u8], mut i: usize) -> usize {
     while i < bytes.len() {
@@ -219,6 +258,28 @@ mod tests {
         // A million brackets: refused without recursion.
         let huge = "[".repeat(1_000_000);
         assert!(check_json(huge.as_bytes(), 64, "body").is_err());
+    }
+
+    #[test]
+    fn the_raw_value_token_is_refused_as_a_key_in_any_spelling() {
+        for bad in [
+            r#"{"$serde_json::private::RawValue": "[1]"}"#,
+            r#"[{"a": 1, "$serde_json::private::RawValue" : 2}]"#,
+            r#"{"\u0024serde_json::private::RawValue":"1"}"#,
+            r#"{"$serde_json::private::RawValu\u0065":"1"}"#,
+        ] {
+            let err = check_json(bad.as_bytes(), 64, "body").unwrap_err();
+            assert_eq!(err.code(), "INVALID_INPUT", "{bad}");
+            assert!(err.to_string().contains("RawValue"), "{err}");
+        }
+        for ok in [
+            r#"{"v": "$serde_json::private::RawValue"}"#,
+            r#"["$serde_json::private::RawValue", 1]"#,
+            r#"{"$serde_json::private::RawValue2": 1, "x\"": 2}"#,
+            r#"{"\u0024serde_json": 1}"#,
+        ] {
+            assert!(check_json(ok.as_bytes(), 64, "body").is_ok(), "{ok}");
+        }
     }
 
     #[test]
