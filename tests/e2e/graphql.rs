@@ -586,3 +586,88 @@ async fn kv_object_ids_are_the_key_across_every_read_and_write() {
     assert_eq!(data["p"]["results"][0]["object"]["id"], id.as_str());
     assert_eq!(data["p"]["results"][0]["object"]["version"], "3");
 }
+
+#[tokio::test]
+async fn every_kind_of_json_value_reads_back_through_graphql_as_stored() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let t = Some(u.token.as_str());
+    let values = [
+        json!({"b": 1, "a": [true, false, null], "nested": {"z": {"y": []}, "e": {}}}),
+        json!([
+            1,
+            -2,
+            3.5,
+            1e300,
+            18446744073709551615u64,
+            -9223372036854775808i64
+        ]),
+        json!("quotes \" backslash \\ newline \n tab \t unicode é ✓ 😀 \u{0001}"),
+        json!(0),
+        json!(false),
+        json!(""),
+        json!({"": "empty key", "$": "dollar", "a:b": "colon"}),
+    ];
+    for (i, v) in values.iter().enumerate() {
+        let key = format!("v/{i}");
+        app.put(&object_path(&key), t, &json!({ "data": v })).await;
+        let rest = app.read(&u, &key).await.body["data"].clone();
+        assert_eq!(&rest, v, "REST reads back value {i}");
+        let one = app.gql(t, GET, json!({"key": key})).await;
+        assert_eq!(&one.gql_data()["object"]["data"], v, "object, value {i}");
+        let many = app
+            .gql(
+                t,
+                "query($k: [String!]!) { objects(keys: $k) { data } }",
+                json!({"k": [key]}),
+            )
+            .await;
+        assert_eq!(
+            &many.gql_data()["objects"][0]["data"],
+            v,
+            "objects, value {i}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_is_neither_an_operation_nor_a_batch_is_a_400_and_runs_nothing() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let create = r#"{"query":"mutation { createObject(input: {key: \"x\", data: 1}) { key } }"}"#;
+    for body in [
+        "\"a string\"".to_owned(),
+        "42".to_owned(),
+        "[]".to_owned(),
+        format!("[{create}, 5]"),
+        format!("  \n[{create}"),
+    ] {
+        let r = app
+            .send(
+                app.request(reqwest::Method::POST, "/graphql", Some(u.token.as_str()))
+                    .header("content-type", "application/json")
+                    .body(body.clone()),
+            )
+            .await;
+        r.assert_error(400, "INVALID_INPUT");
+    }
+    assert_eq!(app.read(&u, "x").await.status, 404, "nothing was created");
+    // The same operation, alone and as a one-element batch after whitespace, runs.
+    for (body, key) in [
+        (create.to_owned(), "x"),
+        (
+            format!(" \t[{}]", create.replace("\\\"x\\\"", "\\\"y\\\"")),
+            "y",
+        ),
+    ] {
+        let r = app
+            .send(
+                app.request(reqwest::Method::POST, "/graphql", Some(u.token.as_str()))
+                    .header("content-type", "application/json")
+                    .body(body),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(app.read(&u, key).await.status, 200);
+    }
+}

@@ -160,14 +160,22 @@ pub(super) async fn read_post(
         });
     }
     input::check_json(&bytes, max_depth, "GraphQL request")?;
-    let batch =
-        serde_json::from_slice::<BatchRequest>(&bytes).map_err(|e| ApiError::InvalidInput {
-            field: None,
-            message: format!(
-                "the body is not a GraphQL request (an object with a string `query`, \
-                 or an array of them): {e}"
-            ),
-        })?;
+    // A batch is an array: the first byte decides, so the body is read once
+    // into its type (serde's untagged `BatchRequest` first copies it whole
+    // into a generic tree, then tries each form).
+    let is_batch = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    let batch = if is_batch {
+        serde_json::from_slice::<Vec<async_graphql::Request>>(&bytes).map(BatchRequest::Batch)
+    } else {
+        serde_json::from_slice::<async_graphql::Request>(&bytes).map(BatchRequest::Single)
+    }
+    .map_err(|e| ApiError::InvalidInput {
+        field: None,
+        message: format!(
+            "the body is not a GraphQL request (an object with a string `query`, \
+             or an array of them): {e}"
+        ),
+    })?;
     check_batch(batch, max_batch)
 }
 

@@ -3,8 +3,13 @@
 
 use async_graphql::{
     ComplexObject, Enum, ID, InputObject, InputValueError, InputValueResult, Json, MaybeUndefined,
-    Object, Scalar, ScalarType, SimpleObject, Value,
+    Object, OutputType, Positioned, Scalar, ScalarType, ServerResult, SimpleObject, Value,
 };
+use async_graphql::{ContextSelectionSet, parser::types::Field, registry::Registry};
+use async_graphql::{Name, indexmap::IndexMap};
+use async_graphql_value::RAW_VALUE_TOKEN;
+use std::borrow::Cow;
+use std::sync::{Arc, LazyLock};
 
 use crate::clock::rfc3339;
 use crate::error::ApiError;
@@ -59,6 +64,35 @@ impl ScalarType for DateTime {
 /// A value stored under a key of your tenant.
 pub struct KvObject(pub store::Object);
 
+/// A stored value on its way out, as the `JSON` scalar. Its JSON text goes
+/// into the answer as it is, not parsed into a tree of values and written
+/// out again: async-graphql's `raw_value` writes an object whose only entry
+/// is serde_json's raw-value token as that entry's text. Clients cannot
+/// send that token as a key (`input::check_json` refuses it), so only this
+/// type makes such objects.
+pub struct StoredJson(Arc<str>);
+
+impl OutputType for StoredJson {
+    fn type_name() -> Cow<'static, str> {
+        <Json<serde_json::Value> as OutputType>::type_name()
+    }
+
+    fn create_type_info(registry: &mut Registry) -> String {
+        <Json<serde_json::Value> as OutputType>::create_type_info(registry)
+    }
+
+    async fn resolve(
+        &self,
+        _ctx: &ContextSelectionSet<'_>,
+        _field: &Positioned<Field>,
+    ) -> ServerResult<Value> {
+        static RAW: LazyLock<Name> = LazyLock::new(|| Name::new(RAW_VALUE_TOKEN));
+        let mut raw = IndexMap::with_capacity(1);
+        raw.insert(RAW.clone(), Value::String(self.0.to_string()));
+        Ok(Value::Object(raw))
+    }
+}
+
 /// A value stored under a key of your tenant.
 #[Object]
 impl KvObject {
@@ -78,11 +112,8 @@ impl KvObject {
     }
 
     /// The stored JSON value; null when the value is JSON `null`.
-    async fn data(&self) -> Option<Json<serde_json::Value>> {
-        match self.0.data_json() {
-            serde_json::Value::Null => None,
-            v => Some(Json(v)),
-        }
+    async fn data(&self) -> Option<StoredJson> {
+        (&*self.0.data != "null").then(|| StoredJson(self.0.data.clone()))
     }
 
     /// Starts at 1 when the key is created and grows by one on every write.
