@@ -239,6 +239,13 @@ pub async fn hashing<T: Send + 'static>(
     run_hashing(permit, work).await.map_err(anyhow::Error::msg)
 }
 
+/// Called on the hashing thread after each hash, when set: gives the
+/// hash's memory (19 MiB for argon2's defaults) back to the operating
+/// system. A blocking thread may sit idle for seconds after a hash, and an
+/// allocator that purges lazily would keep the memory until it runs again.
+/// The binary sets it for its allocator.
+pub static RELEASE_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
 /// Runs `work` on the blocking pool holding `permit` until it ends, even
 /// when the request that started it is dropped (a client that hangs up must
 /// not free a slot while its computation still runs).
@@ -248,7 +255,11 @@ async fn run_hashing<T: Send + 'static>(
 ) -> Result<T, String> {
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        work()
+        let out = work();
+        if let Some(release) = RELEASE_MEMORY.get() {
+            release();
+        }
+        out
     })
     .await
     .map_err(|e| format!("hashing task failed: {e}"))
