@@ -28,6 +28,9 @@ pub struct Db {
     pub read: DatabaseConnection,
     pub write: DatabaseConnection,
     pub backend: DatabaseBackend,
+    /// The SQLite database file, for connections outside sqlx's pools (the
+    /// store's readers); `None` on PostgreSQL.
+    pub sqlite_file: Option<std::path::PathBuf>,
 }
 
 impl Db {
@@ -58,6 +61,7 @@ impl Db {
                 read,
                 write,
                 backend: DatabaseBackend::Sqlite,
+                sqlite_file: sqlite_path(url),
             })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let mut opts = ConnectOptions::new(url);
@@ -74,6 +78,7 @@ impl Db {
                 read: pool.clone(),
                 write: pool,
                 backend: DatabaseBackend::Postgres,
+                sqlite_file: None,
             })
         } else {
             anyhow::bail!(

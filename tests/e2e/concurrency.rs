@@ -333,3 +333,40 @@ async fn mixed_writers_over_the_same_keys_in_opposite_orders_lose_nothing() {
         assert_eq!(app.read(&u, key).await.body["version"], 6, "{key}");
     }
 }
+
+/// With the read cache off every GET goes through the readers (on SQLite,
+/// threads with their own connections): a read that starts after a write was
+/// acknowledged sees that write, also while other writers and readers run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_cache_off_a_read_after_an_acknowledged_write_sees_it() {
+    let app = TestApp::spawn_with(|c| c.cache_bytes = 0).await;
+    let u = app.writer().await;
+    let (app, u) = (&app, &u);
+    let writers = (0..8).map(|w| async move {
+        let key = format!("rw/{w}");
+        for n in 1..=25 {
+            let put = app
+                .put(
+                    &object_path(&key),
+                    Some(&u.token),
+                    &json!({"data": {"n": n}}),
+                )
+                .await;
+            assert!(put.status == 200 || put.status == 201, "{}", put.text);
+            let read = app.read(u, &key).await;
+            assert_eq!(read.status, 200, "{}", read.text);
+            assert_eq!(
+                read.body["version"], n,
+                "{key}: the read saw an older write"
+            );
+            assert_eq!(read.body["data"], json!({"n": n}));
+            app.read(u, &format!("rw/missing/{w}"))
+                .await
+                .assert_error(404, "NOT_FOUND");
+        }
+    });
+    join_all(writers).await;
+    let deleted = app.delete(&object_path("rw/0"), Some(&u.token)).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text);
+    app.read(u, "rw/0").await.assert_error(404, "NOT_FOUND");
+}

@@ -1,5 +1,5 @@
-//! The queue shared by a few worker tasks (committers, readers), each of
-//! which takes everything waiting at once.
+//! The queue shared by a few workers (committers, readers), each of which
+//! takes everything waiting at once.
 
 use std::sync::Arc;
 
@@ -30,17 +30,40 @@ impl<T> Shared<T> {
     ) -> Option<Vec<T>> {
         let mut rx = self.0.lock().await;
         let first = rx.recv().await?;
-        let mut total = weight(&first);
-        let mut group = vec![first];
-        while total < max {
-            match rx.try_recv() {
-                Ok(next) => {
-                    total += weight(&next);
-                    group.push(next);
-                }
-                Err(_) => break,
-            }
-        }
-        Some(group)
+        Some(take_waiting(&mut rx, first, max, weight))
     }
+
+    /// [`Shared::next_group`] for a worker on a thread of its own, outside
+    /// the async runtime.
+    pub(super) fn blocking_next_group(
+        &self,
+        max: usize,
+        weight: impl Fn(&T) -> usize,
+    ) -> Option<Vec<T>> {
+        let mut rx = self.0.blocking_lock();
+        let first = rx.blocking_recv()?;
+        Some(take_waiting(&mut rx, first, max, weight))
+    }
+}
+
+/// `first` and the items waiting behind it, until their total `weight`
+/// reaches `max`.
+fn take_waiting<T>(
+    rx: &mut mpsc::Receiver<T>,
+    first: T,
+    max: usize,
+    weight: impl Fn(&T) -> usize,
+) -> Vec<T> {
+    let mut total = weight(&first);
+    let mut group = vec![first];
+    while total < max {
+        match rx.try_recv() {
+            Ok(next) => {
+                total += weight(&next);
+                group.push(next);
+            }
+            Err(_) => break,
+        }
+    }
+    group
 }

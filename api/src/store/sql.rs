@@ -1,6 +1,9 @@
 //! The SQL of the store, written once for both backends: `$n` parameters,
 //! `ON CONFLICT` and `RETURNING` work on SQLite and PostgreSQL alike.
 
+use std::path::Path;
+use std::sync::LazyLock;
+
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, QueryResult, Statement, Value};
 
 use super::types::{Data, Expect, Key};
@@ -100,42 +103,21 @@ pub(super) fn expired(table: &str, now: &str) -> String {
 }
 
 /// The live objects of `tenant` under `keys` (distinct), in one statement,
-/// straight on sqlx: the hot path of point reads (see `read`).
-pub(super) async fn select_keys(
+/// straight on sqlx: the hot path of point reads on PostgreSQL (see `read`).
+pub(super) async fn select_keys_postgres(
     db: &Db,
     tenant: TenantId,
     keys: &[&str],
     now: i64,
 ) -> Result<Vec<Object>, ApiError> {
     use sea_orm::sqlx::{self, AssertSqlSafe, Row};
-    use std::sync::LazyLock;
     let fail = |e: sqlx::Error| {
         ApiError::internal(anyhow::Error::new(DbErr::Query(
             sea_orm::RuntimeErr::SqlxError(e.into()),
         )))
     };
-    // The same decoding for both backends' rows.
-    macro_rules! objects {
-        ($rows:expr) => {
-            $rows
-                .iter()
-                .map(|r| {
-                    Ok(object_from_parts(
-                        r.try_get("key")?,
-                        r.try_get("data")?,
-                        r.try_get("version")?,
-                        r.try_get("expires_at")?,
-                        r.try_get("created_at")?,
-                        r.try_get("updated_at")?,
-                        now,
-                    ))
-                })
-                .collect::<Result<Vec<Object>, sqlx::Error>>()
-                .map_err(fail)
-        };
-    }
     // Built once: this runs for every batch of GETs.
-    static POSTGRES: LazyLock<String> = LazyLock::new(|| {
+    static STATEMENT: LazyLock<String> = LazyLock::new(|| {
         // One index probe per key whatever the statistics say: a subquery
         // with LIMIT is never flattened into a join, so the planner cannot
         // trade the probes for a scan of the tenant.
@@ -146,37 +128,76 @@ pub(super) async fn select_keys(
             live("$3")
         )
     });
-    static SQLITE: LazyLock<String> = LazyLock::new(|| {
+    let rows = sqlx::query(AssertSqlSafe(STATEMENT.as_str()))
+        .bind(tenant.get())
+        .bind(keys)
+        .bind(now)
+        .fetch_all(db.read.get_postgres_connection_pool())
+        .await
+        .map_err(fail)?;
+    rows.iter()
+        .map(|r| {
+            Ok(object_from_parts(
+                r.try_get("key")?,
+                r.try_get("data")?,
+                r.try_get("version")?,
+                r.try_get("expires_at")?,
+                r.try_get("created_at")?,
+                r.try_get("updated_at")?,
+                now,
+            ))
+        })
+        .collect::<Result<Vec<Object>, sqlx::Error>>()
+        .map_err(fail)
+}
+
+/// A connection of one of the SQLite reader threads (see `read`): its own
+/// connection to the database file, outside sqlx's pool, so that a batch of
+/// GETs costs no hop to a pool's worker thread. It only reads; in WAL mode
+/// each statement sees every write committed before it began.
+pub(super) fn open_sqlite_reader(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "query_only", true)?;
+    Ok(conn)
+}
+
+/// [`select_keys_postgres`] on SQLite, on a reader thread's connection.
+pub(super) fn select_keys_sqlite(
+    conn: &rusqlite::Connection,
+    tenant: TenantId,
+    keys: &[&str],
+    now: i64,
+) -> Result<Vec<Object>, ApiError> {
+    static STATEMENT: LazyLock<String> = LazyLock::new(|| {
         format!(
             r#"SELECT {COLUMNS}, data FROM object
                WHERE tenant_id = ?1 AND "key" IN (SELECT value FROM json_each(?2)) AND {}"#,
             live("?3")
         )
     });
-    match db.backend {
-        DatabaseBackend::Postgres => {
-            let rows = sqlx::query(AssertSqlSafe(POSTGRES.as_str()))
-                .bind(tenant.get())
-                .bind(keys)
-                .bind(now)
-                .fetch_all(db.read.get_postgres_connection_pool())
-                .await
-                .map_err(fail)?;
-            objects!(rows)
-        }
-        _ => {
-            let keys = serde_json::to_string(keys)
-                .map_err(|e| ApiError::internal(anyhow::Error::new(e)))?;
-            let rows = sqlx::query(AssertSqlSafe(SQLITE.as_str()))
-                .bind(tenant.get())
-                .bind(keys)
-                .bind(now)
-                .fetch_all(db.read.get_sqlite_connection_pool())
-                .await
-                .map_err(fail)?;
-            objects!(rows)
-        }
-    }
+    let fail = |e: rusqlite::Error| ApiError::internal(anyhow::Error::new(e));
+    let keys =
+        serde_json::to_string(keys).map_err(|e| ApiError::internal(anyhow::Error::new(e)))?;
+    let mut statement = conn.prepare_cached(&STATEMENT).map_err(fail)?;
+    let rows = statement
+        .query_map(rusqlite::params![tenant.get(), keys, now], |r| {
+            Ok(object_from_parts(
+                r.get("key")?,
+                r.get("data")?,
+                r.get("version")?,
+                r.get("expires_at")?,
+                r.get("created_at")?,
+                r.get("updated_at")?,
+                now,
+            ))
+        })
+        .map_err(fail)?;
+    rows.collect::<Result<Vec<Object>, _>>().map_err(fail)
 }
 
 fn object_from_parts(
