@@ -102,6 +102,22 @@ pub(super) fn expired(table: &str, now: &str) -> String {
     format!("{table}expires_at IS NOT NULL AND {table}expires_at <= {now}")
 }
 
+/// An [`Object`] from a row of [`COLUMNS`] plus `data`, read with the
+/// driver's by-name getter (`row.try_get` on sqlx, `row.get` on rusqlite).
+macro_rules! object_from_columns {
+    ($row:ident . $get:ident, $now:expr) => {
+        object_from_parts(
+            $row.$get("key")?,
+            $row.$get("data")?,
+            $row.$get("version")?,
+            $row.$get("expires_at")?,
+            $row.$get("created_at")?,
+            $row.$get("updated_at")?,
+            $now,
+        )
+    };
+}
+
 /// The live objects of `tenant` under `keys` (distinct), in one statement,
 /// straight on sqlx: the hot path of point reads on PostgreSQL (see `read`).
 pub(super) async fn select_keys_postgres(
@@ -136,17 +152,7 @@ pub(super) async fn select_keys_postgres(
         .await
         .map_err(fail)?;
     rows.iter()
-        .map(|r| {
-            Ok(object_from_parts(
-                r.try_get("key")?,
-                r.try_get("data")?,
-                r.try_get("version")?,
-                r.try_get("expires_at")?,
-                r.try_get("created_at")?,
-                r.try_get("updated_at")?,
-                now,
-            ))
-        })
+        .map(|r| Ok(object_from_columns!(r.try_get, now)))
         .collect::<Result<Vec<Object>, sqlx::Error>>()
         .map_err(fail)
 }
@@ -186,15 +192,7 @@ pub(super) fn select_keys_sqlite(
     let mut statement = conn.prepare_cached(&STATEMENT).map_err(fail)?;
     let rows = statement
         .query_map(rusqlite::params![tenant.get(), keys, now], |r| {
-            Ok(object_from_parts(
-                r.get("key")?,
-                r.get("data")?,
-                r.get("version")?,
-                r.get("expires_at")?,
-                r.get("created_at")?,
-                r.get("updated_at")?,
-                now,
-            ))
+            Ok(object_from_columns!(r.get, now))
         })
         .map_err(fail)?;
     rows.collect::<Result<Vec<Object>, _>>().map_err(fail)
