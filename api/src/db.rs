@@ -41,14 +41,14 @@ impl Db {
             let write = Database::connect(sqlite_options(url, 1, args.sqlite_synchronous))
                 .await
                 .with_context(|| format!("cannot open {}", args.redacted_url()))?;
-            if !has_a_file(&write).await? {
+            let Some(file) = main_file(&write).await? else {
                 anyhow::bail!(
                     "in-memory SQLite ({}) is not supported: kvql's reader and writer \
                      connections would each get a database of their own; use a file \
                      such as sqlite://kvql.db?mode=rwc",
                     args.redacted_url()
                 );
-            }
+            };
             // The writer has created the file and switched it to WAL; readers may now open it.
             let read = Database::connect(sqlite_options(
                 url,
@@ -61,7 +61,7 @@ impl Db {
                 read,
                 write,
                 backend: DatabaseBackend::Sqlite,
-                sqlite_file: sqlite_path(url),
+                sqlite_file: Some(file),
             })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let mut opts = ConnectOptions::new(url);
@@ -141,9 +141,10 @@ impl Db {
     }
 }
 
-/// Whether a SQLite connection's main database lives in a file, whatever
-/// the URL's spelling (`:memory:`, `mode=memory`, `vfs=memdb`...).
-async fn has_a_file(conn: &DatabaseConnection) -> anyhow::Result<bool> {
+/// The file of a SQLite connection's main database as SQLite opened it (the
+/// URL's path decoded, made absolute), or `None` when it is in memory,
+/// whatever the URL's spelling (`:memory:`, `mode=memory`, `vfs=memdb`...).
+async fn main_file(conn: &DatabaseConnection) -> anyhow::Result<Option<std::path::PathBuf>> {
     let rows = conn
         .query_all_raw(sea_orm::Statement::from_string(
             DatabaseBackend::Sqlite,
@@ -154,10 +155,10 @@ async fn has_a_file(conn: &DatabaseConnection) -> anyhow::Result<bool> {
         let name: String = row.try_get("", "name")?;
         if name == "main" {
             let file: String = row.try_get("", "file").unwrap_or_default();
-            return Ok(!file.is_empty());
+            return Ok((!file.is_empty()).then(|| file.into()));
         }
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// The path of a SQLite database URL's file, if it names one.
@@ -166,7 +167,14 @@ fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next().unwrap_or("");
-    (!path.is_empty() && !path.starts_with(":memory:")).then(|| path.into())
+    if path.is_empty() || path.starts_with(":memory:") {
+        return None;
+    }
+    // As sqlx reads it: percent-decoded, so that `?` and `#` can be in a name.
+    let decoded = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .ok()?;
+    Some(decoded.as_ref().into())
 }
 
 /// On SQLite, one kvql server owns the database file: its write queue and
@@ -233,6 +241,10 @@ mod tests {
             Some("kvql.db".into())
         );
         assert_eq!(sqlite_path("sqlite:///tmp/a.db"), Some("/tmp/a.db".into()));
+        assert_eq!(
+            sqlite_path("sqlite:///tmp/a%20b%3F.db?mode=rwc"),
+            Some("/tmp/a b?.db".into())
+        );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
         assert_eq!(sqlite_path("postgres://h/db"), None);
     }

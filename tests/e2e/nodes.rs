@@ -231,3 +231,35 @@ async fn two_nodes_writing_the_same_keys_in_opposite_orders_lose_nothing() {
         assert_eq!(r.body["version"], 2 * ROUNDS, "{key}: {}", r.text);
     }
 }
+
+/// sqlx percent-decodes the path of a SQLite URL; the readers' own
+/// connections open the file SQLite itself reports, so they read the same
+/// database whatever the URL's spelling.
+#[tokio::test]
+#[cfg_attr(
+    kvql_test_postgres,
+    ignore = "SQLite only: the file of a percent-encoded sqlite:// URL"
+)]
+async fn a_sqlite_url_with_percent_escapes_serves_reads_that_miss_the_cache() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("kv%20ql%25.db").display()
+    );
+    let app = TestApp::spawn_with(|c| {
+        c.database.database_url = url;
+        c.cache_bytes = 0;
+    })
+    .await;
+    assert!(
+        dir.path().join("kv ql%.db").exists(),
+        "sqlx decodes the path"
+    );
+    let u = app.writer().await;
+    let created = app.create(&u, "k", json!({"a": 1}), None).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let read = app.read(&u, "k").await;
+    assert_eq!(read.status, 200, "{}", read.text);
+    assert_eq!(read.body["data"], json!({"a": 1}));
+    app.read(&u, "missing").await.assert_error(404, "NOT_FOUND");
+}
