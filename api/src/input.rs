@@ -29,7 +29,7 @@ pub fn check_json(bytes: &[u8], max_depth: usize, what: &str) -> Result<(), ApiE
         match bytes[i] {
             b'"' => {
                 let end = skip_json_string(bytes, i + 1);
-                if is_raw_value_token(&bytes[i..end.min(bytes.len())]) && is_key(bytes, end) {
+                if is_key(bytes, end) && is_raw_value_token(&bytes[i..end.min(bytes.len())]) {
                     return Err(ApiError::InvalidInput {
                         field: None,
                         message: format!(
@@ -152,8 +152,8 @@ fn is_raw_value_token(quoted: &[u8]) -> bool {
         return true;
     }
     // Escapes make it longer; at most six bytes per character (`\u0024`).
-    inner.contains(&b'\\')
-        && inner.len() <= RAW_VALUE_TOKEN.len() * 6
+    inner.len() <= RAW_VALUE_TOKEN.len() * 6
+        && inner.contains(&b'\\')
         && serde_json::from_slice::<String>(quoted).is_ok_and(|s| s == RAW_VALUE_TOKEN)
 }
 

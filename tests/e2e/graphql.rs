@@ -642,13 +642,7 @@ async fn a_body_that_is_neither_an_operation_nor_a_batch_is_a_400_and_runs_nothi
         format!("[{create}, 5]"),
         format!("  \n[{create}"),
     ] {
-        let r = app
-            .send(
-                app.request(reqwest::Method::POST, "/graphql", Some(u.token.as_str()))
-                    .header("content-type", "application/json")
-                    .body(body.clone()),
-            )
-            .await;
+        let r = app.post_text("/graphql", &u.token, body.clone()).await;
         r.assert_error(400, "INVALID_INPUT");
     }
     assert_eq!(app.read(&u, "x").await.status, 404, "nothing was created");
@@ -660,13 +654,7 @@ async fn a_body_that_is_neither_an_operation_nor_a_batch_is_a_400_and_runs_nothi
             "y",
         ),
     ] {
-        let r = app
-            .send(
-                app.request(reqwest::Method::POST, "/graphql", Some(u.token.as_str()))
-                    .header("content-type", "application/json")
-                    .body(body),
-            )
-            .await;
+        let r = app.post_text("/graphql", &u.token, body).await;
         assert_eq!(r.status, 200, "{}", r.text);
         assert_eq!(app.read(&u, key).await.status, 200);
     }

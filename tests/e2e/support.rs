@@ -423,9 +423,21 @@ impl TestApp {
     /// `POST path` with a JSON body given as text (for bodies that
     /// `serde_json::Value` cannot hold or would change), with a bearer token.
     pub async fn post_text(&self, path: &str, token: &str, body: impl Into<String>) -> Resp {
+        self.send_text(reqwest::Method::POST, path, token, body)
+            .await
+    }
+
+    /// [`TestApp::post_text`] with any method.
+    pub async fn send_text(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: impl Into<String>,
+    ) -> Resp {
         self.send(
             self.client
-                .post(self.url(path))
+                .request(method, self.url(path))
                 .bearer_auth(token)
                 .header("content-type", "application/json")
                 .body(body.into()),

@@ -87,7 +87,7 @@ impl Reader {
     }
 }
 
-/// The lookups of a batch by tenant, and the distinct keys each asks for.
+/// The lookups of a batch, by tenant.
 fn by_tenant(batch: Vec<Lookup>) -> Vec<(TenantId, Vec<Lookup>)> {
     let mut by_tenant: HashMap<i64, (TenantId, Vec<Lookup>)> = HashMap::new();
     for lookup in batch {
@@ -151,9 +151,10 @@ fn read_sqlite(
     now: i64,
     batch: Vec<Lookup>,
 ) {
-    if conn.is_none() {
-        match sql::open_sqlite_reader(path) {
-            Ok(c) => *conn = Some(c),
+    let conn = match conn {
+        Some(conn) => conn,
+        None => match sql::open_sqlite_reader(path) {
+            Ok(opened) => conn.insert(opened),
             Err(e) => {
                 let e = ApiError::internal(
                     anyhow::Error::new(e).context("cannot open a reader connection"),
@@ -163,9 +164,8 @@ fn read_sqlite(
                 }
                 return;
             }
-        }
-    }
-    let Some(conn) = conn.as_ref() else { return };
+        },
+    };
     for (tenant, lookups) in by_tenant(batch) {
         let found = sql::select_keys_sqlite(conn, tenant, &distinct_keys(&lookups), now);
         reply(lookups, found);
