@@ -23,6 +23,17 @@ const STATEMENT_CACHE: usize = 600;
 /// worker thread: measured, a third of a PostgreSQL GET's throughput.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(2);
 
+/// Pools never retire connections by idle time or age: with either limit,
+/// sqlx 0.9.0 runs a reaper task that loops `for _ in 0..num_idle`, and
+/// `num_idle` wraps below zero for an instant when a connection is taken
+/// while another is being returned. A reaper that reads it then spins on a
+/// runtime thread practically forever (seen: `kvql user remove` at 100% CPU
+/// for 14 minutes, unable to exit). Broken connections are still replaced:
+/// see `PING_IF_IDLE_FOR`.
+fn without_reaper(opts: &mut ConnectOptions) -> &mut ConnectOptions {
+    opts.idle_timeout(None).max_lifetime(None)
+}
+
 #[derive(Clone, Debug)]
 pub struct Db {
     pub read: DatabaseConnection,
@@ -65,7 +76,8 @@ impl Db {
             })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let mut opts = ConnectOptions::new(url);
-            opts.max_connections(args.database_max_connections.max(2))
+            without_reaper(&mut opts)
+                .max_connections(args.database_max_connections.max(2))
                 .min_connections(1)
                 .acquire_timeout(Duration::from_secs(10))
                 .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
@@ -207,7 +219,8 @@ pub fn lock_for_server(args: &DatabaseArgs) -> anyhow::Result<Option<std::fs::Fi
 
 fn sqlite_options(url: &str, max_connections: u32, sync: SqliteSync) -> ConnectOptions {
     let mut opts = ConnectOptions::new(url);
-    opts.max_connections(max_connections)
+    without_reaper(&mut opts)
+        .max_connections(max_connections)
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(30))
         .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
