@@ -89,7 +89,7 @@ impl App {
             },
             events,
             config.cache_bytes,
-        );
+        )?;
         let sweeper = Sweeper::spawn(store.clone(), config.sweep_interval, config.sweep_batch);
         let checkpointer = db
             .start_checkpointer(std::time::Duration::from_millis(200))

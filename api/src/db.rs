@@ -42,6 +42,8 @@ pub struct Db {
     /// The SQLite database file, for connections outside sqlx's pools (the
     /// store's readers); `None` on PostgreSQL.
     pub sqlite_file: Option<std::path::PathBuf>,
+    /// `KVQL_SQLITE_SYNCHRONOUS`, for the store's own SQLite writer.
+    pub sqlite_synchronous: SqliteSync,
 }
 
 impl Db {
@@ -73,6 +75,7 @@ impl Db {
                 write,
                 backend: DatabaseBackend::Sqlite,
                 sqlite_file: Some(file),
+                sqlite_synchronous: args.sqlite_synchronous,
             })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let mut opts = ConnectOptions::new(url);
@@ -91,6 +94,7 @@ impl Db {
                 write: pool,
                 backend: DatabaseBackend::Postgres,
                 sqlite_file: None,
+                sqlite_synchronous: args.sqlite_synchronous,
             })
         } else {
             anyhow::bail!(

@@ -16,14 +16,17 @@ pub mod events;
 mod queue;
 mod read;
 mod sql;
+mod sqlite;
 mod types;
 mod write;
 
 use std::sync::Arc;
 
+use anyhow::Context;
+
 pub use types::{Cursor, Data, Expect, Key, Limit, Object, Prefix, Ttl, parse_version};
 
-use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr};
+use sea_orm::{ConnectionTrait, DatabaseBackend};
 pub(crate) use sql::seconds_left;
 
 use crate::auth::{TenantId, Writer};
@@ -212,21 +215,31 @@ fn unexpected() -> ApiError {
 
 impl Store {
     /// `cache_bytes` sizes the SQLite read cache (0: none); PostgreSQL has none.
-    pub fn new(db: Db, clock: Clock, limits: Limits, events: Events, cache_bytes: u64) -> Self {
+    /// Fails if SQLite's committer cannot open the database file.
+    pub fn new(
+        db: Db,
+        clock: Clock,
+        limits: Limits,
+        events: Events,
+        cache_bytes: u64,
+    ) -> anyhow::Result<Self> {
         let sqlite = db.backend == DatabaseBackend::Sqlite;
         let cache = (sqlite && cache_bytes > 0).then(|| Arc::new(Cache::new(cache_bytes)));
-        let committer = {
-            let events = events.clone();
-            let cache = cache.clone();
-            Committer::start(
-                db.write.clone(),
-                clock.clone(),
-                Box::new(move |job, result| after_commit(&events, cache.as_deref(), job, result)),
-                if sqlite { 1 } else { POSTGRES_COMMITTERS },
-            )
+        let after: write::AfterCommit = {
+            let (events, cache) = (events.clone(), cache.clone());
+            Box::new(move |job, result| after_commit(&events, cache.as_deref(), job, result))
+        };
+        let committer = match &db.sqlite_file {
+            Some(path) => {
+                let writer = sqlite::SqliteWriter::open(path, db.sqlite_synchronous)
+                    .with_context(|| format!("cannot open {} for writing", path.display()))?;
+                Committer::start_sqlite(writer, clock.clone(), after)
+                    .context("cannot start the committer thread")?
+            }
+            None => Committer::start(db.write.clone(), clock.clone(), after, POSTGRES_COMMITTERS),
         };
         let reader = read::Reader::start(db.clone(), clock.clone(), READERS);
-        Store {
+        Ok(Store {
             inner: Arc::new(Inner {
                 reader,
                 db,
@@ -236,7 +249,7 @@ impl Store {
                 cache,
                 committer,
             }),
-        }
+        })
     }
 
     /// The change events of this node, for subscriptions.
@@ -494,36 +507,20 @@ impl Store {
     /// publishes an `Expire` event for each. Returns how many were deleted.
     /// Safe to run on several nodes at once.
     pub async fn sweep(&self, limit: u32) -> Result<usize, ApiError> {
-        let now = self.inner.clock.now_ms();
-        let mut sql = Sql::new(self.backend());
-        let n = sql.arg(now);
-        let l = sql.arg(i64::from(limit));
-        let lock = match self.backend() {
-            DatabaseBackend::Postgres => " FOR UPDATE SKIP LOCKED",
-            _ => "",
-        };
-        sql.push(&format!(
-            r#"DELETE FROM object WHERE (tenant_id, "key") IN (
-                 SELECT tenant_id, "key" FROM object
-                 WHERE {expired}
-                 ORDER BY expires_at LIMIT {l}{lock})
-               AND {expired}
-               RETURNING tenant_id, "key", version"#,
-            expired = sql::expired("", &n)
-        ));
-        let rows = self.inner.db.write.query_all_raw(sql.build()).await?;
-        let events = rows
-            .iter()
-            .map(|r| {
-                Ok(Event {
-                    tenant: r.try_get("", "tenant_id")?,
-                    kind: EventKind::Expire,
-                    key: r.try_get("", "key")?,
-                    version: r.try_get("", "version")?,
-                    object: None,
-                })
+        let events: Vec<Event> = self
+            .inner
+            .committer
+            .sweep(limit)
+            .await?
+            .into_iter()
+            .map(|e| Event {
+                tenant: e.tenant,
+                kind: EventKind::Expire,
+                key: e.key,
+                version: e.version,
+                object: None,
             })
-            .collect::<Result<Vec<_>, DbErr>>()?;
+            .collect();
         if let Some(cache) = &self.inner.cache {
             for e in &events {
                 cache.forget(e.tenant, &e.key);

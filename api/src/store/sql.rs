@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::LazyLock;
 
+use sea_orm::prelude::async_trait::async_trait;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, QueryResult, Statement, Value};
 
 use super::types::{Data, Expect, Key};
@@ -11,6 +12,55 @@ use super::{Item, Object};
 use crate::auth::TenantId;
 use crate::db::Db;
 use crate::error::ApiError;
+
+/// Where the write path's statements run: sqlx's connections and
+/// transactions (via sea-orm), or the SQLite committer's own connection
+/// (`sqlite::SqliteWriter`).
+#[async_trait]
+pub(super) trait WriteConn: Send + Sync {
+    type Row: WriteRow + Send;
+
+    fn backend(&self) -> DatabaseBackend;
+
+    /// Runs a statement to its end and returns its rows.
+    async fn query(&self, stmt: Statement) -> Result<Vec<Self::Row>, DbErr>;
+
+    /// Runs SQL without parameters (transaction control).
+    async fn execute(&self, sql: &str) -> Result<(), DbErr>;
+}
+
+/// The columns the write path reads from what its statements return.
+pub(super) trait WriteRow {
+    fn int(&self, col: &str) -> Result<i64, DbErr>;
+    fn text(&self, col: &str) -> Result<String, DbErr>;
+}
+
+#[async_trait]
+impl<C: ConnectionTrait + Send + Sync> WriteConn for C {
+    type Row = QueryResult;
+
+    fn backend(&self) -> DatabaseBackend {
+        self.get_database_backend()
+    }
+
+    async fn query(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+        self.query_all_raw(stmt).await
+    }
+
+    async fn execute(&self, sql: &str) -> Result<(), DbErr> {
+        self.execute_unprepared(sql).await.map(|_| ())
+    }
+}
+
+impl WriteRow for QueryResult {
+    fn int(&self, col: &str) -> Result<i64, DbErr> {
+        self.try_get("", col)
+    }
+
+    fn text(&self, col: &str) -> Result<String, DbErr> {
+        self.try_get("", col)
+    }
+}
 
 pub(super) const COLUMNS: &str = r#""key", version, expires_at, created_at, updated_at"#;
 
@@ -240,11 +290,11 @@ fn expires_at(item: &Item, now: i64) -> Option<i64> {
     item.ttl.map(|t| now + t.millis())
 }
 
-fn written(item: &Item, row: &QueryResult, now: i64) -> Result<Object, DbErr> {
+fn written(item: &Item, row: &impl WriteRow, now: i64) -> Result<Object, DbErr> {
     Ok(object_written(
         item,
-        row.try_get("", "version")?,
-        row.try_get("", "created_at")?,
+        row.int("version")?,
+        row.int("created_at")?,
         now,
     ))
 }
@@ -292,21 +342,18 @@ fn insert(sql: &mut Sql, tenant: TenantId, item: &Item, now: i64) -> String {
 /// finishes, and a commit that fails (disk full, I/O error, a deferred
 /// constraint) is reported only there. Fetching a single row would reset the
 /// statement early and lose that error, acknowledging an uncommitted write.
-async fn returning_one<C: ConnectionTrait>(
-    conn: &C,
-    sql: Sql,
-) -> Result<Option<QueryResult>, DbErr> {
-    Ok(conn.query_all_raw(sql.build()).await?.into_iter().next())
+async fn returning_one<C: WriteConn>(conn: &C, sql: Sql) -> Result<Option<C::Row>, DbErr> {
+    Ok(conn.query(sql.build()).await?.into_iter().next())
 }
 
 /// Creates a value; `ALREADY_EXISTS` over a live one, replaces an expired one.
-pub(super) async fn create<C: ConnectionTrait>(
+pub(super) async fn create<C: WriteConn>(
     conn: &C,
     tenant: TenantId,
     item: &Item,
     now: i64,
 ) -> Result<Object, ApiError> {
-    let mut sql = Sql::new(conn.get_database_backend());
+    let mut sql = Sql::new(conn.backend());
     let head = insert(&mut sql, tenant, item, now);
     let n = sql.arg(now);
     sql.push(&head).push(&format!(
@@ -335,27 +382,27 @@ pub(super) fn max_rows_per_statement(backend: DatabaseBackend) -> usize {
 /// Creates (`create_only`) or creates-or-replaces several values of distinct
 /// `(tenant, key)` in as few statements as possible. One result per row, in
 /// order: the object and whether it was created, or `ALREADY_EXISTS`.
-pub(super) async fn write_many<C: ConnectionTrait>(
+pub(super) async fn write_many<C: WriteConn>(
     conn: &C,
     create_only: bool,
     rows: &[(TenantId, &Item)],
     now: i64,
 ) -> Result<Vec<Result<(Object, bool), ApiError>>, ApiError> {
     let mut out = Vec::with_capacity(rows.len());
-    let max_rows = max_rows_per_statement(conn.get_database_backend());
+    let max_rows = max_rows_per_statement(conn.backend());
     for chunk in rows.chunks(max_rows) {
         out.extend(write_chunk(conn, create_only, chunk, now).await?);
     }
     Ok(out)
 }
 
-async fn write_chunk<C: ConnectionTrait>(
+async fn write_chunk<C: WriteConn>(
     conn: &C,
     create_only: bool,
     rows: &[(TenantId, &Item)],
     now: i64,
 ) -> Result<Vec<Result<(Object, bool), ApiError>>, ApiError> {
-    let backend = conn.get_database_backend();
+    let backend = conn.backend();
     let mut sql = Sql::new(backend);
     let values: Vec<String> = rows
         .iter()
@@ -394,13 +441,13 @@ async fn write_chunk<C: ConnectionTrait>(
            RETURNING tenant_id, "key", version, created_at"#,
         values.join(", ")
     ));
-    let returned = conn.query_all_raw(sql.build()).await?;
+    let returned = conn.query(sql.build()).await?;
     let mut written_rows = std::collections::HashMap::with_capacity(returned.len());
     for row in &returned {
-        let tenant: i64 = row.try_get("", "tenant_id")?;
-        let key: String = row.try_get("", "key")?;
-        let version: i64 = row.try_get("", "version")?;
-        let created_at: i64 = row.try_get("", "created_at")?;
+        let tenant = row.int("tenant_id")?;
+        let key = row.text("key")?;
+        let version = row.int("version")?;
+        let created_at = row.int("created_at")?;
         written_rows.insert((tenant, key), (version, created_at));
     }
     Ok(rows
@@ -421,14 +468,14 @@ async fn write_chunk<C: ConnectionTrait>(
 }
 
 /// Writes a value as `expect` allows; the object and whether it was created.
-pub(super) async fn put<C: ConnectionTrait>(
+pub(super) async fn put<C: WriteConn>(
     conn: &C,
     tenant: TenantId,
     item: &Item,
     expect: Expect,
     now: i64,
 ) -> Result<(Object, bool), ApiError> {
-    let backend = conn.get_database_backend();
+    let backend = conn.backend();
     let expected_version = match expect {
         Expect::Absent => {
             return create(conn, tenant, item, now).await.map(|o| (o, true));
@@ -476,14 +523,14 @@ pub(super) async fn put<C: ConnectionTrait>(
 }
 
 /// Deletes the live value under `key` (at `expected`, if given); its version.
-pub(super) async fn delete<C: ConnectionTrait>(
+pub(super) async fn delete<C: WriteConn>(
     conn: &C,
     tenant: TenantId,
     key: &Key,
     expected: Option<i64>,
     now: i64,
 ) -> Result<i64, ApiError> {
-    let mut sql = Sql::new(conn.get_database_backend());
+    let mut sql = Sql::new(conn.backend());
     let t = sql.arg(tenant.get());
     let k = sql.arg(key.as_str());
     let n = sql.arg(now);
@@ -498,14 +545,14 @@ pub(super) async fn delete<C: ConnectionTrait>(
     }
     sql.push(" RETURNING version");
     match returning_one(conn, sql).await? {
-        Some(row) => Ok(row.try_get("", "version")?),
+        Some(row) => Ok(row.int("version")?),
         None => Err(missing_or_moved(conn, tenant, key, expected, now).await),
     }
 }
 
 /// Why a conditional write matched no row: no live value (`NOT_FOUND`) or a
 /// live value at another version (`VERSION_MISMATCH`).
-async fn missing_or_moved<C: ConnectionTrait>(
+async fn missing_or_moved<C: WriteConn>(
     conn: &C,
     tenant: TenantId,
     key: &Key,
@@ -515,7 +562,7 @@ async fn missing_or_moved<C: ConnectionTrait>(
     let Some(expected) = expected else {
         return ApiError::not_found();
     };
-    let mut sql = Sql::new(conn.get_database_backend());
+    let mut sql = Sql::new(conn.backend());
     let t = sql.arg(tenant.get());
     let k = sql.arg(key.as_str());
     let n = sql.arg(now);
@@ -524,11 +571,54 @@ async fn missing_or_moved<C: ConnectionTrait>(
            AND {}"#,
         live(&n)
     ));
-    match conn.query_one_raw(sql.build()).await {
-        Ok(Some(_)) => version_mismatch(expected),
-        Ok(None) => ApiError::not_found(),
+    match conn.query(sql.build()).await {
+        Ok(rows) if rows.is_empty() => ApiError::not_found(),
+        Ok(_) => version_mismatch(expected),
         Err(e) => e.into(),
     }
+}
+
+/// A row the sweeper deleted.
+pub(super) struct Expired {
+    pub tenant: i64,
+    pub key: String,
+    pub version: i64,
+}
+
+/// Deletes up to `limit` expired rows of any tenant in one statement. Safe
+/// on several nodes at once (PostgreSQL skips rows another node is deleting).
+pub(super) async fn sweep<C: WriteConn>(
+    conn: &C,
+    limit: u32,
+    now: i64,
+) -> Result<Vec<Expired>, ApiError> {
+    let backend = conn.backend();
+    let mut sql = Sql::new(backend);
+    let n = sql.arg(now);
+    let l = sql.arg(i64::from(limit));
+    let lock = match backend {
+        DatabaseBackend::Postgres => " FOR UPDATE SKIP LOCKED",
+        _ => "",
+    };
+    sql.push(&format!(
+        r#"DELETE FROM object WHERE (tenant_id, "key") IN (
+             SELECT tenant_id, "key" FROM object
+             WHERE {expired}
+             ORDER BY expires_at LIMIT {l}{lock})
+           AND {expired}
+           RETURNING tenant_id, "key", version"#,
+        expired = expired("", &n)
+    ));
+    let rows = conn.query(sql.build()).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Expired {
+                tenant: r.int("tenant_id")?,
+                key: r.text("key")?,
+                version: r.int("version")?,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -576,21 +666,36 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_write_whose_commit_fails_is_an_error_not_an_acknowledgement() {
         let (conn, path) = sqlite_with_deferred_checks().await;
+        let writer =
+            crate::store::sqlite::SqliteWriter::open(&path, crate::config::SqliteSync::Normal)
+                .expect("writer");
+        writer
+            .execute("PRAGMA defer_foreign_keys = ON")
+            .await
+            .expect("defer foreign keys");
+        assert_commit_failures_are_errors(&conn, &conn).await;
+        assert_commit_failures_are_errors(&writer, &conn).await;
+        drop((writer, conn));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    async fn assert_commit_failures_are_errors(
+        conn: &impl WriteConn,
+        check: &sea_orm::DatabaseConnection,
+    ) {
         let no_such_tenant = TenantId::for_store_tests(424_242);
         let item = Item {
             key: Key::parse("k".to_owned()).expect("key"),
             data: Data::parse(&serde_json::json!({"a": 1}), 1024).expect("data"),
             ttl: None,
         };
-        let created = create(&conn, no_such_tenant, &item, 1_000).await;
+        let created = create(conn, no_such_tenant, &item, 1_000).await;
         assert!(created.is_err(), "create acknowledged: {created:?}");
-        let put = put(&conn, no_such_tenant, &item, Expect::Any, 1_000).await;
+        let put = put(conn, no_such_tenant, &item, Expect::Any, 1_000).await;
         assert!(put.is_err(), "put acknowledged: {put:?}");
-        assert_eq!(count_objects(&conn).await, 0);
-        drop(conn);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        assert_eq!(count_objects(check).await, 0);
     }
 
     #[test]

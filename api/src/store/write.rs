@@ -14,14 +14,80 @@
 //! fails before its commit, each job is run again alone (on PostgreSQL, a
 //! transaction aborted to break a deadlock is retried).
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
+use sea_orm::prelude::async_trait::async_trait;
+use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
 
+use super::sql::WriteConn;
+use super::sqlite::{self, SqliteTxn, SqliteWriter};
 use super::types::{Expect, Key};
-use super::{Item, Object, sql};
+use super::{Item, Object, queue, sql};
 use crate::auth::TenantId;
 use crate::clock::Clock;
 use crate::error::ApiError;
+
+/// A connection that groups are applied on: sqlx's pool on PostgreSQL (and
+/// SQLite in unit tests), or the SQLite committer's own connection.
+#[async_trait]
+pub(super) trait GroupConn: WriteConn {
+    type Txn<'a>: WriteConn
+    where
+        Self: 'a;
+
+    async fn begin_txn(&self) -> Result<Self::Txn<'_>, DbErr>;
+
+    async fn commit_txn<'a>(txn: Self::Txn<'a>) -> Result<(), DbErr>;
+
+    async fn rollback_txn<'a>(txn: Self::Txn<'a>) -> Result<(), DbErr>;
+
+    /// Whether a failed `COMMIT` (or autocommitted statement) left nothing
+    /// written.
+    fn refused(&self, err: &ApiError) -> bool;
+}
+
+#[async_trait]
+impl GroupConn for DatabaseConnection {
+    type Txn<'a> = DatabaseTransaction;
+
+    async fn begin_txn(&self) -> Result<DatabaseTransaction, DbErr> {
+        self.begin().await
+    }
+
+    async fn commit_txn<'a>(txn: DatabaseTransaction) -> Result<(), DbErr> {
+        txn.commit().await
+    }
+
+    async fn rollback_txn<'a>(txn: DatabaseTransaction) -> Result<(), DbErr> {
+        txn.rollback().await
+    }
+
+    fn refused(&self, err: &ApiError) -> bool {
+        refused_by_database(err)
+    }
+}
+
+#[async_trait]
+impl GroupConn for SqliteWriter {
+    type Txn<'a> = SqliteTxn<'a>;
+
+    async fn begin_txn(&self) -> Result<SqliteTxn<'_>, DbErr> {
+        self.begin().map(|()| SqliteTxn(self))
+    }
+
+    async fn commit_txn<'a>(txn: SqliteTxn<'a>) -> Result<(), DbErr> {
+        txn.0.commit()
+    }
+
+    async fn rollback_txn<'a>(txn: SqliteTxn<'a>) -> Result<(), DbErr> {
+        txn.0.rollback()
+    }
+
+    /// SQLite answers every statement itself, and a failed `COMMIT` is
+    /// rolled back (`SqliteWriter::commit`).
+    fn refused(&self, err: &ApiError) -> bool {
+        sqlite::is_writer_error(err) || refused_by_database(err)
+    }
+}
 
 /// One write.
 #[derive(Clone, Debug)]
@@ -50,7 +116,7 @@ pub(super) struct Job {
     pub atomic: bool,
 }
 
-async fn exec<C: ConnectionTrait>(
+async fn exec<C: WriteConn>(
     conn: &C,
     tenant: TenantId,
     op: &Op,
@@ -92,7 +158,7 @@ fn mergeable(op: &Op) -> Option<(bool, &Item)> {
 /// Executes operations in order, merging runs of same-kind mergeable writes
 /// to distinct keys into multi-row statements. `Err` only for database
 /// failures.
-async fn exec_seq<C: ConnectionTrait>(
+async fn exec_seq<C: WriteConn>(
     conn: &C,
     ops: &[(TenantId, Result<&Op, &ApiError>)],
     now: i64,
@@ -145,7 +211,7 @@ async fn exec_seq<C: ConnectionTrait>(
 /// order given, so that every transaction locks rows in one order
 /// (PostgreSQL); the results come back in the order given. `Err` only for
 /// database failures.
-async fn exec_in_key_order<C: ConnectionTrait>(
+async fn exec_in_key_order<C: WriteConn>(
     conn: &C,
     ops: &[(TenantId, &str, Result<&Op, &ApiError>)],
     now: i64,
@@ -173,7 +239,7 @@ async fn exec_in_key_order<C: ConnectionTrait>(
 /// Applies a job's operations in order on `conn`. `Err` means the database
 /// failed and the caller must roll back; `Ok(Err(_))` is an atomic job that
 /// failed and wrote nothing (rolled back to `savepoint`, when given).
-async fn apply<C: ConnectionTrait>(
+async fn apply<C: WriteConn>(
     conn: &C,
     job: &Job,
     now: i64,
@@ -181,7 +247,7 @@ async fn apply<C: ConnectionTrait>(
 ) -> Result<JobResult, ApiError> {
     let savepoint = savepoint && job.atomic;
     if savepoint {
-        conn.execute_unprepared("SAVEPOINT kvql_job").await?;
+        conn.execute("SAVEPOINT kvql_job").await?;
     }
     // Operations run in key order, and writes to one key in request order:
     // concurrent jobs over the same keys then lock rows in the same order and
@@ -197,10 +263,8 @@ async fn apply<C: ConnectionTrait>(
         && let Some(index) = results.iter().position(Result::is_err)
     {
         if savepoint {
-            conn.execute_unprepared("ROLLBACK TO SAVEPOINT kvql_job")
-                .await?;
-            conn.execute_unprepared("RELEASE SAVEPOINT kvql_job")
-                .await?;
+            conn.execute("ROLLBACK TO SAVEPOINT kvql_job").await?;
+            conn.execute("RELEASE SAVEPOINT kvql_job").await?;
         }
         let source = results
             .into_iter()
@@ -214,8 +278,7 @@ async fn apply<C: ConnectionTrait>(
         }));
     }
     if savepoint {
-        conn.execute_unprepared("RELEASE SAVEPOINT kvql_job")
-            .await?;
+        conn.execute("RELEASE SAVEPOINT kvql_job").await?;
     }
     Ok(Ok(results))
 }
@@ -271,7 +334,7 @@ const MAX_ATTEMPTS: u32 = 5;
 /// Runs one job on its own: a single operation as one statement, several in
 /// one transaction. A transaction PostgreSQL aborted to break a deadlock
 /// (e.g. two batches touching the same keys in opposite orders) is run again.
-async fn run_alone(conn: &DatabaseConnection, job: &Job, clock: &Clock) -> JobResult {
+async fn run_alone<C: GroupConn>(conn: &C, job: &Job, clock: &Clock) -> JobResult {
     let mut attempt = 1;
     loop {
         let result = run_alone_once(conn, job, clock.now_ms()).await;
@@ -288,22 +351,22 @@ async fn run_alone(conn: &DatabaseConnection, job: &Job, clock: &Clock) -> JobRe
     }
 }
 
-async fn run_alone_once(conn: &DatabaseConnection, job: &Job, now: i64) -> JobResult {
+async fn run_alone_once<C: GroupConn>(conn: &C, job: &Job, now: i64) -> JobResult {
     if job.ops.len() == 1 {
         return apply(conn, job, now, false).await?;
     }
-    let txn = conn.begin().await?;
+    let txn = conn.begin_txn().await?;
     match apply(&txn, job, now, false).await {
         Ok(Ok(results)) => {
-            txn.commit().await?;
+            C::commit_txn(txn).await?;
             Ok(results)
         }
         Ok(Err(failed)) => {
-            txn.rollback().await?;
+            C::rollback_txn(txn).await?;
             Err(failed)
         }
         Err(e) => {
-            let _ = txn.rollback().await;
+            let _ = C::rollback_txn(txn).await;
             Err(e)
         }
     }
@@ -314,9 +377,27 @@ async fn run_alone_once(conn: &DatabaseConnection, job: &Job, now: i64) -> JobRe
 /// not have been committed when the failure is a database error.
 pub(super) type AfterCommit = Box<dyn Fn(&Job, &JobResult) + Send + Sync>;
 
-struct Queued {
-    job: Job,
-    reply: oneshot::Sender<JobResult>,
+/// What the committers are asked to do.
+enum Queued {
+    Write {
+        job: Job,
+        reply: oneshot::Sender<JobResult>,
+    },
+    /// Delete expired rows (the sweeper), on the committer's connection so
+    /// that SQLite keeps a single writer.
+    Sweep {
+        limit: u32,
+        reply: oneshot::Sender<Result<Vec<sql::Expired>, ApiError>>,
+    },
+}
+
+impl Queued {
+    fn weight(&self) -> usize {
+        match self {
+            Queued::Write { job, .. } => job.ops.len(),
+            Queued::Sweep { .. } => 1,
+        }
+    }
 }
 
 /// The committers' queue.
@@ -338,37 +419,89 @@ impl Committer {
         after: AfterCommit,
         tasks: usize,
     ) -> Committer {
-        let (tx, rx) = super::queue::channel::<Queued>(4096);
+        let (tx, rx) = queue::channel::<Queued>(4096);
         let after = std::sync::Arc::new(after);
         for _ in 0..tasks.max(1) {
             let (rx, after, conn, clock) = (rx.clone(), after.clone(), conn.clone(), clock.clone());
             tokio::spawn(async move {
-                while let Some(group) = rx.next_group(MAX_GROUP_OPS, |q| q.job.ops.len()).await {
-                    let jobs: Vec<&Job> = group.iter().map(|q| &q.job).collect();
-                    let results = commit_group(&conn, &clock, &jobs).await;
-                    for (q, result) in group.into_iter().zip(results) {
-                        after(&q.job, &result);
-                        let _ = q.reply.send(result);
-                    }
+                while let Some(group) = rx.next_group(MAX_GROUP_OPS, Queued::weight).await {
+                    work(&conn, &clock, group, &after).await;
                 }
             });
         }
         Committer { tx }
     }
 
+    /// Starts the SQLite committer: a thread that owns its own connection to
+    /// the database file, so that a group's statements run where the group
+    /// is applied (see `sqlite`). Its futures never wait; they are run to
+    /// completion on the thread.
+    pub(super) fn start_sqlite(
+        writer: SqliteWriter,
+        clock: Clock,
+        after: AfterCommit,
+    ) -> std::io::Result<Committer> {
+        let (tx, rx) = queue::channel::<Queued>(4096);
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("kvql-committer".into())
+            .spawn(move || {
+                while let Some(group) = rx.blocking_next_group(MAX_GROUP_OPS, Queued::weight) {
+                    runtime.block_on(work(&writer, &clock, group, &after));
+                }
+            })?;
+        Ok(Committer { tx })
+    }
+
+    async fn send(&self, queued: Queued) -> Result<(), ApiError> {
+        self.tx
+            .send(queued)
+            .await
+            .map_err(|_| ApiError::internal(anyhow::anyhow!("the committer has stopped")))
+    }
+
     pub(super) async fn submit(&self, job: Job) -> JobResult {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Queued { job, reply })
-            .await
-            .map_err(|_| ApiError::internal(anyhow::anyhow!("the committer has stopped")))?;
+        self.send(Queued::Write { job, reply }).await?;
         rx.await
             .map_err(|_| ApiError::internal(anyhow::anyhow!("the committer dropped a write")))?
+    }
+
+    /// Deletes up to `limit` expired rows (see `sql::sweep`).
+    pub(super) async fn sweep(&self, limit: u32) -> Result<Vec<sql::Expired>, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Queued::Sweep { limit, reply }).await?;
+        rx.await
+            .map_err(|_| ApiError::internal(anyhow::anyhow!("the committer dropped a sweep")))?
+    }
+}
+
+/// Applies the writes of a group as one group commit, then runs its sweeps,
+/// and tells each caller its result (writers after `after` has seen theirs).
+async fn work<C: GroupConn>(conn: &C, clock: &Clock, group: Vec<Queued>, after: &AfterCommit) {
+    let mut writes = Vec::with_capacity(group.len());
+    let mut sweeps = Vec::new();
+    for queued in group {
+        match queued {
+            Queued::Write { job, reply } => writes.push((job, reply)),
+            Queued::Sweep { limit, reply } => sweeps.push((limit, reply)),
+        }
+    }
+    if !writes.is_empty() {
+        let jobs: Vec<&Job> = writes.iter().map(|(job, _)| job).collect();
+        let results = commit_group(conn, clock, &jobs).await;
+        for ((job, reply), result) in writes.into_iter().zip(results) {
+            after(&job, &result);
+            let _ = reply.send(result);
+        }
+    }
+    for (limit, reply) in sweeps {
+        let _ = reply.send(sql::sweep(conn, limit, clock.now_ms()).await);
     }
 }
 
 /// Applies a group of queued jobs, one result per job.
-async fn commit_group(conn: &DatabaseConnection, clock: &Clock, group: &[&Job]) -> Vec<JobResult> {
+async fn commit_group<C: GroupConn>(conn: &C, clock: &Clock, group: &[&Job]) -> Vec<JobResult> {
     if group.len() == 1 {
         return vec![run_alone(conn, group[0], clock).await];
     }
@@ -442,8 +575,8 @@ enum GroupFailure {
 impl GroupFailure {
     /// A failed `COMMIT`, or autocommitted statement: rolled back if the
     /// database refused it, else of unknown outcome.
-    fn at_commit(e: ApiError) -> Self {
-        if refused_by_database(&e) {
+    fn at_commit(conn: &impl GroupConn, e: ApiError) -> Self {
+        if conn.refused(&e) {
             GroupFailure::RolledBack(e)
         } else {
             GroupFailure::Unknown(e)
@@ -454,40 +587,37 @@ impl GroupFailure {
 /// Runs several jobs in one transaction. Consecutive jobs that are not
 /// atomic are applied as one sequence of operations, so that their writes
 /// share multi-row statements; an atomic job runs on its own savepoint.
-async fn run_group(
-    conn: &DatabaseConnection,
+async fn run_group<C: GroupConn>(
+    conn: &C,
     jobs: &[&Job],
     now: i64,
 ) -> Result<Vec<JobResult>, GroupFailure> {
-    if one_statement(
-        jobs,
-        sql::max_rows_per_statement(conn.get_database_backend()),
-    ) {
+    if one_statement(jobs, sql::max_rows_per_statement(conn.backend())) {
         // A single statement is atomic on its own: no BEGIN and COMMIT,
         // two round trips (or SQLite worker hops) fewer.
         return run_group_in(conn, jobs, now)
             .await
-            .map_err(GroupFailure::at_commit);
+            .map_err(|e| GroupFailure::at_commit(conn, e));
     }
     // A group that cannot even begin wrote nothing; its writes fail at once
     // rather than each waiting for the pool again.
     let txn = conn
-        .begin()
+        .begin_txn()
         .await
         .map_err(|e| GroupFailure::NotStarted(e.into()))?;
     match run_group_in(&txn, jobs, now).await {
-        Ok(results) => match txn.commit().await {
+        Ok(results) => match C::commit_txn(txn).await {
             Ok(()) => Ok(results),
-            Err(e) => Err(GroupFailure::at_commit(e.into())),
+            Err(e) => Err(GroupFailure::at_commit(conn, e.into())),
         },
         Err(e) => {
-            let _ = txn.rollback().await;
+            let _ = C::rollback_txn(txn).await;
             Err(GroupFailure::RolledBack(e))
         }
     }
 }
 
-async fn run_group_in<C: ConnectionTrait>(
+async fn run_group_in<C: WriteConn>(
     conn: &C,
     jobs: &[&Job],
     now: i64,
@@ -526,6 +656,7 @@ mod tests {
     use super::*;
     use crate::store::sql::tests::sqlite_with_deferred_checks;
     use crate::store::types::Data;
+    use sea_orm::ConnectionTrait;
 
     fn put(tenant: i64, key: &str) -> Job {
         let item = Item {
@@ -568,15 +699,27 @@ mod tests {
 
     /// The second job names a tenant that does not exist: its row breaks a
     /// foreign key checked only at COMMIT, which fails the whole group; the
-    /// other jobs are then written alone.
-    async fn refused_group_writes_the_others(third: Job) {
+    /// other jobs are then written alone. `own_writer`: on the SQLite
+    /// committer's own connection, else on sqlx's.
+    async fn refused_group_writes_the_others(third: Job, own_writer: bool) {
         assert!(!third.atomic);
         let (conn, path) = sqlite_with_deferred_checks().await;
         conn.execute_unprepared("INSERT INTO tenant (id, name, created_at) VALUES (1, 't', 0)")
             .await
             .expect("tenant");
         let (a, b) = (put(1, "a"), put(404, "b"));
-        let results = commit_group(&conn, &Clock::manual(), &[&a, &b, &third]).await;
+        let group = [&a, &b, &third];
+        let results = if own_writer {
+            let writer =
+                SqliteWriter::open(&path, crate::config::SqliteSync::Normal).expect("writer");
+            writer
+                .execute("PRAGMA defer_foreign_keys = ON")
+                .await
+                .expect("defer foreign keys");
+            commit_group(&writer, &Clock::manual(), &group).await
+        } else {
+            commit_group(&conn, &Clock::manual(), &group).await
+        };
         assert_eq!(results.len(), 3);
         assert!(results[0].is_ok(), "{:?}", results[0]);
         assert!(results[1].is_err(), "{:?}", results[1]);
@@ -595,14 +738,58 @@ mod tests {
     async fn a_one_statement_group_whose_commit_is_refused_writes_every_other_job_alone() {
         let jobs = [put(1, "a"), put(404, "b"), put(1, "c")];
         assert!(one_statement(&jobs.iter().collect::<Vec<_>>(), 256));
-        refused_group_writes_the_others(put(1, "c")).await;
+        refused_group_writes_the_others(put(1, "c"), false).await;
     }
 
     #[tokio::test]
     async fn a_group_transaction_whose_commit_is_refused_writes_every_other_job_alone() {
         let jobs = [put(1, "a"), put(404, "b"), create(1, "c")];
         assert!(!one_statement(&jobs.iter().collect::<Vec<_>>(), 256));
-        refused_group_writes_the_others(create(1, "c")).await;
+        refused_group_writes_the_others(create(1, "c"), false).await;
+    }
+
+    #[tokio::test]
+    async fn on_the_sqlite_committers_connection_a_refused_one_statement_group_writes_the_others_alone()
+     {
+        refused_group_writes_the_others(put(1, "c"), true).await;
+    }
+
+    #[tokio::test]
+    async fn on_the_sqlite_committers_connection_a_refused_group_transaction_writes_the_others_alone()
+     {
+        refused_group_writes_the_others(create(1, "c"), true).await;
+    }
+
+    /// A `COMMIT` that SQLite refuses leaves the transaction open; the writer
+    /// rolls it back, so that nothing of it is written and the connection
+    /// can begin the next one.
+    #[tokio::test]
+    async fn the_sqlite_committers_connection_rolls_back_a_refused_commit() {
+        let (conn, path) = sqlite_with_deferred_checks().await;
+        let writer = SqliteWriter::open(&path, crate::config::SqliteSync::Normal).expect("writer");
+        writer
+            .execute("PRAGMA defer_foreign_keys = ON")
+            .await
+            .expect("defer foreign keys");
+        let txn = writer.begin_txn().await.expect("begin");
+        txn.execute(
+            "INSERT INTO object (tenant_id, \"key\", data, version, created_at, updated_at) \
+             VALUES (404, 'x', '1', 1, 0, 0)",
+        )
+        .await
+        .expect("insert");
+        let refused = SqliteWriter::commit_txn(txn)
+            .await
+            .map_err(ApiError::from)
+            .expect_err("the foreign key fails at COMMIT");
+        assert!(writer.refused(&refused), "{refused:?}");
+        assert_eq!(keys_stored(&conn).await, vec![]);
+        let txn = writer.begin_txn().await.expect("a new transaction begins");
+        SqliteWriter::rollback_txn(txn).await.expect("rollback");
+        drop((writer, conn));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
     }
 
     #[test]

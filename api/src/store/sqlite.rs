@@ -1,0 +1,277 @@
+//! The SQLite committer's own connection: a `rusqlite` connection to the
+//! database file, driven from the committer's thread. It implements
+//! `sql::WriteConn`, as sqlx's connections do, so that the write path and
+//! its SQL (`write`, `sql`) are the same code on both backends.
+//!
+//! Through sqlx, each statement of a group commit went from the committer
+//! task to sqlx's worker thread for the connection and back: a thread
+//! wake-up per statement. Here a statement runs where the group is applied,
+//! and none of its futures ever waits.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use sea_orm::prelude::async_trait::async_trait;
+use sea_orm::{DatabaseBackend, DbErr, RuntimeErr, Statement, Value};
+
+use super::sql::{WriteConn, WriteRow};
+
+use crate::config::SqliteSync;
+use crate::error::ApiError;
+
+/// The committer's connection. The mutex is never contended (one thread
+/// uses it); it makes the connection `Sync`, as `ConnectionTrait` requires.
+pub(super) struct SqliteWriter {
+    conn: Mutex<rusqlite::Connection>,
+}
+
+/// Prepared statements kept: multi-row writes of every size up to 256 rows,
+/// for creates and for puts, plus the rest (as on sqlx's connections).
+const STATEMENT_CACHE: usize = 600;
+
+impl SqliteWriter {
+    /// Opens the database file with the settings of sqlx's writer connection
+    /// (see `db::sqlite_options`): WAL, the configured `synchronous`, foreign
+    /// keys, a 10 s busy timeout, checkpoints left to the background.
+    pub(super) fn open(path: &Path, sync: SqliteSync) -> rusqlite::Result<SqliteWriter> {
+        use rusqlite::OpenFlags;
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            match sync {
+                SqliteSync::Normal => "NORMAL",
+                SqliteSync::Full => "FULL",
+            },
+        )?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 10000)?;
+        Ok(SqliteWriter {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, DbErr> {
+        let conn = self.conn.lock().map_err(|_| {
+            DbErr::Conn(RuntimeErr::Internal("the SQLite writer is poisoned".into()))
+        })?;
+        f(&conn).map_err(db_err)
+    }
+
+    /// Runs `stmt`, handing each row to `row`.
+    fn run(
+        &self,
+        stmt: &Statement,
+        mut row: impl FnMut(&rusqlite::Row<'_>, &Arc<[String]>) -> rusqlite::Result<()>,
+    ) -> Result<usize, DbErr> {
+        self.with(|conn| {
+            let mut prepared = conn.prepare_cached(&stmt.sql)?;
+            bind(&mut prepared, stmt)?;
+            let names: Arc<[String]> = prepared
+                .column_names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            let mut rows = prepared.raw_query();
+            let mut n = 0;
+            while let Some(r) = rows.next()? {
+                row(r, &names)?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+
+    /// Ends the open transaction, if any, without writing it.
+    fn roll_back_if_open(&self) {
+        let _ = self.with(|conn| {
+            if !conn.is_autocommit() {
+                conn.execute_batch("ROLLBACK")?;
+            }
+            Ok(())
+        });
+    }
+
+    /// Begins a transaction that takes the write lock at once.
+    pub(super) fn begin(&self) -> Result<(), DbErr> {
+        self.with(|conn| conn.execute_batch("BEGIN IMMEDIATE"))
+    }
+
+    /// Commits; if SQLite refuses (a deferred constraint, a full disk), the
+    /// transaction is rolled back, so that nothing of it is written.
+    pub(super) fn commit(&self) -> Result<(), DbErr> {
+        let result = self.with(|conn| conn.execute_batch("COMMIT"));
+        if result.is_err() {
+            self.roll_back_if_open();
+        }
+        result
+    }
+
+    pub(super) fn rollback(&self) -> Result<(), DbErr> {
+        self.with(|conn| conn.execute_batch("ROLLBACK"))
+    }
+}
+
+/// Binds `stmt`'s values: `$n` by its number, as sqlx does, `?` in order.
+fn bind(prepared: &mut rusqlite::Statement<'_>, stmt: &Statement) -> rusqlite::Result<()> {
+    let values = stmt.values.as_ref().map(|v| v.0.as_slice()).unwrap_or(&[]);
+    for i in 1..=prepared.parameter_count() {
+        let index = match prepared.parameter_name(i) {
+            Some(name) => name[1..]
+                .parse::<usize>()
+                .map_err(|_| rusqlite::Error::InvalidParameterName(name.to_owned()))?,
+            None => i,
+        };
+        let value = values
+            .get(index.wrapping_sub(1))
+            .ok_or(rusqlite::Error::InvalidParameterCount(index, values.len()))?;
+        bind_one(prepared, i, value)?;
+    }
+    Ok(())
+}
+
+fn bind_one(
+    prepared: &mut rusqlite::Statement<'_>,
+    i: usize,
+    value: &Value,
+) -> rusqlite::Result<()> {
+    match value {
+        Value::Bool(v) => prepared.raw_bind_parameter(i, v),
+        Value::Int(v) => prepared.raw_bind_parameter(i, v),
+        Value::BigInt(v) => prepared.raw_bind_parameter(i, v),
+        Value::Unsigned(v) => prepared.raw_bind_parameter(i, v),
+        Value::Double(v) => prepared.raw_bind_parameter(i, v),
+        Value::String(v) => prepared.raw_bind_parameter(i, v),
+        Value::Bytes(v) => prepared.raw_bind_parameter(i, v),
+        other => Err(rusqlite::Error::ToSqlConversionFailure(
+            format!("the SQLite writer cannot bind {other:?}").into(),
+        )),
+    }
+}
+
+/// A column as sea-orm's value. NULL reads as a null integer: the store's
+/// statements only return nullable integer columns.
+fn column(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Value> {
+    use rusqlite::types::ValueRef;
+    Ok(match row.get_ref(i)? {
+        ValueRef::Null => Value::BigInt(None),
+        ValueRef::Integer(v) => Value::BigInt(Some(v)),
+        ValueRef::Real(v) => Value::Double(Some(v)),
+        ValueRef::Text(t) => Value::String(Some(
+            std::str::from_utf8(t)
+                .map_err(|e| rusqlite::Error::Utf8Error(i, e))?
+                .to_owned(),
+        )),
+        ValueRef::Blob(b) => Value::Bytes(Some(b.to_vec())),
+    })
+}
+
+fn db_err(e: rusqlite::Error) -> DbErr {
+    DbErr::Exec(RuntimeErr::Internal(format!("SQLite: {e}")))
+}
+
+/// Whether `err` came from this connection. Any failure of SQLite here
+/// leaves nothing of the statement or transaction written (a failed
+/// `COMMIT` is rolled back), unlike a lost connection to a server.
+pub(super) fn is_writer_error(err: &ApiError) -> bool {
+    let ApiError::Internal(cause) = err else {
+        return false;
+    };
+    matches!(
+        cause.downcast_ref::<DbErr>(),
+        Some(DbErr::Exec(RuntimeErr::Internal(m)) | DbErr::Conn(RuntimeErr::Internal(m)))
+            if m.starts_with("SQLite: ") || m.starts_with("the SQLite writer")
+    )
+}
+
+#[async_trait]
+impl WriteConn for SqliteWriter {
+    type Row = Row;
+
+    fn backend(&self) -> DatabaseBackend {
+        DatabaseBackend::Sqlite
+    }
+
+    async fn query(&self, stmt: Statement) -> Result<Vec<Row>, DbErr> {
+        let mut out = Vec::new();
+        self.run(&stmt, |row, names| {
+            let values = (0..names.len())
+                .map(|i| column(row, i))
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            out.push(Row {
+                names: names.clone(),
+                values,
+            });
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    async fn execute(&self, sql: &str) -> Result<(), DbErr> {
+        self.with(|conn| conn.execute_batch(sql))
+    }
+}
+
+/// The writer inside a transaction it began: the same connection.
+pub(super) struct SqliteTxn<'a>(pub(super) &'a SqliteWriter);
+
+#[async_trait]
+impl WriteConn for SqliteTxn<'_> {
+    type Row = Row;
+
+    fn backend(&self) -> DatabaseBackend {
+        DatabaseBackend::Sqlite
+    }
+
+    async fn query(&self, stmt: Statement) -> Result<Vec<Row>, DbErr> {
+        self.0.query(stmt).await
+    }
+
+    async fn execute(&self, sql: &str) -> Result<(), DbErr> {
+        self.0.execute(sql).await
+    }
+}
+
+/// A row a statement of the writer returned.
+pub(super) struct Row {
+    names: std::sync::Arc<[String]>,
+    values: Vec<Value>,
+}
+
+impl Row {
+    fn get(&self, col: &str) -> Result<&Value, DbErr> {
+        self.names
+            .iter()
+            .position(|n| n == col)
+            .and_then(|i| self.values.get(i))
+            .ok_or_else(|| DbErr::Type(format!("no column {col} in the row")))
+    }
+}
+
+impl WriteRow for Row {
+    fn int(&self, col: &str) -> Result<i64, DbErr> {
+        match self.get(col)? {
+            Value::Int(Some(v)) => Ok(i64::from(*v)),
+            Value::BigInt(Some(v)) => Ok(*v),
+            other => Err(DbErr::Type(format!(
+                "column {col} is {other:?}, not an integer"
+            ))),
+        }
+    }
+
+    fn text(&self, col: &str) -> Result<String, DbErr> {
+        match self.get(col)? {
+            Value::String(Some(v)) => Ok(v.clone()),
+            other => Err(DbErr::Type(format!("column {col} is {other:?}, not text"))),
+        }
+    }
+}
