@@ -209,6 +209,27 @@ fn after_commit(events: &Events, cache: Option<&Cache>, job: &Job, result: &JobR
     );
 }
 
+/// Publishes the sweeper's deletions and drops them from the cache.
+fn after_sweep(events: &Events, cache: Option<&Cache>, expired: &[sql::Expired]) {
+    if let Some(cache) = cache {
+        for e in expired {
+            cache.forget(e.tenant, &e.key);
+        }
+    }
+    events.publish(
+        expired
+            .iter()
+            .map(|e| Event {
+                tenant: e.tenant,
+                kind: EventKind::Expire,
+                key: e.key.clone(),
+                version: e.version,
+                object: None,
+            })
+            .collect(),
+    );
+}
+
 fn unexpected() -> ApiError {
     ApiError::internal(anyhow::anyhow!("a write returned an unexpected outcome"))
 }
@@ -225,18 +246,24 @@ impl Store {
     ) -> anyhow::Result<Self> {
         let sqlite = db.backend == DatabaseBackend::Sqlite;
         let cache = (sqlite && cache_bytes > 0).then(|| Arc::new(Cache::new(cache_bytes)));
-        let after: write::AfterCommit = {
+        let hooks = {
             let (events, cache) = (events.clone(), cache.clone());
-            Box::new(move |job, result| after_commit(&events, cache.as_deref(), job, result))
+            let (events2, cache2) = (events.clone(), cache.clone());
+            write::Hooks {
+                written: Box::new(move |job, result| {
+                    after_commit(&events, cache.as_deref(), job, result)
+                }),
+                swept: Box::new(move |expired| after_sweep(&events2, cache2.as_deref(), expired)),
+            }
         };
         let committer = match &db.sqlite_file {
             Some(path) => {
                 let writer = sqlite::SqliteWriter::open(path, db.sqlite_synchronous)
                     .with_context(|| format!("cannot open {} for writing", path.display()))?;
-                Committer::start_sqlite(writer, clock.clone(), after)
+                Committer::start_sqlite(writer, clock.clone(), hooks)
                     .context("cannot start the committer thread")?
             }
-            None => Committer::start(db.write.clone(), clock.clone(), after, POSTGRES_COMMITTERS),
+            None => Committer::start(db.write.clone(), clock.clone(), hooks, POSTGRES_COMMITTERS),
         };
         let reader = read::Reader::start(db.clone(), clock.clone(), READERS);
         Ok(Store {
@@ -507,27 +534,13 @@ impl Store {
     /// publishes an `Expire` event for each. Returns how many were deleted.
     /// Safe to run on several nodes at once.
     pub async fn sweep(&self, limit: u32) -> Result<usize, ApiError> {
-        let events: Vec<Event> = self
-            .inner
-            .committer
-            .sweep(limit)
-            .await?
-            .into_iter()
-            .map(|e| Event {
-                tenant: e.tenant,
-                kind: EventKind::Expire,
-                key: e.key,
-                version: e.version,
-                object: None,
-            })
-            .collect();
-        if let Some(cache) = &self.inner.cache {
-            for e in &events {
-                cache.forget(e.tenant, &e.key);
-            }
+        if self.inner.db.sqlite_file.is_some() {
+            return self.inner.committer.sweep(limit).await;
         }
-        let n = events.len();
-        self.inner.events.publish(events);
-        Ok(n)
+        // PostgreSQL: beside the committers, on the pool, so that a sweep
+        // never holds up writes; there is no cache to keep in order.
+        let expired = sql::sweep(&self.inner.db.write, limit, self.inner.clock.now_ms()).await?;
+        after_sweep(&self.inner.events, None, &expired);
+        Ok(expired.len())
     }
 }

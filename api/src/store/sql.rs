@@ -212,13 +212,20 @@ pub(super) async fn select_keys_postgres(
 /// GETs costs no hop to a pool's worker thread. It only reads; in WAL mode
 /// each statement sees every write committed before it began.
 pub(super) fn open_sqlite_reader(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = open_sqlite(path)?;
+    conn.pragma_update(None, "query_only", true)?;
+    Ok(conn)
+}
+
+/// A `rusqlite` connection to an existing database file, with the busy
+/// timeout of sqlx's connections (see `db`).
+pub(super) fn open_sqlite(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     use rusqlite::OpenFlags;
     let conn = rusqlite::Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.pragma_update(None, "query_only", true)?;
     Ok(conn)
 }
 
@@ -629,6 +636,13 @@ pub(super) mod tests {
 
     /// A migrated SQLite file with one connection whose foreign keys are
     /// checked only when a transaction commits, so a commit can fail.
+    /// Deletes a test's SQLite file and its WAL files.
+    pub(in crate::store) fn remove_database_files(path: &std::path::Path) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
     pub(in crate::store) async fn sqlite_with_deferred_checks()
     -> (sea_orm::DatabaseConnection, std::path::PathBuf) {
         let path = std::env::temp_dir().join(format!(
@@ -676,9 +690,7 @@ pub(super) mod tests {
         assert_commit_failures_are_errors(&conn, &conn).await;
         assert_commit_failures_are_errors(&writer, &conn).await;
         drop((writer, conn));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        remove_database_files(&path);
     }
 
     async fn assert_commit_failures_are_errors(

@@ -34,12 +34,7 @@ impl SqliteWriter {
     /// (see `db::sqlite_options`): WAL, the configured `synchronous`, foreign
     /// keys, a 10 s busy timeout, checkpoints left to the background.
     pub(super) fn open(path: &Path, sync: SqliteSync) -> rusqlite::Result<SqliteWriter> {
-        use rusqlite::OpenFlags;
-        let conn = rusqlite::Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let conn = super::sql::open_sqlite(path)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(
@@ -91,14 +86,17 @@ impl SqliteWriter {
         })
     }
 
-    /// Ends the open transaction, if any, without writing it.
-    fn roll_back_if_open(&self) {
-        let _ = self.with(|conn| {
+    /// Ends the open transaction, if any, without writing it. Whether the
+    /// connection is now outside any transaction.
+    pub(super) fn roll_back_if_open(&self) -> bool {
+        self.with(|conn| {
             if !conn.is_autocommit() {
+                tracing::error!("the SQLite writer had a transaction open; rolling it back");
                 conn.execute_batch("ROLLBACK")?;
             }
-            Ok(())
-        });
+            Ok(conn.is_autocommit())
+        })
+        .unwrap_or(false)
     }
 
     /// Begins a transaction that takes the write lock at once.
@@ -107,11 +105,14 @@ impl SqliteWriter {
     }
 
     /// Commits; if SQLite refuses (a deferred constraint, a full disk), the
-    /// transaction is rolled back, so that nothing of it is written.
+    /// transaction is rolled back, so that nothing of it is written. If it
+    /// cannot be, the error says the outcome is unknown.
     pub(super) fn commit(&self) -> Result<(), DbErr> {
         let result = self.with(|conn| conn.execute_batch("COMMIT"));
-        if result.is_err() {
-            self.roll_back_if_open();
+        if result.is_err() && !self.roll_back_if_open() {
+            return Err(DbErr::Exec(RuntimeErr::Internal(
+                "the SQLite writer could not end a transaction whose COMMIT failed".into(),
+            )));
         }
         result
     }
@@ -158,38 +159,54 @@ fn bind_one(
     }
 }
 
-/// A column as sea-orm's value. NULL reads as a null integer: the store's
-/// statements only return nullable integer columns.
-fn column(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Value> {
+/// A column as sea-orm's value. It never fails, so that a row is never left
+/// half read (an autocommitted statement reset early commits). NULL reads as
+/// a null integer (the store's statements only return nullable integers),
+/// text that is not UTF-8 as bytes.
+fn column(row: &rusqlite::Row<'_>, i: usize) -> Value {
     use rusqlite::types::ValueRef;
-    Ok(match row.get_ref(i)? {
-        ValueRef::Null => Value::BigInt(None),
-        ValueRef::Integer(v) => Value::BigInt(Some(v)),
-        ValueRef::Real(v) => Value::Double(Some(v)),
-        ValueRef::Text(t) => Value::String(Some(
-            std::str::from_utf8(t)
-                .map_err(|e| rusqlite::Error::Utf8Error(i, e))?
-                .to_owned(),
-        )),
-        ValueRef::Blob(b) => Value::Bytes(Some(b.to_vec())),
-    })
+    match row.get_ref(i) {
+        Ok(ValueRef::Null) | Err(_) => Value::BigInt(None),
+        Ok(ValueRef::Integer(v)) => Value::BigInt(Some(v)),
+        Ok(ValueRef::Real(v)) => Value::Double(Some(v)),
+        Ok(ValueRef::Text(t)) => match std::str::from_utf8(t) {
+            Ok(t) => Value::String(Some(t.to_owned())),
+            Err(_) => Value::Bytes(Some(t.to_vec())),
+        },
+        Ok(ValueRef::Blob(b)) => Value::Bytes(Some(b.to_vec())),
+    }
 }
+
+/// Prefix of the errors SQLite itself answered, having rolled back what
+/// failed (see [`refused_by_sqlite`]).
+const REFUSED: &str = "SQLite refused: ";
 
 fn db_err(e: rusqlite::Error) -> DbErr {
-    DbErr::Exec(RuntimeErr::Internal(format!("SQLite: {e}")))
+    use rusqlite::ErrorCode;
+    let refused = matches!(
+        &e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if !matches!(f.code, ErrorCode::SystemIoFailure | ErrorCode::DatabaseCorrupt)
+    );
+    DbErr::Exec(RuntimeErr::Internal(if refused {
+        format!("{REFUSED}{e}")
+    } else {
+        format!("SQLite writer: {e}")
+    }))
 }
 
-/// Whether `err` came from this connection. Any failure of SQLite here
-/// leaves nothing of the statement or transaction written (a failed
-/// `COMMIT` is rolled back), unlike a lost connection to a server.
-pub(super) fn is_writer_error(err: &ApiError) -> bool {
+/// Whether SQLite answered `err` itself and wrote nothing of the failed
+/// statement, or of the transaction whose `COMMIT` failed (rolled back by
+/// `SqliteWriter::commit`). Not so for an I/O error or a corrupt file,
+/// which may strike after a commit frame reached the log, nor for a
+/// failure on kvql's side of the connection.
+pub(super) fn refused_by_sqlite(err: &ApiError) -> bool {
     let ApiError::Internal(cause) = err else {
         return false;
     };
     matches!(
         cause.downcast_ref::<DbErr>(),
-        Some(DbErr::Exec(RuntimeErr::Internal(m)) | DbErr::Conn(RuntimeErr::Internal(m)))
-            if m.starts_with("SQLite: ") || m.starts_with("the SQLite writer")
+        Some(DbErr::Exec(RuntimeErr::Internal(m))) if m.starts_with(REFUSED)
     )
 }
 
@@ -204,9 +221,7 @@ impl WriteConn for SqliteWriter {
     async fn query(&self, stmt: Statement) -> Result<Vec<Row>, DbErr> {
         let mut out = Vec::new();
         self.run(&stmt, |row, names| {
-            let values = (0..names.len())
-                .map(|i| column(row, i))
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let values = (0..names.len()).map(|i| column(row, i)).collect();
             out.push(Row {
                 names: names.clone(),
                 values,
@@ -221,8 +236,15 @@ impl WriteConn for SqliteWriter {
     }
 }
 
-/// The writer inside a transaction it began: the same connection.
+/// The writer inside a transaction it began: the same connection. Dropped
+/// without a commit, it rolls the transaction back.
 pub(super) struct SqliteTxn<'a>(pub(super) &'a SqliteWriter);
+
+impl Drop for SqliteTxn<'_> {
+    fn drop(&mut self) {
+        self.0.roll_back_if_open();
+    }
+}
 
 #[async_trait]
 impl WriteConn for SqliteTxn<'_> {

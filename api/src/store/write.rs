@@ -43,6 +43,10 @@ pub(super) trait GroupConn: WriteConn {
     /// Whether a failed `COMMIT` (or autocommitted statement) left nothing
     /// written.
     fn refused(&self, err: &ApiError) -> bool;
+
+    /// Called before each group: a connection of its own makes sure no
+    /// transaction was left open.
+    fn before_group(&self) {}
 }
 
 #[async_trait]
@@ -82,10 +86,14 @@ impl GroupConn for SqliteWriter {
         txn.0.rollback()
     }
 
-    /// SQLite answers every statement itself, and a failed `COMMIT` is
-    /// rolled back (`SqliteWriter::commit`).
+    /// SQLite answered, and a failed `COMMIT` is rolled back
+    /// (`SqliteWriter::commit`).
     fn refused(&self, err: &ApiError) -> bool {
-        sqlite::is_writer_error(err) || refused_by_database(err)
+        sqlite::refused_by_sqlite(err)
+    }
+
+    fn before_group(&self) {
+        self.roll_back_if_open();
     }
 }
 
@@ -377,17 +385,28 @@ async fn run_alone_once<C: GroupConn>(conn: &C, job: &Job, now: i64) -> JobResul
 /// not have been committed when the failure is a database error.
 pub(super) type AfterCommit = Box<dyn Fn(&Job, &JobResult) + Send + Sync>;
 
+/// Called by the committer after a sweep deleted rows, before the sweeper
+/// hears back: in commit order with the writes around it.
+pub(super) type AfterSweep = Box<dyn Fn(&[sql::Expired]) + Send + Sync>;
+
+/// What a committer reports to the rest of the store, in commit order.
+pub(super) struct Hooks {
+    pub written: AfterCommit,
+    pub swept: AfterSweep,
+}
+
 /// What the committers are asked to do.
 enum Queued {
     Write {
         job: Job,
         reply: oneshot::Sender<JobResult>,
     },
-    /// Delete expired rows (the sweeper), on the committer's connection so
-    /// that SQLite keeps a single writer.
+    /// Delete expired rows (the sweeper on SQLite), on the committer's
+    /// connection: SQLite keeps a single writer, and the expiries are
+    /// published in commit order with the writes around them.
     Sweep {
         limit: u32,
-        reply: oneshot::Sender<Result<Vec<sql::Expired>, ApiError>>,
+        reply: oneshot::Sender<Result<usize, ApiError>>,
     },
 }
 
@@ -416,16 +435,16 @@ impl Committer {
     pub(super) fn start(
         conn: DatabaseConnection,
         clock: Clock,
-        after: AfterCommit,
+        hooks: Hooks,
         tasks: usize,
     ) -> Committer {
         let (tx, rx) = queue::channel::<Queued>(4096);
-        let after = std::sync::Arc::new(after);
+        let hooks = std::sync::Arc::new(hooks);
         for _ in 0..tasks.max(1) {
-            let (rx, after, conn, clock) = (rx.clone(), after.clone(), conn.clone(), clock.clone());
+            let (rx, hooks, conn, clock) = (rx.clone(), hooks.clone(), conn.clone(), clock.clone());
             tokio::spawn(async move {
                 while let Some(group) = rx.next_group(MAX_GROUP_OPS, Queued::weight).await {
-                    work(&conn, &clock, group, &after).await;
+                    work(&conn, &clock, group, &hooks).await;
                 }
             });
         }
@@ -434,12 +453,13 @@ impl Committer {
 
     /// Starts the SQLite committer: a thread that owns its own connection to
     /// the database file, so that a group's statements run where the group
-    /// is applied (see `sqlite`). Its futures never wait; they are run to
-    /// completion on the thread.
+    /// is applied (see `sqlite`). Nothing it runs waits (its statements are
+    /// synchronous calls into SQLite), so each group's future completes in
+    /// one pass of `block_on`.
     pub(super) fn start_sqlite(
         writer: SqliteWriter,
         clock: Clock,
-        after: AfterCommit,
+        hooks: Hooks,
     ) -> std::io::Result<Committer> {
         let (tx, rx) = queue::channel::<Queued>(4096);
         let runtime = tokio::runtime::Handle::current();
@@ -447,38 +467,41 @@ impl Committer {
             .name("kvql-committer".into())
             .spawn(move || {
                 while let Some(group) = rx.blocking_next_group(MAX_GROUP_OPS, Queued::weight) {
-                    runtime.block_on(work(&writer, &clock, group, &after));
+                    runtime.block_on(work(&writer, &clock, group, &hooks));
                 }
             })?;
         Ok(Committer { tx })
     }
 
-    async fn send(&self, queued: Queued) -> Result<(), ApiError> {
+    /// Queues what `make` builds around a reply channel and waits for the reply.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Queued,
+    ) -> Result<T, ApiError> {
+        let (reply, rx) = oneshot::channel();
         self.tx
-            .send(queued)
+            .send(make(reply))
             .await
-            .map_err(|_| ApiError::internal(anyhow::anyhow!("the committer has stopped")))
+            .map_err(|_| ApiError::internal(anyhow::anyhow!("the committer has stopped")))?;
+        rx.await
+            .map_err(|_| ApiError::internal(anyhow::anyhow!("the committer dropped a request")))?
     }
 
     pub(super) async fn submit(&self, job: Job) -> JobResult {
-        let (reply, rx) = oneshot::channel();
-        self.send(Queued::Write { job, reply }).await?;
-        rx.await
-            .map_err(|_| ApiError::internal(anyhow::anyhow!("the committer dropped a write")))?
+        self.ask(|reply| Queued::Write { job, reply }).await
     }
 
-    /// Deletes up to `limit` expired rows (see `sql::sweep`).
-    pub(super) async fn sweep(&self, limit: u32) -> Result<Vec<sql::Expired>, ApiError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Queued::Sweep { limit, reply }).await?;
-        rx.await
-            .map_err(|_| ApiError::internal(anyhow::anyhow!("the committer dropped a sweep")))?
+    /// Deletes up to `limit` expired rows (see `sql::sweep`) and reports them
+    /// through `Hooks::swept`; how many there were.
+    pub(super) async fn sweep(&self, limit: u32) -> Result<usize, ApiError> {
+        self.ask(|reply| Queued::Sweep { limit, reply }).await
     }
 }
 
 /// Applies the writes of a group as one group commit, then runs its sweeps,
-/// and tells each caller its result (writers after `after` has seen theirs).
-async fn work<C: GroupConn>(conn: &C, clock: &Clock, group: Vec<Queued>, after: &AfterCommit) {
+/// and tells each caller its result once `hooks` have seen it.
+async fn work<C: GroupConn>(conn: &C, clock: &Clock, group: Vec<Queued>, hooks: &Hooks) {
+    conn.before_group();
     let mut writes = Vec::with_capacity(group.len());
     let mut sweeps = Vec::new();
     for queued in group {
@@ -491,12 +514,18 @@ async fn work<C: GroupConn>(conn: &C, clock: &Clock, group: Vec<Queued>, after: 
         let jobs: Vec<&Job> = writes.iter().map(|(job, _)| job).collect();
         let results = commit_group(conn, clock, &jobs).await;
         for ((job, reply), result) in writes.into_iter().zip(results) {
-            after(&job, &result);
+            (hooks.written)(&job, &result);
             let _ = reply.send(result);
         }
     }
     for (limit, reply) in sweeps {
-        let _ = reply.send(sql::sweep(conn, limit, clock.now_ms()).await);
+        let result = sql::sweep(conn, limit, clock.now_ms())
+            .await
+            .map(|expired| {
+                (hooks.swept)(&expired);
+                expired.len()
+            });
+        let _ = reply.send(result);
     }
 }
 
@@ -654,7 +683,7 @@ async fn run_group_in<C: WriteConn>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::sql::tests::sqlite_with_deferred_checks;
+    use crate::store::sql::tests::{remove_database_files, sqlite_with_deferred_checks};
     use crate::store::types::Data;
     use sea_orm::ConnectionTrait;
 
@@ -729,9 +758,7 @@ mod tests {
             vec![(1, "a".to_owned()), (1, "c".to_owned())]
         );
         drop(conn);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        remove_database_files(&path);
     }
 
     #[tokio::test]
@@ -787,9 +814,7 @@ mod tests {
         let txn = writer.begin_txn().await.expect("a new transaction begins");
         SqliteWriter::rollback_txn(txn).await.expect("rollback");
         drop((writer, conn));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        remove_database_files(&path);
     }
 
     #[test]
