@@ -46,7 +46,11 @@ impl SqliteWriter {
             },
         )?;
         conn.pragma_update(None, "foreign_keys", true)?;
-        conn.pragma_update(None, "wal_autocheckpoint", 10000)?;
+        conn.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            crate::db::WAL_AUTOCHECKPOINT_PAGES,
+        )?;
         Ok(SqliteWriter {
             conn: Mutex::new(conn),
         })
