@@ -19,8 +19,10 @@ pub struct DatabaseArgs {
     )]
     pub database_url: String,
 
-    /// Most database connections this node opens (the read pool on SQLite, where
-    /// writes go through one extra dedicated connection; the whole pool on PostgreSQL).
+    /// Size of this node's database pool. On SQLite it is the read pool
+    /// (listings, administration); reads that miss the cache and writes have
+    /// connections of their own (four readers, the committer, one for
+    /// administrative writes). On PostgreSQL it is the whole pool.
     #[arg(long, env = "KVQL_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
     pub database_max_connections: u32,
 
