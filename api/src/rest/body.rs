@@ -14,6 +14,36 @@ use crate::input;
 
 const CONTENT_TYPE: &str = "application/json; charset=utf-8";
 
+/// Implements `Deserialize` for request structs from a JSON object only.
+/// serde's derive also reads a struct from an array of its fields in order,
+/// so that `[null, null]` would pass for `{"data": null, "ttl": null}`;
+/// request bodies are documented as objects, and anything else is refused
+/// (400 `INVALID_INPUT`). Each struct keeps its derive with
+/// `#[serde(remote = "Self")]`, which this wraps.
+macro_rules! objects_only {
+    ($($ty:ty),* $(,)?) => {$(
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Visitor;
+                impl<'de> serde::de::Visitor<'de> for Visitor {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a JSON object")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        map: A,
+                    ) -> Result<$ty, A::Error> {
+                        <$ty>::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    }
+                }
+                deserializer.deserialize_map(Visitor)
+            }
+        }
+    )*};
+}
+pub(crate) use objects_only;
+
 /// A required JSON body of type `T`.
 pub struct JsonBody<T>(pub T);
 

@@ -100,6 +100,7 @@ impl ToJSON for JsonValue {
 
 /// Credentials.
 #[derive(Object, serde::Deserialize)]
+#[serde(remote = "Self")]
 #[oai(example)]
 struct LoginRequest {
     /// The user's name, as created with `kvql user add`.
@@ -153,6 +154,7 @@ struct TokenResponse {
 
 /// A value to create.
 #[derive(Object, serde::Deserialize)]
+#[serde(remote = "Self")]
 #[oai(example)]
 struct CreateObjectRequest {
     /// 1 to 512 bytes of UTF-8 without control characters.
@@ -175,6 +177,7 @@ struct CreateObjectRequest {
 /// fails alone (400 `INVALID_INPUT` in its result) and the others still
 /// apply, unless the batch is atomic.
 #[derive(Object, serde::Deserialize)]
+#[serde(remote = "Self")]
 struct BatchItemRequest {
     /// 1 to 512 bytes of UTF-8 without control characters (checked per item).
     key: String,
@@ -188,6 +191,7 @@ struct BatchItemRequest {
 
 /// A value to store under the key in the path.
 #[derive(Object, serde::Deserialize)]
+#[serde(remote = "Self")]
 #[oai(example)]
 struct PutObjectRequest {
     /// Any JSON value (object, array, string, number, boolean or null), at
@@ -202,6 +206,13 @@ struct PutObjectRequest {
     )]
     ttl: Option<i64>,
 }
+
+body::objects_only!(
+    LoginRequest,
+    CreateObjectRequest,
+    BatchItemRequest,
+    PutObjectRequest
+);
 
 /// A stored value.
 #[derive(Object)]
