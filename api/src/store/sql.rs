@@ -636,6 +636,21 @@ pub(super) mod tests {
 
     /// A migrated SQLite file with one connection whose foreign keys are
     /// checked only when a transaction commits, so a commit can fail.
+    /// The SQLite committer's connection to `path`, with foreign keys checked
+    /// only at COMMIT, as on [`sqlite_with_deferred_checks`].
+    pub(in crate::store) async fn writer_with_deferred_checks(
+        path: &std::path::Path,
+    ) -> crate::store::sqlite::SqliteWriter {
+        let writer =
+            crate::store::sqlite::SqliteWriter::open(path, crate::config::SqliteSync::Normal)
+                .expect("writer");
+        writer
+            .execute("PRAGMA defer_foreign_keys = ON")
+            .await
+            .expect("defer foreign keys");
+        writer
+    }
+
     /// Deletes a test's SQLite file and its WAL files.
     pub(in crate::store) fn remove_database_files(path: &std::path::Path) {
         for suffix in ["", "-wal", "-shm"] {
@@ -680,13 +695,7 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_write_whose_commit_fails_is_an_error_not_an_acknowledgement() {
         let (conn, path) = sqlite_with_deferred_checks().await;
-        let writer =
-            crate::store::sqlite::SqliteWriter::open(&path, crate::config::SqliteSync::Normal)
-                .expect("writer");
-        writer
-            .execute("PRAGMA defer_foreign_keys = ON")
-            .await
-            .expect("defer foreign keys");
+        let writer = writer_with_deferred_checks(&path).await;
         assert_commit_failures_are_errors(&conn, &conn).await;
         assert_commit_failures_are_errors(&writer, &conn).await;
         drop((writer, conn));

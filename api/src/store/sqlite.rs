@@ -20,7 +20,7 @@ use crate::config::SqliteSync;
 use crate::error::ApiError;
 
 /// The committer's connection. The mutex is never contended (one thread
-/// uses it); it makes the connection `Sync`, as `ConnectionTrait` requires.
+/// uses it); it makes the connection `Sync`, as `WriteConn` requires.
 pub(super) struct SqliteWriter {
     conn: Mutex<rusqlite::Connection>,
 }
@@ -66,41 +66,26 @@ impl SqliteWriter {
         f(&conn).map_err(db_err)
     }
 
-    /// Runs `stmt`, handing each row to `row`.
-    fn run(
-        &self,
-        stmt: &Statement,
-        mut row: impl FnMut(&rusqlite::Row<'_>, &Arc<[String]>) -> rusqlite::Result<()>,
-    ) -> Result<usize, DbErr> {
-        self.with(|conn| {
-            let mut prepared = conn.prepare_cached(&stmt.sql)?;
-            bind(&mut prepared, stmt)?;
-            let names: Arc<[String]> = prepared
-                .column_names()
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
-            let mut rows = prepared.raw_query();
-            let mut n = 0;
-            while let Some(r) = rows.next()? {
-                row(r, &names)?;
-                n += 1;
-            }
-            Ok(n)
-        })
-    }
-
     /// Ends the open transaction, if any, without writing it. Whether the
     /// connection is now outside any transaction.
-    pub(super) fn roll_back_if_open(&self) -> bool {
+    fn roll_back_if_open(&self) -> bool {
         self.with(|conn| {
             if !conn.is_autocommit() {
-                tracing::error!("the SQLite writer had a transaction open; rolling it back");
                 conn.execute_batch("ROLLBACK")?;
             }
             Ok(conn.is_autocommit())
         })
         .unwrap_or(false)
+    }
+
+    /// Rolls back a transaction that nothing should have left open (a
+    /// dropped `SqliteTxn`, or one found before a group), saying so.
+    pub(super) fn end_stray_transaction(&self) {
+        let open = self.with(|conn| Ok(!conn.is_autocommit())).unwrap_or(true);
+        if open {
+            tracing::error!("the SQLite writer had a transaction open; rolling it back");
+            self.roll_back_if_open();
+        }
     }
 
     /// Begins a transaction that takes the write lock at once.
@@ -222,17 +207,27 @@ impl WriteConn for SqliteWriter {
         DatabaseBackend::Sqlite
     }
 
+    /// Steps the statement to its end: outside a transaction SQLite commits
+    /// only then (see `sql::returning_one`).
     async fn query(&self, stmt: Statement) -> Result<Vec<Row>, DbErr> {
-        let mut out = Vec::new();
-        self.run(&stmt, |row, names| {
-            let values = (0..names.len()).map(|i| column(row, i)).collect();
-            out.push(Row {
-                names: names.clone(),
-                values,
-            });
-            Ok(())
-        })?;
-        Ok(out)
+        self.with(|conn| {
+            let mut prepared = conn.prepare_cached(&stmt.sql)?;
+            bind(&mut prepared, &stmt)?;
+            let names: Arc<[String]> = prepared
+                .column_names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            let mut rows = prepared.raw_query();
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(Row {
+                    names: names.clone(),
+                    values: (0..names.len()).map(|i| column(row, i)).collect(),
+                });
+            }
+            Ok(out)
+        })
     }
 
     async fn execute(&self, sql: &str) -> Result<(), DbErr> {
@@ -246,7 +241,7 @@ pub(super) struct SqliteTxn<'a>(pub(super) &'a SqliteWriter);
 
 impl Drop for SqliteTxn<'_> {
     fn drop(&mut self) {
-        self.0.roll_back_if_open();
+        self.0.end_stray_transaction();
     }
 }
 
@@ -269,7 +264,7 @@ impl WriteConn for SqliteTxn<'_> {
 
 /// A row a statement of the writer returned.
 pub(super) struct Row {
-    names: std::sync::Arc<[String]>,
+    names: Arc<[String]>,
     values: Vec<Value>,
 }
 

@@ -93,7 +93,7 @@ impl GroupConn for SqliteWriter {
     }
 
     fn before_group(&self) {
-        self.roll_back_if_open();
+        self.end_stray_transaction();
     }
 }
 
@@ -683,7 +683,9 @@ async fn run_group_in<C: WriteConn>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::sql::tests::{remove_database_files, sqlite_with_deferred_checks};
+    use crate::store::sql::tests::{
+        remove_database_files, sqlite_with_deferred_checks, writer_with_deferred_checks,
+    };
     use crate::store::types::Data;
     use sea_orm::ConnectionTrait;
 
@@ -739,12 +741,7 @@ mod tests {
         let (a, b) = (put(1, "a"), put(404, "b"));
         let group = [&a, &b, &third];
         let results = if own_writer {
-            let writer =
-                SqliteWriter::open(&path, crate::config::SqliteSync::Normal).expect("writer");
-            writer
-                .execute("PRAGMA defer_foreign_keys = ON")
-                .await
-                .expect("defer foreign keys");
+            let writer = writer_with_deferred_checks(&path).await;
             commit_group(&writer, &Clock::manual(), &group).await
         } else {
             commit_group(&conn, &Clock::manual(), &group).await
@@ -793,11 +790,7 @@ mod tests {
     #[tokio::test]
     async fn the_sqlite_committers_connection_rolls_back_a_refused_commit() {
         let (conn, path) = sqlite_with_deferred_checks().await;
-        let writer = SqliteWriter::open(&path, crate::config::SqliteSync::Normal).expect("writer");
-        writer
-            .execute("PRAGMA defer_foreign_keys = ON")
-            .await
-            .expect("defer foreign keys");
+        let writer = writer_with_deferred_checks(&path).await;
         let txn = writer.begin_txn().await.expect("begin");
         txn.execute(
             "INSERT INTO object (tenant_id, \"key\", data, version, created_at, updated_at) \
