@@ -101,17 +101,19 @@ impl Events {
         let mut listener = sea_orm::sqlx::postgres::PgListener::connect_with(&pool).await?;
         listener.listen(CHANNEL).await?;
         let local = events.local.clone();
-        let me = node.clone();
+        let own = payload_head(&node);
         tokio::spawn(async move {
             loop {
                 match listener.recv().await {
+                    // This node's own notifications, and any while nobody
+                    // here is subscribed, are dropped unread.
+                    Ok(n) if n.payload().starts_with(&own) || local.receiver_count() == 0 => {}
                     Ok(n) => match serde_json::from_str::<Wire>(n.payload()) {
-                        Ok(wire) if wire.n != me => {
+                        Ok(wire) => {
                             for e in wire.e {
                                 let _ = local.send(Arc::new(from_wire(e, &clock)));
                             }
                         }
-                        Ok(_) => {}
                         Err(e) => {
                             tracing::warn!(error = %e, "ignoring a malformed event notification")
                         }
@@ -229,38 +231,41 @@ fn from_wire(e: WireEvent, clock: &Clock) -> Event {
     }
 }
 
-/// Packs events into NOTIFY payloads under the size limit, in order. A value
-/// too large to travel is left out; receivers read it from the database.
-fn payloads(node: &str, events: Vec<Event>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut current: Vec<WireEvent> = Vec::new();
-    let render =
-        |e: &[WireEvent]| serde_json::to_string(&WireRef { n: node, e }).unwrap_or_default();
-    for event in events {
-        let mut wire = to_wire(event);
-        let alone = render(std::slice::from_ref(&wire));
-        if alone.len() > MAX_PAYLOAD {
-            wire.o = None;
-        }
-        current.push(wire);
-        if render(&current).len() > MAX_PAYLOAD {
-            let last = current.pop().expect("just pushed");
-            if !current.is_empty() {
-                out.push(render(&current));
-            }
-            current = vec![last];
-        }
-    }
-    if !current.is_empty() {
-        out.push(render(&current));
-    }
-    out
+/// How every payload of `node` begins: `Wire` with its fields in order.
+fn payload_head(node: &str) -> String {
+    format!("{{\"n\":{},\"e\":[", serde_json::Value::from(node))
 }
 
-#[derive(Serialize)]
-struct WireRef<'a> {
-    n: &'a str,
-    e: &'a [WireEvent],
+/// Packs events into NOTIFY payloads under the size limit, in order, each
+/// event rendered once. A value too large to travel is left out; receivers
+/// read it from the database.
+fn payloads(node: &str, events: Vec<Event>) -> Vec<String> {
+    const TAIL: &str = "]}";
+    let head = payload_head(node);
+    let room = MAX_PAYLOAD.saturating_sub(head.len() + TAIL.len());
+    let mut out = Vec::new();
+    let mut current = head.clone();
+    for event in events {
+        let mut wire = to_wire(event);
+        let mut rendered = serde_json::to_string(&wire).unwrap_or_default();
+        if rendered.len() > room {
+            wire.o = None;
+            rendered = serde_json::to_string(&wire).unwrap_or_default();
+        }
+        let separator = usize::from(current.len() > head.len());
+        if separator == 1 && current.len() + 1 + rendered.len() + TAIL.len() > MAX_PAYLOAD {
+            current.push_str(TAIL);
+            out.push(std::mem::replace(&mut current, head.clone()));
+        } else if separator == 1 {
+            current.push(',');
+        }
+        current.push_str(&rendered);
+    }
+    if current.len() > head.len() {
+        current.push_str(TAIL);
+        out.push(current);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -298,6 +303,18 @@ mod tests {
         }
         let expected: Vec<String> = (0..50).map(|i| format!("k{i:02}")).collect();
         assert_eq!(keys, expected);
+    }
+
+    #[test]
+    fn payloads_begin_with_their_nodes_head_and_no_other() {
+        let events: Vec<Event> = (0..30).map(|i| put(&format!("k{i}"), 500)).collect();
+        let payloads = payloads("a1", events);
+        assert!(payloads.len() > 1);
+        for p in &payloads {
+            assert!(p.starts_with(&payload_head("a1")), "{p}");
+            assert!(!p.starts_with(&payload_head("a")), "{p}");
+            assert_eq!(serde_json::from_str::<Wire>(p).unwrap().n, "a1");
+        }
     }
 
     #[test]
