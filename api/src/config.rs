@@ -26,6 +26,16 @@ pub struct DatabaseArgs {
     #[arg(long, env = "KVQL_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
     pub database_max_connections: u32,
 
+    /// Write transactions a PostgreSQL node runs at once. Concurrent writes
+    /// are grouped into one transaction per committer: one committer makes
+    /// the largest groups and the least database work per write, best when
+    /// the database is near (same host or data centre). More committers
+    /// overlap round trips, which helps when the database is far and writes
+    /// are conditional (`If-Match`, `expectedVersion`), deletes or atomic
+    /// batches, which take a statement each. SQLite always has one.
+    #[arg(long, env = "KVQL_DATABASE_COMMITTERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub database_committers: u16,
+
     /// SQLite durability. `normal`: WAL with synchronous=NORMAL, an acknowledged
     /// write survives a crash of kvql but the last writes may be lost if the
     /// machine loses power. `full`: fsync on every commit. Ignored on PostgreSQL.

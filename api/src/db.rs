@@ -54,6 +54,8 @@ pub struct Db {
     pub sqlite_file: Option<std::path::PathBuf>,
     /// `KVQL_SQLITE_SYNCHRONOUS`, for the store's own SQLite writer.
     pub sqlite_synchronous: SqliteSync,
+    /// `KVQL_DATABASE_COMMITTERS`: committer tasks on PostgreSQL.
+    pub committers: usize,
 }
 
 impl Db {
@@ -86,6 +88,7 @@ impl Db {
                 backend: DatabaseBackend::Sqlite,
                 sqlite_file: Some(file),
                 sqlite_synchronous: args.sqlite_synchronous,
+                committers: usize::from(args.database_committers),
             })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let mut opts = ConnectOptions::new(url);
@@ -105,6 +108,7 @@ impl Db {
                 backend: DatabaseBackend::Postgres,
                 sqlite_file: None,
                 sqlite_synchronous: args.sqlite_synchronous,
+                committers: usize::from(args.database_committers),
             })
         } else {
             anyhow::bail!(

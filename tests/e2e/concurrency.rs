@@ -96,7 +96,9 @@ async fn concurrent_unconditional_puts_each_bump_the_version_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batches_over_the_same_keys_in_opposite_orders_all_succeed() {
-    let app = TestApp::spawn().await;
+    // Several committers on PostgreSQL, so that groups of this node run
+    // concurrently and must lock rows in one order (ignored on SQLite).
+    let app = TestApp::spawn_with(|c| c.database.database_committers = 4).await;
     let u = app.writer().await;
     const KEYS: usize = 150;
     const ROUNDS: usize = 4;
@@ -231,7 +233,9 @@ async fn concurrent_writers_fail_independently_and_every_success_is_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_atomic_batches_are_each_all_or_nothing() {
-    let app = TestApp::spawn().await;
+    // Several committers on PostgreSQL, so that groups of this node run
+    // concurrently and must lock rows in one order (ignored on SQLite).
+    let app = TestApp::spawn_with(|c| c.database.database_committers = 4).await;
     let u = app.writer().await;
     app.create(&u, "taken", json!("original"), None).await;
     let batch = |i: usize| {
@@ -289,7 +293,9 @@ async fn concurrent_atomic_batches_are_each_all_or_nothing() {
 /// rows in one order (or be retried), and no write may be lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mixed_writers_over_the_same_keys_in_opposite_orders_lose_nothing() {
-    let app = TestApp::spawn().await;
+    // Several committers on PostgreSQL, so that groups of this node run
+    // concurrently and must lock rows in one order (ignored on SQLite).
+    let app = TestApp::spawn_with(|c| c.database.database_committers = 4).await;
     let u = app.writer().await;
     const KEYS: usize = 40;
     let forward: Vec<String> = (0..KEYS).map(|i| format!("k-{i:02}")).collect();

@@ -42,10 +42,6 @@ use write::{Committer, Job, JobResult, Op, Outcome};
 /// statement runs, and the next collects lookups meanwhile.
 const READERS: usize = 4;
 
-/// Committer tasks on PostgreSQL: while one waits for its group's round
-/// trips and commit, the next collects and runs the following group.
-const POSTGRES_COMMITTERS: usize = 2;
-
 /// Configured limits on values and batches.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -263,7 +259,7 @@ impl Store {
                 Committer::start_sqlite(writer, clock.clone(), hooks)
                     .context("cannot start the committer thread")?
             }
-            None => Committer::start(db.write.clone(), clock.clone(), hooks, POSTGRES_COMMITTERS),
+            None => Committer::start(db.write.clone(), clock.clone(), hooks, db.committers),
         };
         let reader = read::Reader::start(db.clone(), clock.clone(), READERS);
         Ok(Store {
