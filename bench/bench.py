@@ -102,6 +102,16 @@ class Server:
                 fields[k] = v.strip()
         return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
+    def anon_kib(self):
+        """Resident anonymous memory: the RSS without mapped files (SQLite's
+        readers map the database file, whose pages are the kernel's page cache)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k == "RssAnon":
+                    return int(v.split()[0])
+        return 0
+
     def cpu_ticks(self):
         with open(f"/proc/{self.proc.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -821,7 +831,10 @@ def main():
                 rss, hwm = server.rss_kib()
                 results["rss_after_table_kib"] = rss
                 out()
-                out(f"Server RSS after the scenarios above: {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB).")
+                anon = server.anon_kib()
+                results["anon_after_table_kib"] = anon
+                out(f"Server RSS after the scenarios above: {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB), "
+                    f"{anon / 1024:.0f} MiB of it anonymous (the rest: mapped database file, page cache).")
                 if with_baselines:
                     baselines(args, nkeys, seconds, run_id, tmpdir, results, out)
                 if not args.only or "hostile" in args.only.split(","):
@@ -831,9 +844,11 @@ def main():
                 rss, hwm = server.rss_kib()
                 results["rss_kib"] = rss
                 results["peak_rss_kib"] = hwm
+                anon = server.anon_kib()
+                results["anon_kib"] = anon
                 out()
-                out(f"Server RSS at the end (after loading {big:,} more keys): {rss / 1024:.0f} MiB; "
-                    f"peak RSS during the whole run: {hwm / 1024:.0f} MiB.")
+                out(f"Server RSS at the end (after loading {big:,} more keys): {rss / 1024:.0f} MiB, "
+                    f"{anon / 1024:.0f} MiB of it anonymous; peak RSS during the whole run: {hwm / 1024:.0f} MiB.")
             finally:
                 server.stop()
 

@@ -36,6 +36,15 @@ pub struct DatabaseArgs {
     #[arg(long, env = "KVQL_DATABASE_COMMITTERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub database_committers: u16,
 
+    /// SQLite: bytes of the database file that connections reading values
+    /// map into memory (`PRAGMA mmap_size`), so a read that misses SQLite's
+    /// own page cache costs no system call and no copy. The mapped pages are
+    /// the kernel's page cache, shared and reclaimable, but they count in the
+    /// process's RSS. `0` turns it off. An I/O error while reading a mapped
+    /// page (a failing disk) stops the process instead of failing the request.
+    #[arg(long, env = "KVQL_SQLITE_MMAP_BYTES", default_value_t = 1 << 30)]
+    pub sqlite_mmap_bytes: u64,
+
     /// SQLite durability. `normal`: WAL with synchronous=NORMAL, an acknowledged
     /// write survives a crash of kvql but the last writes may be lost if the
     /// machine loses power. `full`: fsync on every commit. Ignored on PostgreSQL.

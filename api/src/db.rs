@@ -54,6 +54,8 @@ pub struct Db {
     pub sqlite_file: Option<std::path::PathBuf>,
     /// `KVQL_SQLITE_SYNCHRONOUS`, for the store's own SQLite writer.
     pub sqlite_synchronous: SqliteSync,
+    /// `KVQL_SQLITE_MMAP_BYTES`, for the store's reader connections.
+    pub sqlite_mmap_bytes: u64,
     /// `KVQL_DATABASE_COMMITTERS`: committer tasks on PostgreSQL.
     pub committers: usize,
 }
@@ -63,7 +65,7 @@ impl Db {
     pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<Db> {
         let url = args.database_url.as_str();
         if url.starts_with("sqlite:") {
-            let write = Database::connect(sqlite_options(url, 1, args.sqlite_synchronous))
+            let write = Database::connect(sqlite_options(url, 1, args.sqlite_synchronous, 0))
                 .await
                 .with_context(|| format!("cannot open {}", args.redacted_url()))?;
             let Some(file) = main_file(&write).await? else {
@@ -79,6 +81,7 @@ impl Db {
                 url,
                 args.database_max_connections.max(1),
                 args.sqlite_synchronous,
+                args.sqlite_mmap_bytes,
             ))
             .await
             .with_context(|| format!("cannot open {}", args.redacted_url()))?;
@@ -88,6 +91,7 @@ impl Db {
                 backend: DatabaseBackend::Sqlite,
                 sqlite_file: Some(file),
                 sqlite_synchronous: args.sqlite_synchronous,
+                sqlite_mmap_bytes: args.sqlite_mmap_bytes,
                 committers: usize::from(args.database_committers),
             })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -108,6 +112,7 @@ impl Db {
                 backend: DatabaseBackend::Postgres,
                 sqlite_file: None,
                 sqlite_synchronous: args.sqlite_synchronous,
+                sqlite_mmap_bytes: args.sqlite_mmap_bytes,
                 committers: usize::from(args.database_committers),
             })
         } else {
@@ -235,7 +240,12 @@ pub fn lock_for_server(args: &DatabaseArgs) -> anyhow::Result<Option<std::fs::Fi
     }
 }
 
-fn sqlite_options(url: &str, max_connections: u32, sync: SqliteSync) -> ConnectOptions {
+fn sqlite_options(
+    url: &str,
+    max_connections: u32,
+    sync: SqliteSync,
+    mmap_bytes: u64,
+) -> ConnectOptions {
     let mut opts = ConnectOptions::new(url);
     without_reaper(&mut opts)
         .max_connections(max_connections)
@@ -253,6 +263,7 @@ fn sqlite_options(url: &str, max_connections: u32, sync: SqliteSync) -> ConnectO
                 .foreign_keys(true)
                 .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
                 .page_size(1024)
+                .pragma("mmap_size", mmap_bytes.to_string())
                 .statement_cache_capacity(STATEMENT_CACHE)
         });
     opts

@@ -47,12 +47,13 @@ impl Reader {
             let (rx, db, clock) = (rx.clone(), db.clone(), clock.clone());
             match db.sqlite_file.clone() {
                 Some(path) => {
+                    let mmap_bytes = db.sqlite_mmap_bytes;
                     let spawned = std::thread::Builder::new()
                         .name(format!("kvql-reader-{n}"))
                         .spawn(move || {
                             let mut conn = None;
                             while let Some(batch) = rx.blocking_next_group(max, |_| 1) {
-                                read_sqlite(&path, &mut conn, clock.now_ms(), batch);
+                                read_sqlite(&path, mmap_bytes, &mut conn, clock.now_ms(), batch);
                             }
                         });
                     if let Err(e) = spawned {
@@ -147,13 +148,14 @@ async fn read_postgres(db: &Db, now: i64, batch: Vec<Lookup>) {
 /// it has none (a failed open is tried again with the next batch).
 fn read_sqlite(
     path: &std::path::Path,
+    mmap_bytes: u64,
     conn: &mut Option<rusqlite::Connection>,
     now: i64,
     batch: Vec<Lookup>,
 ) {
     let conn = match conn {
         Some(conn) => conn,
-        None => match sql::open_sqlite_reader(path) {
+        None => match sql::open_sqlite_reader(path, mmap_bytes) {
             Ok(opened) => conn.insert(opened),
             Err(e) => {
                 let e = ApiError::internal(

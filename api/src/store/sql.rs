@@ -211,9 +211,18 @@ pub(super) async fn select_keys_postgres(
 /// connection to the database file, outside sqlx's pool, so that a batch of
 /// GETs costs no hop to a pool's worker thread. It only reads; in WAL mode
 /// each statement sees every write committed before it began.
-pub(super) fn open_sqlite_reader(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+/// The first `mmap_bytes` of the file are read through a memory map.
+pub(super) fn open_sqlite_reader(
+    path: &Path,
+    mmap_bytes: u64,
+) -> rusqlite::Result<rusqlite::Connection> {
     let conn = open_sqlite(path)?;
     conn.pragma_update(None, "query_only", true)?;
+    conn.pragma_update(
+        None,
+        "mmap_size",
+        i64::try_from(mmap_bytes).unwrap_or(i64::MAX),
+    )?;
     Ok(conn)
 }
 
@@ -690,6 +699,24 @@ pub(super) mod tests {
             .expect("count")
             .expect("a row");
         row.try_get("", "n").expect("n")
+    }
+
+    #[tokio::test]
+    async fn reader_connections_map_as_much_of_the_file_as_configured() {
+        let (conn, path) = sqlite_with_deferred_checks().await;
+        for bytes in [0_u64, 1 << 20, 1 << 30] {
+            let reader = open_sqlite_reader(&path, bytes).expect("reader");
+            let mapped: i64 = reader
+                .query_row("PRAGMA mmap_size", [], |r| r.get(0))
+                .expect("mmap_size");
+            assert_eq!(mapped, i64::try_from(bytes).unwrap());
+            let only: bool = reader
+                .query_row("PRAGMA query_only", [], |r| r.get(0))
+                .expect("query_only");
+            assert!(only);
+        }
+        drop(conn);
+        remove_database_files(&path);
     }
 
     #[tokio::test]
