@@ -96,9 +96,7 @@ async fn concurrent_unconditional_puts_each_bump_the_version_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batches_over_the_same_keys_in_opposite_orders_all_succeed() {
-    // Several committers on PostgreSQL, so that groups of this node run
-    // concurrently and must lock rows in one order (ignored on SQLite).
-    let app = TestApp::spawn_with(|c| c.database.database_committers = 4).await;
+    let app = with_concurrent_groups().await;
     let u = app.writer().await;
     const KEYS: usize = 150;
     const ROUNDS: usize = 4;
@@ -233,9 +231,7 @@ async fn concurrent_writers_fail_independently_and_every_success_is_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_atomic_batches_are_each_all_or_nothing() {
-    // Several committers on PostgreSQL, so that groups of this node run
-    // concurrently and must lock rows in one order (ignored on SQLite).
-    let app = TestApp::spawn_with(|c| c.database.database_committers = 4).await;
+    let app = with_concurrent_groups().await;
     let u = app.writer().await;
     app.create(&u, "taken", json!("original"), None).await;
     let batch = |i: usize| {
@@ -293,9 +289,7 @@ async fn concurrent_atomic_batches_are_each_all_or_nothing() {
 /// rows in one order (or be retried), and no write may be lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mixed_writers_over_the_same_keys_in_opposite_orders_lose_nothing() {
-    // Several committers on PostgreSQL, so that groups of this node run
-    // concurrently and must lock rows in one order (ignored on SQLite).
-    let app = TestApp::spawn_with(|c| c.database.database_committers = 4).await;
+    let app = with_concurrent_groups().await;
     let u = app.writer().await;
     const KEYS: usize = 40;
     let forward: Vec<String> = (0..KEYS).map(|i| format!("k-{i:02}")).collect();
@@ -375,4 +369,11 @@ async fn with_the_cache_off_a_read_after_an_acknowledged_write_sees_it() {
     let deleted = app.delete(&object_path("rw/0"), Some(&u.token)).await;
     assert_eq!(deleted.status, 200, "{}", deleted.text);
     app.read(u, "rw/0").await.assert_error(404, "NOT_FOUND");
+}
+
+/// A server whose groups of writes run concurrently on PostgreSQL (several
+/// committers, where the default is one), so that they must lock rows in one
+/// order; SQLite has one committer whatever the setting.
+async fn with_concurrent_groups() -> TestApp {
+    TestApp::spawn_with(|c| c.database.database_committers = 4).await
 }

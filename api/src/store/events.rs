@@ -252,12 +252,13 @@ fn payloads(node: &str, events: Vec<Event>) -> Vec<String> {
             wire.o = None;
             rendered = serde_json::to_string(&wire).unwrap_or_default();
         }
-        let separator = usize::from(current.len() > head.len());
-        if separator == 1 && current.len() + 1 + rendered.len() + TAIL.len() > MAX_PAYLOAD {
-            current.push_str(TAIL);
-            out.push(std::mem::replace(&mut current, head.clone()));
-        } else if separator == 1 {
-            current.push(',');
+        if current.len() > head.len() {
+            if current.len() + 1 + rendered.len() + TAIL.len() > MAX_PAYLOAD {
+                current.push_str(TAIL);
+                out.push(std::mem::replace(&mut current, head.clone()));
+            } else {
+                current.push(',');
+            }
         }
         current.push_str(&rendered);
     }

@@ -643,8 +643,6 @@ pub(super) mod tests {
     use migration::{Migrator, MigratorTrait};
     use sea_orm::{ConnectOptions, Database};
 
-    /// A migrated SQLite file with one connection whose foreign keys are
-    /// checked only when a transaction commits, so a commit can fail.
     /// The SQLite committer's connection to `path`, with foreign keys checked
     /// only at COMMIT, as on [`sqlite_with_deferred_checks`].
     pub(in crate::store) async fn writer_with_deferred_checks(
@@ -667,6 +665,8 @@ pub(super) mod tests {
         }
     }
 
+    /// A migrated SQLite file with one connection whose foreign keys are
+    /// checked only when a transaction commits, so a commit can fail.
     pub(in crate::store) async fn sqlite_with_deferred_checks()
     -> (sea_orm::DatabaseConnection, std::path::PathBuf) {
         let path = std::env::temp_dir().join(format!(
