@@ -49,6 +49,19 @@ def log(msg):
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
+def proc_status(pid):
+    """The fields of /proc/PID/status, e.g. {"VmRSS": "1234 kB", ...}."""
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+
+
+def proc_ticks(pid):
+    """CPU time of a process so far, in clock ticks (utime + stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,27 +108,16 @@ class Server:
         raise SystemExit("kvql did not become ready within 120 s")
 
     def rss_kib(self):
-        fields = {}
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                fields[k] = v.strip()
+        fields = proc_status(self.proc.pid)
         return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
     def anon_kib(self):
         """Resident anonymous memory: the RSS without mapped files (SQLite's
         readers map the database file, whose pages are the kernel's page cache)."""
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k == "RssAnon":
-                    return int(v.split()[0])
-        return 0
+        return int(proc_status(self.proc.pid).get("RssAnon", "0").split()[0])
 
     def cpu_ticks(self):
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
+        return proc_ticks(self.proc.pid)
 
     def wait_idle(self, limit_s=120):
         """Waits until the server has used (almost) no CPU for a second, e.g.

@@ -32,9 +32,7 @@ def ticks(pids):
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            total += bench.proc_ticks(pid)
         except OSError:
             pass  # the process ended meanwhile
     return total
@@ -50,13 +48,6 @@ def machine():
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     return sum(fields), fields[3] + fields[4]
-
-
-def memory(pid):
-    wanted = ("VmRSS", "RssAnon")
-    with open(f"/proc/{pid}/status") as f:
-        pairs = (line.split(":", 1) for line in f)
-        return {k: v.strip() for k, v in pairs if k in wanted}
 
 
 def main():
@@ -101,7 +92,7 @@ def main():
             if args.postgres:
                 line += f", PostgreSQL {1e6 * (p1 - p0) / hz / n:.1f} µs/request"
             print(f"{line}; machine idle {idle:.0%}" + (f"; {r['errors']} errors" if r["errors"] else ""), flush=True)
-        mem = memory(server.proc.pid)
+        mem = bench.proc_status(server.proc.pid)
         print(f"server RSS {mem.get('VmRSS')}, anonymous {mem.get('RssAnon')}")
     finally:
         server.stop()
