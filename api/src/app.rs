@@ -79,13 +79,15 @@ impl App {
         let generated_admin_password =
             users::bootstrap_admin(&db, &clock, config.bootstrap_admin_password.as_deref()).await?;
         let auth = Auth::init(db.clone(), &config, clock.clone()).await?;
-        let events = Events::start(&db, clock.clone(), config.event_buffer as usize).await?;
+        let events = Events::start(&db, config.event_buffer as usize).await?;
         let store = Store::new(
             db.clone(),
             clock,
             Limits {
                 max_value_bytes: config.max_value_bytes,
                 max_batch_items: config.max_batch_items,
+                changes_retention: config.changes_retention,
+                changes_max_per_tenant: config.changes_max_per_tenant,
             },
             events,
             config.cache_bytes,

@@ -144,6 +144,17 @@ pub struct Config {
     #[arg(long, env = "KVQL_SWEEP_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub sweep_batch: u32,
 
+    /// How long the change log keeps a change (for `/api/changes`,
+    /// `/api/watch`, key history and resumed subscriptions), e.g. `24h`,
+    /// `30m`. The sweeper removes older entries in batches.
+    #[arg(long, env = "KVQL_CHANGES_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub changes_retention: Duration,
+
+    /// Most changes the log keeps per tenant; the oldest go first. Revisions
+    /// that failed writes skipped count too, so a tenant may keep fewer.
+    #[arg(long, env = "KVQL_CHANGES_MAX_PER_TENANT", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub changes_max_per_tenant: u64,
+
     /// Largest value accepted, in bytes of compact JSON.
     #[arg(long, env = "KVQL_MAX_VALUE_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_value_bytes: u64,
@@ -189,8 +200,9 @@ pub struct Config {
     #[arg(long, env = "KVQL_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub cache_bytes: u64,
 
-    /// Change events buffered per node for subscribers; a subscriber that falls
-    /// further behind loses its subscription (with an `EVENTS_LOST` error).
+    /// Change wake-ups buffered per node for feeds (subscriptions, `/api/watch`,
+    /// long-polls); a feed that falls further behind reads the change log at
+    /// once instead, and loses nothing.
     #[arg(long, env = "KVQL_EVENT_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub event_buffer: u64,
 

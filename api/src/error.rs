@@ -64,12 +64,21 @@ pub enum ApiError {
     /// (`KVQL_REQUEST_TIMEOUT`); a write may or may not have been applied.
     #[error("{0}")]
     Timeout(String),
-    /// `EVENTS_LOST` (GraphQL subscriptions only): the subscriber fell too far
-    /// behind and missed this many events; the stream ends.
+    /// `EVENTS_LOST` (GraphQL subscriptions only): the subscriber fell so
+    /// far behind that the change log was compacted past what it had still
+    /// to receive; the stream ends. `oldest_revision` as for `COMPACTED`.
     #[error(
-        "this subscription fell behind and missed {0} events; re-read the data and subscribe again"
+        "this subscription fell behind further than the change log reaches; re-read the data and subscribe again with afterRevision {oldest_revision} or later"
     )]
-    EventsLost(u64),
+    EventsLost { oldest_revision: i64 },
+    /// 410 `COMPACTED`: a feed was resumed after a revision whose later
+    /// changes are no longer all in the change log; `oldest_revision` is the
+    /// oldest revision a feed can resume after. Re-read the data, then
+    /// follow the feed from the revision that read returned.
+    #[error(
+        "the change log no longer holds every change after this revision; re-read the data, then resume after revision {oldest_revision} or later"
+    )]
+    Compacted { oldest_revision: i64 },
     /// An item of an atomic batch failed: the status and code are the item's,
     /// the message names its index and key. Nothing of the batch was written.
     #[error("item {index} (key {key:?}): {source}")]
@@ -113,7 +122,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BatchItem { source, .. } => source.status(),
-            ApiError::EventsLost(_) => StatusCode::GONE,
+            ApiError::EventsLost { .. } | ApiError::Compacted { .. } => StatusCode::GONE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -131,7 +140,8 @@ impl ApiError {
             ApiError::RateLimited { .. } => "RATE_LIMITED",
             ApiError::Timeout(_) => "TIMEOUT",
             ApiError::BatchItem { source, .. } => source.code(),
-            ApiError::EventsLost(_) => "EVENTS_LOST",
+            ApiError::EventsLost { .. } => "EVENTS_LOST",
+            ApiError::Compacted { .. } => "COMPACTED",
             ApiError::Internal(_) => "INTERNAL",
         }
     }
@@ -171,6 +181,11 @@ impl ApiError {
                 .then_some(request_id)
                 .flatten(),
             msg: matches!(self, ApiError::Unauthenticated(_)).then(|| error.clone()),
+            oldest_revision: match self {
+                ApiError::Compacted { oldest_revision }
+                | ApiError::EventsLost { oldest_revision } => Some(*oldest_revision),
+                _ => None,
+            },
             error,
         }
     }
@@ -238,7 +253,8 @@ pub struct ErrorBody {
     pub error: String,
     /// Stable machine-readable code: UNAUTHENTICATED, FORBIDDEN, NOT_FOUND,
     /// METHOD_NOT_ALLOWED, ALREADY_EXISTS, VERSION_MISMATCH, INVALID_INPUT,
-    /// PAYLOAD_TOO_LARGE, RATE_LIMITED, QUOTA_EXCEEDED, TIMEOUT or INTERNAL.
+    /// PAYLOAD_TOO_LARGE, RATE_LIMITED, QUOTA_EXCEEDED, TIMEOUT, COMPACTED or
+    /// INTERNAL.
     pub code: String,
     /// The input field at fault, for INVALID_INPUT.
     #[oai(skip_serializing_if_is_none)]
@@ -261,6 +277,10 @@ pub struct ErrorBody {
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub msg: Option<String>,
+    /// For COMPACTED and EVENTS_LOST: the oldest revision a feed can resume after.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_revision: Option<i64>,
 }
 
 impl poem::error::ResponseError for ApiError {
@@ -323,6 +343,11 @@ enum ErrorResponses {
     /// VERSION_MISMATCH: `If-Match` named a version that is no longer current.
     #[oai(status = 412)]
     PreconditionFailed(Json<ErrorBody>),
+    /// COMPACTED: the change log no longer holds every change after the
+    /// revision asked for; `oldest_revision` is the oldest one a feed can
+    /// resume after. Re-read the data and follow from its revision.
+    #[oai(status = 410)]
+    Gone(Json<ErrorBody>),
     /// PAYLOAD_TOO_LARGE: a value, a batch or the request body over its limit.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),

@@ -89,6 +89,7 @@ fn replacement(head: &[u8]) -> Option<Vec<u8>> {
         key: None,
         request_id: None,
         msg: None,
+        oldest_revision: None,
     })
     .ok()?;
     Some(

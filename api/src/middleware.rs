@@ -60,7 +60,13 @@ pub async fn around<E: Endpoint>(
                 }
                 None => config.max_anonymous_body_bytes.min(config.body_limit()),
             };
-            let budget = config.request_timeout;
+            // A long-poll of `/api/changes` may wait for a change before
+            // its work begins.
+            let budget = if uri.path() == "/api/changes" {
+                config.request_timeout + crate::store::Wait::MAX.duration()
+            } else {
+                config.request_timeout
+            };
             // Reading the body counts against the time budget too, so a slow
             // client cannot hold a request open by trickling its body.
             let work = async {

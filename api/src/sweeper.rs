@@ -43,11 +43,28 @@ impl Drop for Sweeper {
     }
 }
 
-/// One pass: batches until fewer than `batch` rows were expired.
+/// One pass: batches until fewer than `batch` rows were expired, then the
+/// same for change log entries past their retention.
 async fn sweep_all(store: &Store, batch: u32) {
+    let expired = drain("expired values", batch, || store.sweep(batch)).await;
+    if expired > 0 {
+        tracing::debug!(deleted = expired, "swept expired values");
+    }
+    let compacted = drain("change log", batch, || store.compact(batch)).await;
+    if compacted > 0 {
+        tracing::debug!(removed = compacted, "compacted the change log");
+    }
+}
+
+/// Runs `step` until it removes fewer than `batch`; how many it removed.
+async fn drain<F, Fut>(what: &str, batch: u32, step: F) -> usize
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<usize, crate::error::ApiError>>,
+{
     let mut total = 0usize;
     loop {
-        match store.sweep(batch).await {
+        match step().await {
             Ok(n) => {
                 total += n;
                 if n < batch as usize {
@@ -57,12 +74,10 @@ async fn sweep_all(store: &Store, batch: u32) {
                 tokio::task::yield_now().await;
             }
             Err(e) => {
-                tracing::warn!(error = ?e, "sweeper pass failed; retrying next interval");
+                tracing::warn!(error = ?e, what, "sweeper pass failed; retrying next interval");
                 break;
             }
         }
     }
-    if total > 0 {
-        tracing::debug!(deleted = total, "swept expired values");
-    }
+    total
 }

@@ -11,12 +11,18 @@ pub struct Model {
     pub key: String,
     #[sea_orm(column_type = "JsonBinary")]
     pub data: Json,
-    /// Starts at 1 when the key is created and grows by one on every write.
+    /// Grows by one on every write. A new key starts at 1 (see the README on
+    /// versions after a delete), and a version never comes back.
     pub version: i64,
     /// When the value stops being visible; `None` means it never expires.
     pub expires_at: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The revision of the change that wrote this value (0: written before
+    /// revisions existed).
+    pub revision: i64,
+    /// The revision of the write that created this value.
+    pub created_revision: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

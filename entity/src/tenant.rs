@@ -9,6 +9,10 @@ pub struct Model {
     #[sea_orm(unique)]
     pub name: String,
     pub created_at: i64,
+    /// The last revision given to a change of this tenant's data.
+    pub revision: i64,
+    /// The last revision removed from the change log by compaction.
+    pub compacted_revision: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -8,6 +8,7 @@ mod m20261124_000002_create_user;
 mod m20261124_000003_create_object;
 mod m20261124_000004_create_signing_key;
 mod m20261125_000005_user_token_generation;
+mod m20261126_000006_revisions;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000003_create_object::Migration),
             Box::new(m20261124_000004_create_signing_key::Migration),
             Box::new(m20261125_000005_user_token_generation::Migration),
+            Box::new(m20261126_000006_revisions::Migration),
         ]
     }
 }

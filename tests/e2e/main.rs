@@ -6,6 +6,7 @@ mod support;
 
 mod auth;
 mod batch;
+mod changes;
 mod cli;
 mod concurrency;
 mod cors;

@@ -227,7 +227,7 @@ async fn delete_with_a_stale_etag_returns_412_and_keeps_the_value() {
 }
 
 #[tokio::test]
-async fn a_deleted_key_can_be_created_again_from_version_1() {
+async fn a_deleted_key_can_be_created_again_and_its_version_continues() {
     let app = TestApp::spawn().await;
     let u = app.writer().await;
     app.create(&u, "again", json!(1), None).await;
@@ -241,5 +241,8 @@ async fn a_deleted_key_can_be_created_again_from_version_1() {
     );
     let r = app.create(&u, "again", json!(3), None).await;
     assert_eq!(r.status, 201);
-    assert_eq!(r.body["version"], 1);
+    // Versions 1 and 2 were the deleted value's: an ETag taken then must
+    // not match the new value (no ABA).
+    assert_eq!(r.body["version"], 3);
+    assert_eq!(r.header("etag"), Some("\"3\""));
 }

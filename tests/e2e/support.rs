@@ -144,6 +144,19 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Stops the node and waits until its server has let go of the database.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         if let Some(s) = self.shutdown.take() {
@@ -221,6 +234,13 @@ impl Resp {
     }
 }
 
+impl User {
+    /// The `connection_init` payload that authenticates a WebSocket as this user.
+    pub fn ws_auth(&self) -> Value {
+        json!({"Authorization": format!("Bearer {}", self.token)})
+    }
+}
+
 static USER_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl TestApp {
@@ -241,6 +261,22 @@ impl TestApp {
             config,
             db,
         }
+    }
+
+    /// Stops the server and starts a new one on the same database (a
+    /// restart), with the same configuration and clock.
+    pub async fn restart(&mut self) {
+        let placeholder = Node {
+            base: self.node.base.clone(),
+            state: self.node.state.clone(),
+            sweeps: self.node.sweeps.clone(),
+            shutdown: None,
+            task: None,
+        };
+        let old = std::mem::replace(&mut self.node, placeholder);
+        old.stop().await;
+        let fresh = Node::start(self.config.clone(), self.clock.clone()).await;
+        self.node = fresh;
     }
 
     /// Another server on the same database (a second node), sharing the clock.

@@ -38,7 +38,10 @@ async fn an_expired_key_can_be_created_again() {
     app.clock.advance(Duration::from_secs(1));
     let r = app.create(&u, "t", json!("new"), None).await;
     assert_eq!(r.status, 201, "{}", r.text);
-    assert_eq!(r.body["version"], 1);
+    assert_eq!(
+        r.body["version"], 2,
+        "the expired value's version is not reused"
+    );
     let read = app.read(&u, "t").await;
     assert_eq!(read.body["data"], "new");
     assert_eq!(read.body["ttl"], json!(null));
@@ -63,7 +66,10 @@ async fn an_unconditional_put_over_an_expired_key_creates_it() {
         .put(&object_path("t"), Some(&u.token), &json!({"data": "new"}))
         .await;
     assert_eq!(r.status, 201, "{}", r.text);
-    assert_eq!(r.body["version"], 1);
+    assert_eq!(
+        r.body["version"], 4,
+        "the expired value's versions are not reused"
+    );
 }
 
 #[tokio::test]

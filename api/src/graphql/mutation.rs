@@ -128,7 +128,10 @@ impl Mutation {
         let outcome = store
             .batch_create(writer, inputs, atomicity(atomic))
             .await?;
-        Ok(BatchPayload::new(outcome, |o| (None, Some(o))))
+        Ok(BatchPayload::new(outcome, |o| {
+            let revision = o.revision;
+            (None, Some(o), revision)
+        }))
     }
 
     /// Creates or replaces several values in one transaction, each honouring
@@ -148,7 +151,8 @@ impl Mutation {
             .collect();
         let outcome = store.batch_put(writer, inputs, atomicity(atomic)).await?;
         Ok(BatchPayload::new(outcome, |p| {
-            (Some(p.created), Some(p.object))
+            let revision = p.object.revision;
+            (Some(p.created), Some(p.object), revision)
         }))
     }
 
@@ -171,6 +175,8 @@ impl Mutation {
         let outcome = store
             .batch_delete(writer, inputs, atomicity(atomic))
             .await?;
-        Ok(BatchPayload::new(outcome, |()| (None, None)))
+        Ok(BatchPayload::new(outcome, |revision| {
+            (None, None, revision)
+        }))
     }
 }

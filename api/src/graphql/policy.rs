@@ -581,6 +581,9 @@ fn classify(mut err: ServerError) -> ServerError {
             if let ApiError::RateLimited { retry_after, .. } = api {
                 ext.set("retryAfter", Value::from(*retry_after));
             }
+            if let Some(r) = body.oldest_revision {
+                ext.set("oldestRevision", r.to_string());
+            }
             err.message = body.error;
         }
         None => {

@@ -1,9 +1,12 @@
 use async_graphql::{Context, Object};
 
 use super::ContextExt;
-use super::types::{DateTime, KvObject, KvObjectConnection, KvObjectEdge, Me, PageInfo};
+use super::types::{
+    DateTime, KvObject, KvObjectConnection, KvObjectEdge, Me, ObjectChangeConnection,
+    ObjectChangeEdge, ObjectEvent, PageInfo,
+};
 use crate::error::ApiError;
-use crate::store::{Cursor, Key, Limit, Prefix};
+use crate::store::{Cursor, Key, Limit, Prefix, Revision};
 
 pub struct Query;
 
@@ -79,6 +82,57 @@ impl Query {
             page_info: PageInfo {
                 has_next_page: page.next.is_some(),
                 end_cursor: edges.last().map(|e| e.cursor.clone()),
+                has_previous_page: false,
+                start_cursor: edges.first().map(|e| e.cursor.clone()),
+            },
+            edges,
+        })
+    }
+
+    /// The retained changes of `key`, newest first: every PUT (with the
+    /// value), DELETE and EXPIRE the change log still holds (see the
+    /// server's `KVQL_CHANGES_RETENTION`). `first` is the page size (1 to
+    /// 1000, default 100); pass `pageInfo.endCursor` as `after` for older
+    /// changes while `hasNextPage` is true. Each page looks through at most
+    /// 10,000 revisions of your data, so a page of a rarely changed key may
+    /// hold fewer changes, even none, and still have a next page. A key
+    /// with no retained change has an empty history.
+    async fn object_history(
+        &self,
+        ctx: &Context<'_>,
+        key: String,
+        first: Option<i64>,
+        after: Option<String>,
+    ) -> async_graphql::Result<ObjectChangeConnection> {
+        let principal = ctx.principal()?;
+        let key = Key::parse(key)?;
+        let limit = Limit::parse("first", first)?;
+        let before = after
+            .as_deref()
+            .map(|a| Revision::parse_text("after", a))
+            .transpose()?;
+        let store = ctx.state().store();
+        let page = store
+            .history(principal.tenant(), &key, limit, before)
+            .await?;
+        let now = store.clock().now_ms();
+        let edges: Vec<ObjectChangeEdge> = page
+            .changes
+            .into_iter()
+            .map(|c| ObjectChangeEdge {
+                cursor: c.revision.to_string(),
+                node: ObjectEvent::from_change(c, now),
+            })
+            .collect();
+        Ok(ObjectChangeConnection {
+            page_info: PageInfo {
+                has_next_page: page.next.is_some(),
+                // Where the next page starts, which is past the last edge
+                // when the page's walk ended first.
+                end_cursor: page
+                    .next
+                    .map(|r| r.get().to_string())
+                    .or_else(|| edges.last().map(|e| e.cursor.clone())),
                 has_previous_page: false,
                 start_cursor: edges.first().map(|e| e.cursor.clone()),
             },

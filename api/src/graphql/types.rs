@@ -40,6 +40,33 @@ impl ScalarType for Version {
     }
 }
 
+/// A revision of your data: a 64-bit number, strictly increasing in commit
+/// order across all your keys, sent as a decimal string (e.g. `"42"`).
+/// Inputs accept the string or an Int.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Revision(pub i64);
+
+/// A revision of your data: a 64-bit number, strictly increasing in commit
+/// order across all your keys, sent as a decimal string (e.g. `"42"`).
+/// Inputs accept the string or an Int.
+#[Scalar(name = "Revision")]
+impl ScalarType for Revision {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        let raw = match &value {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return Err(InputValueError::expected_type(value)),
+        };
+        store::Revision::parse_text("revision", &raw)
+            .map(|r| Revision(r.get()))
+            .map_err(|e| InputValueError::custom(e.to_string()))
+    }
+
+    fn to_value(&self) -> Value {
+        Value::String(self.0.to_string())
+    }
+}
+
 /// A point in time, RFC 3339 in UTC with milliseconds, e.g. `2026-11-24T10:00:00.000Z`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DateTime(pub i64);
@@ -116,10 +143,19 @@ impl KvObject {
         (&*self.0.data != "null").then(|| StoredJson(self.0.data.clone()))
     }
 
-    /// Starts at 1 when the key is created and grows by one on every write.
+    /// Grows by one on every write. A new key starts at 1; a key created
+    /// again after a delete or an expiry goes on above every version it had,
+    /// so an old `expectedVersion` never matches it.
     /// Pass it as `expectedVersion` to write only if nobody else has.
     async fn version(&self) -> Version {
         Version(self.0.version)
+    }
+
+    /// The revision of the change that wrote this value ("0" for values
+    /// written before revisions existed). Pass it as `afterRevision` to
+    /// `objectEvents` to follow every later change.
+    async fn revision(&self) -> Revision {
+        Revision(self.0.revision)
     }
 
     /// Whole seconds left before the value expires, rounded up; null if it never expires.
@@ -220,6 +256,8 @@ pub struct BatchItemResult {
     pub created: Option<bool>,
     /// For batchCreate and batchPut: the value as now stored.
     pub object: Option<KvObject>,
+    /// The revision of this item's change, when `ok` is true.
+    pub revision: Option<Revision>,
 }
 
 /// Per-item results of a batch, in request order.
@@ -234,10 +272,10 @@ pub struct BatchPayload {
 }
 
 impl BatchPayload {
-    /// `done` gives a successful item's `created` and `object`.
+    /// `done` gives a successful item's `created`, `object` and revision.
     pub fn new<T>(
         outcome: store::BatchOutcome<T>,
-        done: impl Fn(T) -> (Option<bool>, Option<store::Object>),
+        done: impl Fn(T) -> (Option<bool>, Option<store::Object>, i64),
     ) -> Self {
         BatchPayload {
             succeeded: outcome.succeeded as i32,
@@ -249,7 +287,7 @@ impl BatchPayload {
                     let (index, key) = (item.index as i32, item.key);
                     match item.result {
                         Ok(value) => {
-                            let (created, object) = done(value);
+                            let (created, object, revision) = done(value);
                             BatchItemResult {
                                 index,
                                 key,
@@ -258,6 +296,7 @@ impl BatchPayload {
                                 message: None,
                                 created,
                                 object: object.map(KvObject),
+                                revision: Some(Revision(revision)),
                             }
                         }
                         Err(e) => BatchItemResult {
@@ -268,6 +307,7 @@ impl BatchPayload {
                             message: Some(e.to_string()),
                             created: None,
                             object: None,
+                            revision: None,
                         },
                     }
                 })
@@ -380,8 +420,40 @@ pub struct ObjectEvent {
     pub key: String,
     /// The version written (PUT), deleted (DELETE) or expired (EXPIRE).
     pub version: Version,
-    /// For PUT: the value written. Null for DELETE and EXPIRE, and for a PUT
-    /// made on another node whose value was too large to travel with the
-    /// event and has changed again since.
+    /// The change's revision: strictly increasing across all your keys, in
+    /// commit order. Pass it as `afterRevision` to resume after this change.
+    pub revision: Revision,
+    /// For PUT: the value written. Null for DELETE and EXPIRE.
     pub object: Option<KvObject>,
+}
+
+impl ObjectEvent {
+    /// The event of a logged change, its value seen at `now`.
+    pub fn from_change(change: store::Change, now: i64) -> Self {
+        ObjectEvent {
+            kind: change.kind.into(),
+            key: change.key.clone(),
+            version: Version(change.version),
+            revision: Revision(change.revision),
+            object: change.object(now).map(KvObject),
+        }
+    }
+}
+
+/// A page of one key's history, newest first.
+#[derive(SimpleObject)]
+pub struct ObjectChangeConnection {
+    /// The changes of this page, newest first.
+    pub edges: Vec<ObjectChangeEdge>,
+    /// Whether older changes follow, and where they start.
+    pub page_info: PageInfo,
+}
+
+/// A change and its position in the history.
+#[derive(SimpleObject)]
+pub struct ObjectChangeEdge {
+    /// The change.
+    pub node: ObjectEvent,
+    /// Pass as `after` to continue with older changes.
+    pub cursor: String,
 }

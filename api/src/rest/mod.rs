@@ -3,6 +3,7 @@
 
 mod allow;
 mod body;
+mod changes;
 mod params;
 
 pub use allow::{all_methods, allowed_methods};
@@ -24,9 +25,13 @@ use crate::auth::Principal;
 use crate::clock::rfc3339;
 use crate::error::{ApiError, ErrorStatuses, Errors};
 use crate::middleware::Verified;
-use crate::store::{self, Atomicity, Cursor, Expect, Limit, Prefix};
+use crate::store::{self, Atomicity, Cursor, Expect, Limit, Prefix, Revision, Wait, Watch};
 use body::{JsonBody, RawJson};
-use params::{CreateOnly, CursorText, IfMatch, KeyText, LimitParam, PrefixText};
+use changes::{ChangePageView, HistoryPageView, WatchItem};
+use params::{
+    CreateOnly, CursorText, HistoryCursorText, IfMatch, KeyText, LimitParam, PrefixText,
+    RevisionParam, WaitParam,
+};
 
 #[derive(Tags)]
 enum Tag {
@@ -36,6 +41,8 @@ enum Tag {
     Objects,
     /// Several values in one call.
     Batch,
+    /// Revisions, the change feed and key history.
+    Changes,
     /// Liveness and readiness probes.
     Health,
 }
@@ -221,8 +228,14 @@ struct ObjectView {
     key: String,
     /// The JSON value as stored.
     data: JsonValue,
-    /// Starts at 1 and grows by one on every write; the ETag is this number in quotes.
+    /// Grows by one on every write; the ETag is this number in quotes. A new
+    /// key starts at 1; a key created again after a delete or an expiry goes
+    /// on above every version it had, so an old ETag never matches it.
     version: i64,
+    /// The revision of the change that wrote this value: strictly increasing
+    /// per tenant in commit order (0 for values written before revisions
+    /// existed). Resume `/api/changes` or `/api/watch` after it.
+    revision: i64,
     /// Whole seconds left before the value expires (rounded up); null if it never expires.
     #[oai(nullable)]
     ttl: Option<i64>,
@@ -243,10 +256,11 @@ fn object_view_json(o: &store::Object) -> String {
     let mut out = String::with_capacity(o.data.len() + o.key.len() + 192);
     let _ = write!(
         out,
-        "{{\"key\":{},\"data\":{},\"version\":{},\"ttl\":",
+        "{{\"key\":{},\"data\":{},\"version\":{},\"revision\":{},\"ttl\":",
         quoted(&o.key),
         o.data,
-        o.version
+        o.version,
+        o.revision
     );
     match (o.ttl, o.expires_at) {
         (Some(ttl), Some(at)) => {
@@ -269,6 +283,7 @@ impl From<store::Object> for ObjectView {
             data: JsonValue(o.data_json()),
             key: o.key,
             version: o.version,
+            revision: o.revision,
             ttl: o.ttl,
             expires_at: o.expires_at.map(rfc3339),
             created_at: rfc3339(o.created_at),
@@ -286,6 +301,8 @@ struct WriteResult {
     key: String,
     /// The version now stored.
     version: i64,
+    /// The revision of this write (see `ObjectView.revision`).
+    revision: i64,
     /// Whole seconds left before the value expires; null if it never expires.
     #[oai(nullable)]
     ttl: Option<i64>,
@@ -309,6 +326,7 @@ impl WriteResult {
             .into(),
             key: o.key.clone(),
             version: o.version,
+            revision: o.revision,
             ttl: o.ttl,
             expires_at: o.expires_at.map(rfc3339),
             created_at: rfc3339(o.created_at),
@@ -324,6 +342,8 @@ struct DeleteResult {
     message: String,
     /// The key deleted.
     key: String,
+    /// The revision of the deletion.
+    revision: i64,
 }
 
 /// One page of values.
@@ -350,6 +370,9 @@ struct BatchItemResult {
     /// The version written, for a successful create or put.
     #[oai(skip_serializing_if_is_none)]
     version: Option<i64>,
+    /// The revision of this item's change, for a successful item.
+    #[oai(skip_serializing_if_is_none)]
+    revision: Option<i64>,
     /// The error code, for a failed item.
     #[oai(skip_serializing_if_is_none)]
     code: Option<String>,
@@ -370,8 +393,8 @@ struct BatchResult {
 }
 
 impl BatchResult {
-    /// `ok` gives a successful item's status and version.
-    fn new<T>(outcome: store::BatchOutcome<T>, ok: impl Fn(&T) -> (u16, Option<i64>)) -> Self {
+    /// `ok` gives a successful item's status, version and revision.
+    fn new<T>(outcome: store::BatchOutcome<T>, ok: impl Fn(&T) -> (u16, Option<i64>, i64)) -> Self {
         BatchResult {
             succeeded: outcome.succeeded as u64,
             failed: outcome.failed as u64,
@@ -382,13 +405,14 @@ impl BatchResult {
                     let (index, key) = (item.index as u64, item.key);
                     match item.result {
                         Ok(value) => {
-                            let (status, version) = ok(&value);
+                            let (status, version, revision) = ok(&value);
                             BatchItemResult {
                                 index,
                                 key,
                                 ok: true,
                                 status,
                                 version,
+                                revision: Some(revision),
                                 code: None,
                                 error: None,
                             }
@@ -399,6 +423,7 @@ impl BatchResult {
                             ok: false,
                             status: e.status().as_u16(),
                             version: None,
+                            revision: None,
                             code: Some(e.code().to_owned()),
                             error: Some(e.to_string()),
                         },
@@ -521,6 +546,27 @@ error_statuses! {
     BatchPutErrors = [400, 401, 403, 413, 415, 500, 503];
     /// Atomic batches fail with the failing item's status: a delete's 404.
     BatchDeleteErrors = [400, 401, 403, 404, 413, 415, 500, 503];
+    /// 410 `COMPACTED`: the log no longer holds every change after `after`.
+    ChangesErrors = [400, 401, 410, 500, 503];
+    HistoryErrors = [400, 401, 500, 503];
+}
+
+/// Heartbeat of `/api/watch`: a comment line this often, so that proxies
+/// keep an idle stream open and clients notice a dead one.
+const WATCH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
+
+#[derive(ApiResponse)]
+enum ChangesResponse {
+    /// The changes after `after` (none when `wait` ran out first).
+    #[oai(status = 200)]
+    Ok(RawJson<ChangePageView>),
+}
+
+#[derive(ApiResponse)]
+enum HistoryResponse {
+    /// The key's retained changes, newest first.
+    #[oai(status = 200)]
+    Ok(RawJson<HistoryPageView>),
 }
 
 fn parse_if_match(raw: Option<&IfMatch>) -> Result<Option<Expect>, ApiError> {
@@ -693,10 +739,11 @@ impl RestApi {
             Some(Expect::Version(v)) => Some(v),
             _ => None,
         };
-        state.store().delete(writer, &key, expected).await?;
+        let revision = state.store().delete(writer, &key, expected).await?;
         Ok(Json(DeleteResult {
             message: "Key-Value pair deleted".into(),
             key: key.into_string(),
+            revision,
         }))
     }
 
@@ -726,6 +773,150 @@ impl RestApi {
             items: page.objects.into_iter().map(ObjectView::from).collect(),
             next_cursor: page.next.map(|c| c.encode()),
         }))
+    }
+
+    /// Changes since a revision
+    ///
+    /// The retained changes of your keys after revision `after`, in revision
+    /// order: every create, replace (`PUT`), delete (`DELETE`) and expiry
+    /// (`EXPIRE`), with the value for `PUT`. `key` follows one key, `prefix`
+    /// the keys under it (not both); neither, every key. At most `limit`
+    /// changes (1 to 1000, default 100) and about 4 MiB of values per page.
+    /// Pass `last_revision` back as `after` for the next page: following
+    /// pages this way sees every change exactly once, in order. Without
+    /// `after`, the page starts at the oldest change the log still holds.
+    ///
+    /// With `wait` (seconds, up to 60) and nothing to answer yet, the request
+    /// is held until a change arrives or the time is up (then an empty page):
+    /// a blocking query. Changes are kept for `KVQL_CHANGES_RETENTION`; 410
+    /// `COMPACTED` when some changes after `after` are gone: re-read the data
+    /// and follow from the revision it carries.
+    #[oai(path = "/api/changes", method = "get", tag = "Tag::Changes")]
+    #[allow(clippy::too_many_arguments)]
+    async fn changes(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        prefix: Query<Option<PrefixText>>,
+        key: Query<Option<KeyText>>,
+        after: Query<Option<RevisionParam>>,
+        limit: Query<Option<LimitParam>>,
+        wait: Query<Option<WaitParam>>,
+    ) -> Result<ChangesResponse, Errors<ChangesErrors>> {
+        let watch = Watch::parse(key.0.map(|k| k.0), prefix.0.map(|p| p.0))?;
+        let after = after.0.map(|a| Revision::parse("after", a.0)).transpose()?;
+        let limit = Limit::parse("limit", limit.0.map(|l| l.0))?;
+        let wait = Wait::parse(wait.0.map(|w| w.0))?;
+        let store = state.store();
+        let tenant = auth.0.tenant();
+        let after = match after {
+            Some(a) => a,
+            None => store.oldest_revision(tenant).await?,
+        };
+        let page = store
+            .wait_for_changes(tenant, &watch, after, limit, wait)
+            .await?;
+        Ok(ChangesResponse::Ok(RawJson::new(
+            changes::change_page_json(&page),
+        )))
+    }
+
+    /// Watch changes (Server-Sent Events)
+    ///
+    /// A `text/event-stream` of the changes of your keys after revision
+    /// `after` (without it, from now on), then of every change as it is
+    /// committed, on any node. Each event has `id:` the revision, `event:`
+    /// the kind (`PUT`, `DELETE`, `EXPIRE`) and `data:` the change as one
+    /// entry of `/api/changes`. A client that reconnects with
+    /// `Last-Event-ID` (browsers' `EventSource` does) resumes after it,
+    /// missing nothing and repeating nothing. A comment line is sent every 15
+    /// seconds while nothing happens. `key` / `prefix` as in `/api/changes`.
+    /// 410 `COMPACTED` when the log no longer holds every change after the
+    /// revision; an error after the stream has begun (the token expired, or
+    /// the log was compacted past a reader too slow to keep up) arrives as
+    /// `event: error` with the error body, and the stream ends.
+    #[oai(path = "/api/watch", method = "get", tag = "Tag::Changes")]
+    #[allow(clippy::too_many_arguments)]
+    async fn watch(
+        &self,
+        req: &Request,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        prefix: Query<Option<PrefixText>>,
+        key: Query<Option<KeyText>>,
+        after: Query<Option<RevisionParam>>,
+        #[oai(name = "Last-Event-ID")] last_event_id: Header<Option<String>>,
+    ) -> Result<
+        poem_openapi::payload::EventStream<futures_util::stream::BoxStream<'static, WatchItem>>,
+        Errors<ChangesErrors>,
+    > {
+        let watch = Watch::parse(key.0.map(|k| k.0), prefix.0.map(|p| p.0))?;
+        let after = match last_event_id.0.as_deref().map(str::trim) {
+            Some(id) if !id.is_empty() => Some(Revision::parse_text("Last-Event-ID", id)?),
+            _ => after.0.map(|a| Revision::parse("after", a.0)).transpose()?,
+        };
+        let store = state.store();
+        let principal = auth.0.clone();
+        // The token, verified again (cached) before each change, so that a
+        // removed user or a revoked token receives nothing more.
+        let token = req
+            .header(poem::http::header::AUTHORIZATION)
+            .and_then(|h| h.split_once(' '))
+            .map(|(_, t)| t.trim().to_owned())
+            .unwrap_or_default();
+        let feed = store
+            .feed(principal.tenant(), watch, after)
+            .await?
+            .for_caller(&principal, Some((state.auth().clone(), token)));
+        let stream = futures_util::stream::unfold(feed, |mut feed| async move {
+            let item = match feed.next().await? {
+                Ok(change) => WatchItem::Change(change),
+                Err(e) => WatchItem::Error(e),
+            };
+            Some((item, feed))
+        });
+        Ok(
+            poem_openapi::payload::EventStream::new(Box::pin(stream) as _)
+                .keep_alive(WATCH_HEARTBEAT)
+                .to_event(WatchItem::into_event),
+        )
+    }
+
+    /// History of a key
+    ///
+    /// The retained changes of `key`, newest first: every `PUT` (with the
+    /// value), `DELETE` and `EXPIRE`, at most `limit` per page (1 to 1000,
+    /// default 100). Pass `next_cursor` back as `cursor` for older changes,
+    /// until it is null. Each page looks through at most 10,000 revisions of
+    /// your data, so a page of a rarely changed key may hold fewer changes,
+    /// even none, and still have a `next_cursor`. A key with no retained
+    /// change has an empty history.
+    #[oai(
+        path = "/api/object/:key/history",
+        method = "get",
+        tag = "Tag::Changes"
+    )]
+    async fn history(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        key: Path<KeyText>,
+        limit: Query<Option<LimitParam>>,
+        cursor: Query<Option<HistoryCursorText>>,
+    ) -> Result<HistoryResponse, Errors<HistoryErrors>> {
+        let key = key.0.parse()?;
+        let limit = Limit::parse("limit", limit.0.map(|l| l.0))?;
+        let before = cursor
+            .0
+            .map(|c| Revision::parse_text("cursor", &c.0))
+            .transpose()?;
+        let page = state
+            .store()
+            .history(auth.0.tenant(), &key, limit, before)
+            .await?;
+        Ok(HistoryResponse::Ok(RawJson::new(
+            changes::history_page_json(&page),
+        )))
     }
 
     /// Create several values
@@ -764,7 +955,9 @@ impl RestApi {
         let outcome = store
             .batch_create(writer, items, atomicity(atomic.0))
             .await?;
-        let result = BatchCreateResult::from(BatchResult::new(outcome, |o| (201, Some(o.version))));
+        let result = BatchCreateResult::from(BatchResult::new(outcome, |o| {
+            (201, Some(o.version), o.revision)
+        }));
         Ok(if result.failed == 0 {
             BatchCreateResponse::Created(Json(result))
         } else {
@@ -804,7 +997,11 @@ impl RestApi {
             .collect();
         let outcome = store.batch_put(writer, items, atomicity(atomic.0)).await?;
         Ok(Json(BatchResult::new(outcome, |p| {
-            (if p.created { 201 } else { 200 }, Some(p.object.version))
+            (
+                if p.created { 201 } else { 200 },
+                Some(p.object.version),
+                p.object.revision,
+            )
         })))
     }
 
@@ -834,7 +1031,7 @@ impl RestApi {
         let outcome = store
             .batch_delete(writer, parsed, atomicity(atomic.0))
             .await?;
-        Ok(Json(BatchResult::new(outcome, |_| (200, None))))
+        Ok(Json(BatchResult::new(outcome, |r| (200, None, *r))))
     }
 
     /// Liveness
@@ -889,6 +1086,7 @@ mod tests {
                 key: "a \"quoted\" key/ü".into(),
                 data: r#"{"b":[1,2,{"c":null}],"a":"x"}"#.into(),
                 version: 42,
+                revision: 7,
                 ttl,
                 expires_at,
                 created_at: 1_795_000_000_000,

@@ -154,6 +154,48 @@ documented!(
     }
 );
 
+documented!(
+    /// A revision as sent (`after`); `Revision::parse` applies the range.
+    RevisionParam(i64),
+    "Revision",
+    MetaSchema {
+        format: Some("int64"),
+        minimum: Some(0.0),
+        description: Some(
+            "A revision of your data: the `last_revision` of a previous page, or the \
+             `revision` of a value or change. 0 means before every change.",
+        ),
+        ..MetaSchema::new("integer")
+    }
+);
+
+documented!(
+    /// A long-poll wait as sent; `Wait::parse` applies the range.
+    WaitParam(i64),
+    "Wait",
+    MetaSchema {
+        format: Some("int64"),
+        minimum: Some(0.0),
+        maximum: Some(store::Wait::MAX_SECONDS as f64),
+        description: Some(
+            "Seconds to hold the request while no change has arrived, 0 to 60; 0 when absent.",
+        ),
+        ..MetaSchema::new("integer")
+    }
+);
+
+documented!(
+    /// A history cursor as sent; `Revision::parse_text` reads it.
+    HistoryCursorText(String),
+    "HistoryCursor",
+    MetaSchema {
+        pattern: Some("^(0|[1-9][0-9]{0,17})$".into()),
+        ..string_schema(
+            "The `next_cursor` of the previous page of this key's history, as it was given.",
+        )
+    }
+);
+
 /// Versions are written as at most 18 digits: a key would need 10^18 writes
 /// to outgrow it, and every such number fits an i64.
 const VERSION_PATTERN: &str = "[1-9][0-9]{0,17}";

@@ -142,6 +142,7 @@ mod tests {
             key: key.into(),
             data: "1".into(),
             version,
+            revision: version,
             ttl: None,
             expires_at,
             created_at: 0,

@@ -1,19 +1,18 @@
-//! Change events for subscriptions.
+//! Wake-ups for change feeds.
 //!
-//! Every committed write publishes events to an in-process broadcast channel.
-//! On PostgreSQL they are also sent with `NOTIFY` and received with `LISTEN`
-//! by every other node, so a subscriber on node A sees writes made on node B.
-//! Delivery is at most once: a subscriber that falls more than the buffer
-//! behind is told so and must re-read; events made while a node's `LISTEN`
-//! connection was down are lost to that node's subscribers.
+//! The change log is the truth (see `feed`); events only tell feeds that a
+//! tenant's key changed, so that they read the log at once instead of at
+//! their next recheck. Every committed write publishes its events to an
+//! in-process broadcast channel. On PostgreSQL they also go to every other
+//! node with `NOTIFY` (tenant, key and revision; never values) and arrive
+//! there through `LISTEN`. A lost notification only delays a feed until its
+//! recheck: nothing depends on the notifications or the `LISTEN` connection.
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
-use super::Object;
-use crate::clock::Clock;
 use crate::db::Db;
 
 const CHANNEL: &str = "kvql_events";
@@ -33,18 +32,14 @@ pub enum EventKind {
     Expire,
 }
 
-/// One change to one key.
+/// A committed change to one key.
 #[derive(Clone, Debug)]
 pub struct Event {
-    /// The tenant's database id. Subscribers compare it with their own.
+    /// The tenant's database id. Feeds compare it with their own.
     pub tenant: i64,
-    pub kind: EventKind,
     pub key: String,
-    /// The version written, deleted or expired.
-    pub version: i64,
-    /// The value written, for `Put`; `None` when it came from another node
-    /// and was too large to travel with the notification.
-    pub object: Option<Object>,
+    /// The change's revision (see `revision`).
+    pub revision: i64,
 }
 
 /// The event bus of one node.
@@ -64,19 +59,8 @@ struct Wire {
 #[derive(Serialize, Deserialize)]
 struct WireEvent {
     t: i64,
-    k: EventKind,
-    key: String,
-    v: i64,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    o: Option<WireObject>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct WireObject {
-    d: String,
-    x: Option<i64>,
-    c: i64,
-    u: i64,
+    k: String,
+    r: i64,
 }
 
 impl Events {
@@ -91,7 +75,7 @@ impl Events {
 
     /// The bus for `db`: in-process on SQLite; on PostgreSQL also across
     /// nodes, with a `LISTEN` task and a `NOTIFY` task.
-    pub async fn start(db: &Db, clock: Clock, capacity: usize) -> anyhow::Result<Events> {
+    pub async fn start(db: &Db, capacity: usize) -> anyhow::Result<Events> {
         let mut events = Events::local(capacity);
         if !db.is_postgres() {
             return Ok(events);
@@ -111,7 +95,11 @@ impl Events {
                     Ok(n) => match serde_json::from_str::<Wire>(n.payload()) {
                         Ok(wire) => {
                             for e in wire.e {
-                                let _ = local.send(Arc::new(from_wire(e, &clock)));
+                                let _ = local.send(Arc::new(Event {
+                                    tenant: e.t,
+                                    key: e.k,
+                                    revision: e.r,
+                                }));
                             }
                         }
                         Err(e) => {
@@ -119,7 +107,9 @@ impl Events {
                         }
                     },
                     Err(e) => {
-                        // PgListener reconnects on the next recv; events sent meanwhile are lost.
+                        // PgListener reconnects on the next recv. Notifications
+                        // sent meanwhile are lost; feeds find their changes in
+                        // the log at their next recheck.
                         tracing::warn!(error = %e, "event LISTEN connection lost; reconnecting");
                         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     }
@@ -197,48 +187,13 @@ async fn notify(
     Ok(())
 }
 
-fn to_wire(e: Event) -> WireEvent {
-    WireEvent {
-        t: e.tenant,
-        k: e.kind,
-        key: e.key,
-        v: e.version,
-        o: e.object.map(|o| WireObject {
-            d: o.data.to_string(),
-            x: o.expires_at,
-            c: o.created_at,
-            u: o.updated_at,
-        }),
-    }
-}
-
-fn from_wire(e: WireEvent, clock: &Clock) -> Event {
-    let now = clock.now_ms();
-    Event {
-        tenant: e.t,
-        kind: e.k,
-        object: e.o.map(|o| Object {
-            key: e.key.clone(),
-            data: o.d.into(),
-            version: e.v,
-            ttl: o.x.map(|x| crate::store::seconds_left(x, now)),
-            expires_at: o.x,
-            created_at: o.c,
-            updated_at: o.u,
-        }),
-        key: e.key,
-        version: e.v,
-    }
-}
-
 /// How every payload of `node` begins: `Wire` with its fields in order.
 fn payload_head(node: &str) -> String {
     format!("{{\"n\":{},\"e\":[", serde_json::Value::from(node))
 }
 
 /// Packs events into NOTIFY payloads under the size limit, in order, each
-/// event rendered once. A value too large to travel is left out; receivers
-/// read it from the database.
+/// event rendered once.
 fn payloads(node: &str, events: Vec<Event>) -> Vec<String> {
     const TAIL: &str = "]}";
     let head = payload_head(node);
@@ -246,12 +201,14 @@ fn payloads(node: &str, events: Vec<Event>) -> Vec<String> {
     let mut out = Vec::new();
     let mut current = head.clone();
     for event in events {
-        let mut wire = to_wire(event);
-        let mut rendered = serde_json::to_string(&wire).unwrap_or_default();
-        if rendered.len() > room {
-            wire.o = None;
-            rendered = serde_json::to_string(&wire).unwrap_or_default();
-        }
+        let wire = WireEvent {
+            t: event.tenant,
+            k: event.key,
+            r: event.revision,
+        };
+        // A key is at most 512 bytes, so every event fits a payload.
+        let rendered = serde_json::to_string(&wire).unwrap_or_default();
+        debug_assert!(rendered.len() <= room);
         if current.len() > head.len() {
             if current.len() + 1 + rendered.len() + TAIL.len() > MAX_PAYLOAD {
                 current.push_str(TAIL);
@@ -273,42 +230,38 @@ fn payloads(node: &str, events: Vec<Event>) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn put(key: &str, data_len: usize) -> Event {
+    fn put(key: &str) -> Event {
         Event {
             tenant: 1,
-            kind: EventKind::Put,
             key: key.into(),
-            version: 1,
-            object: Some(Object {
-                key: key.into(),
-                data: format!("\"{}\"", "x".repeat(data_len)).into(),
-                version: 1,
-                ttl: None,
-                expires_at: None,
-                created_at: 0,
-                updated_at: 0,
-            }),
+            revision: 1,
         }
     }
 
     #[test]
     fn payloads_stay_under_the_notify_limit_and_keep_order() {
-        let events: Vec<Event> = (0..50).map(|i| put(&format!("k{i:02}"), 1000)).collect();
+        let events: Vec<Event> = (0..50)
+            .map(|i| put(&format!("{}{i:02}", "k".repeat(500))))
+            .collect();
         let payloads = payloads("node", events);
         assert!(payloads.len() > 1);
         let mut keys = Vec::new();
         for p in &payloads {
             assert!(p.len() <= MAX_PAYLOAD, "{} bytes", p.len());
             let wire: Wire = serde_json::from_str(p).unwrap();
-            keys.extend(wire.e.into_iter().map(|e| e.key));
+            keys.extend(wire.e.into_iter().map(|e| e.k));
         }
-        let expected: Vec<String> = (0..50).map(|i| format!("k{i:02}")).collect();
+        let expected: Vec<String> = (0..50)
+            .map(|i| format!("{}{i:02}", "k".repeat(500)))
+            .collect();
         assert_eq!(keys, expected);
     }
 
     #[test]
     fn payloads_begin_with_their_nodes_head_and_no_other() {
-        let events: Vec<Event> = (0..30).map(|i| put(&format!("k{i}"), 500)).collect();
+        let events: Vec<Event> = (0..30)
+            .map(|i| put(&format!("{}{i}", "k".repeat(400))))
+            .collect();
         let payloads = payloads("a1", events);
         assert!(payloads.len() > 1);
         for p in &payloads {
@@ -316,16 +269,5 @@ mod tests {
             assert!(!p.starts_with(&payload_head("a")), "{p}");
             assert_eq!(serde_json::from_str::<Wire>(p).unwrap().n, "a1");
         }
-    }
-
-    #[test]
-    fn a_large_value_travels_without_its_data() {
-        let payloads = payloads("node", vec![put("big", 20_000), put("small", 10)]);
-        let wire: Vec<WireEvent> = payloads
-            .iter()
-            .flat_map(|p| serde_json::from_str::<Wire>(p).unwrap().e)
-            .collect();
-        assert!(wire[0].o.is_none());
-        assert!(wire[1].o.is_some());
     }
 }

@@ -13,6 +13,7 @@
 
 mod cache;
 pub mod events;
+mod feed;
 mod queue;
 mod read;
 mod sql;
@@ -24,19 +25,22 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-pub use types::{Cursor, Data, Expect, Key, Limit, Object, Prefix, Ttl, parse_version};
+pub use types::{
+    Change, Cursor, Data, Expect, Key, Limit, Object, Prefix, Revision, Ttl, Wait, Watch,
+    parse_version,
+};
 
 use sea_orm::{ConnectionTrait, DatabaseBackend};
-pub(crate) use sql::seconds_left;
 
 use crate::auth::{TenantId, Writer};
 use crate::clock::Clock;
 use crate::db::Db;
 use crate::error::ApiError;
 use cache::{Cache, Lookup};
-use events::{Event, EventKind, Events};
+use events::{Event, Events};
+pub use feed::{CallerFeed, Feed};
 use sql::{Sql, object_from_row};
-use write::{Committer, Job, JobResult, Op, Outcome};
+use write::{Committer, Job, JobResult, Op, Outcome, Upkeep, Upkept};
 
 /// Reader tasks (see `read`): each holds a read connection while its
 /// statement runs, and the next collects lookups meanwhile.
@@ -47,6 +51,10 @@ const READERS: usize = 4;
 pub struct Limits {
     pub max_value_bytes: u64,
     pub max_batch_items: u64,
+    /// How long the change log keeps a change.
+    pub changes_retention: std::time::Duration,
+    /// Most changes the log keeps per tenant.
+    pub changes_max_per_tenant: u64,
 }
 
 /// A value to write, parsed.
@@ -132,6 +140,35 @@ impl<T> BatchOutcome<T> {
     }
 }
 
+/// A page of a change feed.
+#[derive(Clone, Debug)]
+pub struct ChangePage {
+    /// The changes after the requested revision, in revision order.
+    pub changes: Vec<Change>,
+    /// What to resume after next: the last change's revision, or, when every
+    /// change up to now was read, the tenant's latest revision.
+    pub last_revision: i64,
+}
+
+/// A page of one key's history, newest first.
+#[derive(Clone, Debug)]
+pub struct HistoryPage {
+    pub changes: Vec<Change>,
+    /// Where the next (older) page starts; `None` on the last page.
+    pub next: Option<Revision>,
+}
+
+/// Most bytes of values in one page of a feed (at least one change is
+/// always sent): a page of 1,000 changes of 1 MiB values would otherwise
+/// be a gigabyte.
+const MAX_FEED_PAGE_BYTES: usize = 4 << 20;
+
+/// Rows a feed page reads per statement while it fills up.
+const FEED_CHUNK: u32 = 64;
+
+/// Revisions of a tenant's log one page of a key's history walks.
+const HISTORY_WINDOW: i64 = 10_000;
+
 /// Whether a batch is all-or-nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Atomicity {
@@ -188,17 +225,13 @@ fn after_commit(events: &Events, cache: Option<&Cache>, job: &Job, result: &JobR
             .map(|o| match o {
                 Outcome::Written { object, .. } => Event {
                     tenant: tenant.get(),
-                    kind: EventKind::Put,
                     key: object.key.clone(),
-                    version: object.version,
-                    object: Some(object.clone()),
+                    revision: object.revision,
                 },
-                Outcome::Deleted { key, version } => Event {
+                Outcome::Deleted { key, revision, .. } => Event {
                     tenant: tenant.get(),
-                    kind: EventKind::Delete,
                     key: key.clone(),
-                    version: *version,
-                    object: None,
+                    revision: *revision,
                 },
             })
             .collect(),
@@ -217,13 +250,32 @@ fn after_sweep(events: &Events, cache: Option<&Cache>, expired: &[sql::Expired])
             .iter()
             .map(|e| Event {
                 tenant: e.tenant,
-                kind: EventKind::Expire,
                 key: e.key.clone(),
-                version: e.version,
-                object: None,
+                revision: e.revision,
             })
             .collect(),
     );
+}
+
+/// Whether a feed can resume after `after`, given the tenant's latest and
+/// compacted revisions: `COMPACTED` if changes after it are no longer all
+/// logged, `INVALID_INPUT` if it is past the latest revision.
+fn resumable(after: Revision, latest: i64, compacted: i64) -> Result<(), ApiError> {
+    if after.get() < compacted {
+        return Err(ApiError::Compacted {
+            oldest_revision: compacted,
+        });
+    }
+    if after.get() > latest {
+        return Err(ApiError::invalid(
+            "after",
+            format!(
+                "revision {} is past the latest revision of your data ({latest})",
+                after.get()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn unexpected() -> ApiError {
@@ -399,6 +451,149 @@ impl Store {
         Ok(Page { objects, next })
     }
 
+    /// The changes of `tenant` after revision `after` to the keys `watch`
+    /// follows, in revision order: at most `limit`, and no more than
+    /// [`MAX_FEED_PAGE_BYTES`] of values (but at least one change).
+    /// `COMPACTED` if some changes after `after` are no longer logged;
+    /// `INVALID_INPUT` if `after` is past the tenant's latest revision.
+    pub async fn changes(
+        &self,
+        tenant: TenantId,
+        watch: &Watch,
+        after: Revision,
+        limit: Limit,
+    ) -> Result<ChangePage, ApiError> {
+        let db = &self.inner.db.read;
+        // Read first: every change up to `latest` has committed, so the
+        // reads below see all of them.
+        let (latest, compacted) = sql::revisions(db, tenant).await?;
+        resumable(after, latest, compacted)?;
+        let limit = limit.get() as usize;
+        let mut changes: Vec<Change> = Vec::new();
+        let mut bytes = 0;
+        let mut from = after.get();
+        let mut full = false;
+        'pages: loop {
+            let want = FEED_CHUNK.min((limit - changes.len()) as u32);
+            let chunk = sql::changes_after(db, tenant, from, watch, want).await?;
+            let ended = chunk.len() < want as usize;
+            for change in chunk {
+                let size = change.data.as_deref().map_or(0, str::len);
+                if !changes.is_empty() && bytes + size > MAX_FEED_PAGE_BYTES {
+                    full = true;
+                    break 'pages;
+                }
+                bytes += size;
+                from = change.revision;
+                changes.push(change);
+            }
+            if ended {
+                break;
+            }
+            if changes.len() >= limit {
+                full = true;
+                break;
+            }
+        }
+        // Compaction only moves forward: if it has not passed `after` now,
+        // it had not when the changes were read.
+        let (_, compacted) = sql::revisions(db, tenant).await?;
+        resumable(after, latest, compacted)?;
+        let last_revision = match changes.last() {
+            Some(c) if full => c.revision,
+            Some(c) => c.revision.max(latest),
+            None => latest.max(after.get()),
+        };
+        Ok(ChangePage {
+            changes,
+            last_revision,
+        })
+    }
+
+    /// [`Store::changes`], waiting up to `wait` for a change when there is
+    /// none yet: a blocking query (see `feed` for how it wakes).
+    pub async fn wait_for_changes(
+        &self,
+        tenant: TenantId,
+        watch: &Watch,
+        mut after: Revision,
+        limit: Limit,
+        wait: Wait,
+    ) -> Result<ChangePage, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait.duration();
+        // Subscribed before the first read, so no change can slip between.
+        let mut events = self.inner.events.subscribe();
+        loop {
+            let page = self.changes(tenant, watch, after, limit).await?;
+            let now = tokio::time::Instant::now();
+            if !page.changes.is_empty() || now >= deadline {
+                return Ok(page);
+            }
+            after = Revision::parse("after", page.last_revision)?;
+            feed::wake(&mut events, tenant, watch, deadline).await;
+        }
+    }
+
+    /// A feed of the changes after `after` to the keys `watch` follows; from
+    /// the latest revision (live changes only) when `after` is `None`.
+    /// `COMPACTED` at once if the log no longer holds every change after it.
+    pub async fn feed(
+        &self,
+        tenant: TenantId,
+        watch: Watch,
+        after: Option<Revision>,
+    ) -> Result<Feed, ApiError> {
+        let (latest, compacted) = sql::revisions(&self.inner.db.read, tenant).await?;
+        let after = match after {
+            Some(a) => {
+                resumable(a, latest, compacted)?;
+                a
+            }
+            None => Revision::parse("after", latest)?,
+        };
+        Ok(Feed::new(self.clone(), tenant, watch, after))
+    }
+
+    /// The revision before the oldest change the log holds for `tenant`:
+    /// the first `after` a feed can resume from.
+    pub async fn oldest_revision(&self, tenant: TenantId) -> Result<Revision, ApiError> {
+        let (_, compacted) = sql::revisions(&self.inner.db.read, tenant).await?;
+        Revision::parse("after", compacted)
+    }
+
+    /// The logged changes of `key`, newest first, before `before` (from the
+    /// newest when `None`), `limit` per page. Each page walks at most
+    /// [`HISTORY_WINDOW`] revisions of the tenant's log, so a page may hold
+    /// fewer than `limit` changes (even none) and still have a next page.
+    pub async fn history(
+        &self,
+        tenant: TenantId,
+        key: &Key,
+        limit: Limit,
+        before: Option<Revision>,
+    ) -> Result<HistoryPage, ApiError> {
+        let db = &self.inner.db.read;
+        let (latest, compacted) = sql::revisions(db, tenant).await?;
+        let before = before.map_or(latest + 1, |b| b.get().min(latest + 1));
+        let from = before.saturating_sub(HISTORY_WINDOW).max(compacted + 1);
+        let limit = limit.get();
+        let mut changes =
+            sql::key_history(db, tenant, key.as_str(), from, before, limit + 1).await?;
+        let next = if changes.len() > limit as usize {
+            changes.truncate(limit as usize);
+            changes.last().map(|c| c.revision)
+        } else if from > compacted + 1 {
+            // The window ended before the log did.
+            Some(from)
+        } else {
+            None
+        };
+        Ok(HistoryPage {
+            changes,
+            next: next.map(|r| Revision::parse("cursor", r)).transpose()?,
+        })
+    }
+
     /// Applies a job through the committers (group commit, see `write`).
     async fn run(&self, job: Job) -> JobResult {
         self.inner.committer.submit(job).await
@@ -463,20 +658,25 @@ impl Store {
         }
     }
 
-    /// Deletes the live value under `key` (at `expected` version, if given).
+    /// Deletes the live value under `key` (at `expected` version, if
+    /// given); the revision of the deletion.
     pub async fn delete(
         &self,
         writer: Writer<'_>,
         key: &Key,
         expected: Option<i64>,
-    ) -> Result<(), ApiError> {
-        self.run_one(
-            writer,
-            key.as_str().to_owned(),
-            Op::Delete(key.clone(), expected),
-        )
-        .await
-        .map(|_| ())
+    ) -> Result<i64, ApiError> {
+        match self
+            .run_one(
+                writer,
+                key.as_str().to_owned(),
+                Op::Delete(key.clone(), expected),
+            )
+            .await?
+        {
+            Outcome::Deleted { revision, .. } => Ok(revision),
+            Outcome::Written { .. } => Err(unexpected()),
+        }
     }
 
     /// Creates several values in one transaction, with one result per item in
@@ -513,30 +713,57 @@ impl Store {
         }))
     }
 
-    /// Deletes several keys in one transaction; `NOT_FOUND` for keys with no live value.
+    /// Deletes several keys in one transaction; `NOT_FOUND` for keys with
+    /// no live value. Each deletion's outcome is its revision.
     pub async fn batch_delete(
         &self,
         writer: Writer<'_>,
         keys: Vec<BatchInput<Key>>,
         atomicity: Atomicity,
-    ) -> Result<BatchOutcome<()>, ApiError> {
+    ) -> Result<BatchOutcome<i64>, ApiError> {
         let outcome = self
             .run_batch(writer, keys, atomicity, |key| Op::Delete(key, None))
             .await?;
-        Ok(outcome.map(|_| Ok(())))
+        Ok(outcome.map(|o| match o {
+            Outcome::Deleted { revision, .. } => Ok(revision),
+            Outcome::Written { .. } => Err(unexpected()),
+        }))
     }
 
-    /// Deletes up to `limit` expired rows of any tenant in one statement and
-    /// publishes an `Expire` event for each. Returns how many were deleted.
-    /// Safe to run on several nodes at once.
+    /// Deletes up to `limit` expired rows of any tenant in one transaction,
+    /// logs and publishes an `Expire` change for each. Returns how many were
+    /// deleted. Safe to run on several nodes at once.
     pub async fn sweep(&self, limit: u32) -> Result<usize, ApiError> {
+        self.upkeep(Upkeep::Expire { limit }).await
+    }
+
+    /// Removes up to `limit` change log entries older than the retention or
+    /// beyond the most kept per tenant, oldest first. Returns how many.
+    pub async fn compact(&self, limit: u32) -> Result<usize, ApiError> {
+        let limits = self.inner.limits;
+        let cutoff = self.inner.clock.now_ms().saturating_sub(
+            i64::try_from(limits.changes_retention.as_millis()).unwrap_or(i64::MAX),
+        );
+        self.upkeep(Upkeep::Compact {
+            cutoff,
+            max_per_tenant: i64::try_from(limits.changes_max_per_tenant).unwrap_or(i64::MAX),
+            limit,
+        })
+        .await
+    }
+
+    async fn upkeep(&self, task: Upkeep) -> Result<usize, ApiError> {
         if self.inner.db.sqlite_file.is_some() {
-            return self.inner.committer.sweep(limit).await;
+            return self.inner.committer.upkeep(task).await;
         }
-        // PostgreSQL: beside the committers, on the pool, so that a sweep
+        // PostgreSQL: beside the committers, on the pool, so that upkeep
         // never holds up writes; there is no cache to keep in order.
-        let expired = sql::sweep(&self.inner.db.write, limit, self.inner.clock.now_ms()).await?;
-        after_sweep(&self.inner.events, None, &expired);
-        Ok(expired.len())
+        match write::upkeep(&self.inner.db.write, task, self.inner.clock.now_ms()).await? {
+            Upkept::Expired(expired) => {
+                after_sweep(&self.inner.events, None, &expired);
+                Ok(expired.len())
+            }
+            Upkept::Compacted(n) => Ok(n),
+        }
     }
 }

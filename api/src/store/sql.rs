@@ -7,7 +7,8 @@ use std::sync::LazyLock;
 use sea_orm::prelude::async_trait::async_trait;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, QueryResult, Statement, Value};
 
-use super::types::{Data, Expect, Key};
+use super::events::EventKind;
+use super::types::{Change, Data, Expect, Key, Watch};
 use super::{Item, Object};
 use crate::auth::TenantId;
 use crate::db::Db;
@@ -62,7 +63,7 @@ impl WriteRow for QueryResult {
     }
 }
 
-pub(super) const COLUMNS: &str = r#""key", version, expires_at, created_at, updated_at"#;
+pub(super) const COLUMNS: &str = r#""key", version, revision, expires_at, created_at, updated_at"#;
 
 /// A statement under construction: text with `$n` placeholders and its values.
 pub(super) struct Sql {
@@ -119,10 +120,7 @@ impl Sql {
     /// `SELECT` of the live objects of `tenant`; more conditions may follow.
     pub(super) fn select_live(backend: DatabaseBackend, tenant: TenantId, now: i64) -> Sql {
         let mut sql = Sql::new(backend);
-        let data = match backend {
-            DatabaseBackend::Postgres => "data::text AS data",
-            _ => "data",
-        };
+        let data = data_as_text(backend);
         let t = sql.next(tenant.get());
         let n = sql.next(now);
         sql.push(&format!(
@@ -131,6 +129,14 @@ impl Sql {
             live(&n)
         ));
         sql
+    }
+}
+
+/// The `data` column as JSON text (JSONB is cast on PostgreSQL).
+fn data_as_text(backend: DatabaseBackend) -> &'static str {
+    match backend {
+        DatabaseBackend::Postgres => "data::text AS data",
+        _ => "data",
     }
 }
 
@@ -160,6 +166,7 @@ macro_rules! object_from_columns {
             $row.$get("key")?,
             $row.$get("data")?,
             $row.$get("version")?,
+            $row.$get("revision")?,
             $row.$get("expires_at")?,
             $row.$get("created_at")?,
             $row.$get("updated_at")?,
@@ -264,10 +271,13 @@ pub(super) fn select_keys_sqlite(
     rows.collect::<Result<Vec<Object>, _>>().map_err(fail)
 }
 
+/// One argument per column of [`COLUMNS`] and `data`, plus the time.
+#[allow(clippy::too_many_arguments)]
 fn object_from_parts(
     key: String,
     data: String,
     version: i64,
+    revision: i64,
     expires_at: Option<i64>,
     created_at: i64,
     updated_at: i64,
@@ -277,6 +287,7 @@ fn object_from_parts(
         key,
         data: crate::input::canonical_numbers(data).into(),
         version,
+        revision,
         ttl: expires_at.map(|e| seconds_left(e, now)),
         expires_at,
         created_at,
@@ -295,6 +306,7 @@ pub(super) fn object_from_row(row: &QueryResult, now: i64) -> Result<Object, DbE
         row.try_get("", "key")?,
         row.try_get("", "data")?,
         row.try_get("", "version")?,
+        row.try_get("", "revision")?,
         row.try_get("", "expires_at")?,
         row.try_get("", "created_at")?,
         row.try_get("", "updated_at")?,
@@ -306,21 +318,23 @@ fn expires_at(item: &Item, now: i64) -> Option<i64> {
     item.ttl.map(|t| now + t.millis())
 }
 
-fn written(item: &Item, row: &impl WriteRow, now: i64) -> Result<Object, DbErr> {
+fn written(item: &Item, row: &impl WriteRow, revision: i64, now: i64) -> Result<Object, DbErr> {
     Ok(object_written(
         item,
         row.int("version")?,
+        revision,
         row.int("created_at")?,
         now,
     ))
 }
 
-fn object_written(item: &Item, version: i64, created_at: i64, now: i64) -> Object {
+fn object_written(item: &Item, version: i64, revision: i64, created_at: i64, now: i64) -> Object {
     let expires_at = expires_at(item, now);
     Object {
         key: item.key.as_str().to_owned(),
         data: item.data.as_str().into(),
         version,
+        revision,
         ttl: expires_at.map(|e| seconds_left(e, now)),
         expires_at,
         created_at,
@@ -338,19 +352,117 @@ fn version_mismatch(expected: i64) -> ApiError {
     ))
 }
 
+/// Raises the version of rows just created (at version 1, or over an
+/// expired value) above every version their key had before: above its
+/// tombstone's (it was deleted, or expired and swept), and above the
+/// tenant's compacted revision. A version is never more than the revision
+/// that wrote it, and compaction drops only tombstones of revisions it has
+/// passed, so every version a key without a tombstone ever had is at most
+/// that revision; with nothing compacted and no tombstone a new key stays
+/// at version 1. A version therefore never comes back after a delete or an expiry, and
+/// an `If-Match` or `expectedVersion` taken before one never matches the
+/// value created after it (no ABA). Only created rows pay for this, and
+/// only those with a tombstone or in a compacted tenant are written again.
+/// Returns the versions that changed.
+pub(super) async fn continue_versions<C: WriteConn>(
+    conn: &C,
+    created: &[(i64, &str)],
+) -> Result<std::collections::HashMap<(i64, String), i64>, ApiError> {
+    let backend = conn.backend();
+    let greatest = match backend {
+        DatabaseBackend::Postgres => "GREATEST",
+        _ => "max",
+    };
+    let mut raised = std::collections::HashMap::new();
+    for chunk in created.chunks(max_rows_per_statement(backend)) {
+        let mut sql = Sql::new(backend);
+        let rows: Vec<String> = chunk
+            .iter()
+            .map(|(t, k)| {
+                let (t, k) = (sql.next(*t), sql.next(*k));
+                format!("({t}, {k})")
+            })
+            .collect();
+        let tomb = r#"FROM object_tombstone t
+                      WHERE t.tenant_id = object.tenant_id AND t."key" = object."key""#;
+        let floor = "(SELECT compacted_revision FROM tenant WHERE tenant.id = object.tenant_id)";
+        sql.push(&format!(
+            r#"UPDATE object SET version = {greatest}(version,
+                 COALESCE((SELECT t.version {tomb}), 0) + 1, {floor} + 1)
+               WHERE (tenant_id, "key") IN (VALUES {})
+                 AND (EXISTS (SELECT 1 {tomb}) OR {floor} > 0)
+               RETURNING tenant_id, "key", version"#,
+            rows.join(", ")
+        ));
+        for row in conn.query(sql.build()).await? {
+            raised.insert(
+                (row.int("tenant_id")?, row.text("key")?),
+                row.int("version")?,
+            );
+        }
+    }
+    Ok(raised)
+}
+
+/// Records that keys are gone at a version, as of a revision (see
+/// [`continue_versions`]): `(tenant, key, version, revision)`.
+pub(super) async fn write_tombstones<C: WriteConn>(
+    conn: &C,
+    gone: &[(i64, &str, i64, i64)],
+) -> Result<(), ApiError> {
+    let backend = conn.backend();
+    for chunk in gone.chunks(max_rows_per_statement(backend)) {
+        let mut sql = Sql::new(backend);
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|(t, k, v, r)| {
+                let (t, k, v, r) = (sql.next(*t), sql.next(*k), sql.next(*v), sql.next(*r));
+                format!("({t}, {k}, {v}, {r})")
+            })
+            .collect();
+        sql.push(&format!(
+            r#"INSERT INTO object_tombstone (tenant_id, "key", version, revision) VALUES {}
+               ON CONFLICT (tenant_id, "key") DO UPDATE SET
+                 version = excluded.version, revision = excluded.revision"#,
+            values.join(", ")
+        ));
+        conn.query(sql.build()).await?;
+    }
+    Ok(())
+}
+
+/// What a replacing write sets besides the data (`DO UPDATE SET`): the next
+/// version and, over an expired value (`expired_1`, `expired_2`: its
+/// condition), a new creation.
+fn replace_assignments(expired_1: &str, expired_2: &str) -> String {
+    format!(
+        "version = object.version + 1, \
+         created_at = CASE WHEN {expired_1} THEN excluded.created_at ELSE object.created_at END, \
+         created_revision = CASE WHEN {expired_2} THEN excluded.created_revision \
+                                 ELSE object.created_revision END"
+    )
+}
+
+/// What a creation over an expired value sets besides the data.
+const RECREATE_ASSIGNMENTS: &str = "version = object.version + 1, \
+     created_at = excluded.created_at, created_revision = excluded.created_revision";
+
+/// The columns an insert names and the upsert's common assignments.
+const INSERT_HEAD: &str = r#"INSERT INTO object
+    (tenant_id, "key", data, version, revision, created_revision, expires_at, created_at, updated_at)"#;
+const UPSERT_COMMON: &str = r#"ON CONFLICT (tenant_id, "key") DO UPDATE SET
+    data = excluded.data, revision = excluded.revision, expires_at = excluded.expires_at,
+    updated_at = excluded.updated_at,"#;
+
 /// `INSERT` of a new row, up to `DO UPDATE SET` and its common assignments.
-fn insert(sql: &mut Sql, tenant: TenantId, item: &Item, now: i64) -> String {
+fn insert(sql: &mut Sql, tenant: TenantId, item: &Item, revision: i64, now: i64) -> String {
     let t = sql.arg(tenant.get());
     let k = sql.arg(item.key.as_str());
     let d = sql.json_arg(&item.data);
+    let r = sql.arg(revision);
     let e = sql.arg(expires_at(item, now));
     let n = sql.arg(now);
-    format!(
-        r#"INSERT INTO object (tenant_id, "key", data, version, expires_at, created_at, updated_at)
-           VALUES ({t}, {k}, {d}, 1, {e}, {n}, {n})
-           ON CONFLICT (tenant_id, "key") DO UPDATE SET
-             data = excluded.data, expires_at = excluded.expires_at, updated_at = excluded.updated_at,"#
-    )
+    format!("{INSERT_HEAD} VALUES ({t}, {k}, {d}, 1, {r}, {r}, {e}, {n}, {n}) {UPSERT_COMMON}")
 }
 
 /// Runs a write with `RETURNING` and gives its first row. The statement is
@@ -367,21 +479,37 @@ pub(super) async fn create<C: WriteConn>(
     conn: &C,
     tenant: TenantId,
     item: &Item,
+    revision: i64,
     now: i64,
 ) -> Result<Object, ApiError> {
     let mut sql = Sql::new(conn.backend());
-    let head = insert(&mut sql, tenant, item, now);
+    let head = insert(&mut sql, tenant, item, revision, now);
     let n = sql.arg(now);
     sql.push(&head).push(&format!(
-        r#" version = 1, created_at = excluded.created_at
+        r#" {RECREATE_ASSIGNMENTS}
            WHERE {}
            RETURNING version, created_at"#,
         expired("object.", &n)
     ));
-    match returning_one(conn, sql).await? {
-        Some(row) => Ok(written(item, &row, now)?),
-        None => Err(already_exists()),
+    let Some(row) = returning_one(conn, sql).await? else {
+        return Err(already_exists());
+    };
+    let mut object = written(item, &row, revision, now)?;
+    continue_version(conn, tenant, &mut object).await?;
+    Ok(object)
+}
+
+/// [`continue_versions`] for one object just created.
+async fn continue_version<C: WriteConn>(
+    conn: &C,
+    tenant: TenantId,
+    object: &mut Object,
+) -> Result<(), ApiError> {
+    let raised = continue_versions(conn, &[(tenant.get(), object.key.as_str())]).await?;
+    if let Some(v) = raised.get(&(tenant.get(), object.key.clone())) {
+        object.version = *v;
     }
+    Ok(())
 }
 
 /// Rows per multi-row statement. Each row count is its own prepared
@@ -395,13 +523,16 @@ pub(super) fn max_rows_per_statement(backend: DatabaseBackend) -> usize {
     }
 }
 
+/// A value to write at a revision.
+pub(super) type Row<'a> = (TenantId, &'a Item, i64);
+
 /// Creates (`create_only`) or creates-or-replaces several values of distinct
 /// `(tenant, key)` in as few statements as possible. One result per row, in
 /// order: the object and whether it was created, or `ALREADY_EXISTS`.
 pub(super) async fn write_many<C: WriteConn>(
     conn: &C,
     create_only: bool,
-    rows: &[(TenantId, &Item)],
+    rows: &[Row<'_>],
     now: i64,
 ) -> Result<Vec<Result<(Object, bool), ApiError>>, ApiError> {
     let mut out = Vec::with_capacity(rows.len());
@@ -415,21 +546,23 @@ pub(super) async fn write_many<C: WriteConn>(
 async fn write_chunk<C: WriteConn>(
     conn: &C,
     create_only: bool,
-    rows: &[(TenantId, &Item)],
+    rows: &[Row<'_>],
     now: i64,
 ) -> Result<Vec<Result<(Object, bool), ApiError>>, ApiError> {
     let backend = conn.backend();
     let mut sql = Sql::new(backend);
     let values: Vec<String> = rows
         .iter()
-        .map(|(tenant, item)| {
+        .map(|(tenant, item, revision)| {
             let t = sql.next(tenant.get());
             let k = sql.next(item.key.as_str());
             let d = json_cast(backend, sql.next(item.data.as_str()));
+            let r = sql.next(*revision);
+            let cr = sql.next(*revision);
             let e = sql.next(expires_at(item, now));
             let c = sql.next(now);
             let u = sql.next(now);
-            format!("({t}, {k}, {d}, 1, {e}, {c}, {u})")
+            format!("({t}, {k}, {d}, 1, {r}, {cr}, {e}, {c}, {u})")
         })
         .collect();
     let mut expired = || {
@@ -437,24 +570,14 @@ async fn write_chunk<C: WriteConn>(
         expired("object.", &n)
     };
     let on_conflict = if create_only {
-        format!(
-            "version = 1, created_at = excluded.created_at WHERE {}",
-            expired()
-        )
+        format!("{RECREATE_ASSIGNMENTS} WHERE {}", expired())
     } else {
         let (a, b) = (expired(), expired());
-        format!(
-            "version = CASE WHEN {a} THEN 1 ELSE object.version + 1 END, \
-             created_at = CASE WHEN {b} THEN excluded.created_at ELSE object.created_at END"
-        )
+        replace_assignments(&a, &b)
     };
     sql.push(&format!(
-        r#"INSERT INTO object (tenant_id, "key", data, version, expires_at, created_at, updated_at)
-           VALUES {}
-           ON CONFLICT (tenant_id, "key") DO UPDATE SET
-             data = excluded.data, expires_at = excluded.expires_at, updated_at = excluded.updated_at,
-             {on_conflict}
-           RETURNING tenant_id, "key", version, created_at"#,
+        r#"{INSERT_HEAD} VALUES {} {UPSERT_COMMON} {on_conflict}
+           RETURNING tenant_id, "key", version, created_at, created_revision"#,
         values.join(", ")
     ));
     let returned = conn.query(sql.build()).await?;
@@ -464,15 +587,30 @@ async fn write_chunk<C: WriteConn>(
         let key = row.text("key")?;
         let version = row.int("version")?;
         let created_at = row.int("created_at")?;
-        written_rows.insert((tenant, key), (version, created_at));
+        let created_revision = row.int("created_revision")?;
+        written_rows.insert((tenant, key), (version, created_at, created_revision));
+    }
+    let created: Vec<(i64, &str)> = rows
+        .iter()
+        .filter(|(tenant, item, revision)| {
+            written_rows
+                .get(&(tenant.get(), item.key.as_str().to_owned()))
+                .is_some_and(|w| w.2 == *revision)
+        })
+        .map(|(tenant, item, _)| (tenant.get(), item.key.as_str()))
+        .collect();
+    for (row, version) in continue_versions(conn, &created).await? {
+        if let Some(w) = written_rows.get_mut(&row) {
+            w.0 = version;
+        }
     }
     Ok(rows
         .iter()
-        .map(|(tenant, item)| {
+        .map(|(tenant, item, revision)| {
             match written_rows.get(&(tenant.get(), item.key.as_str().to_owned())) {
-                Some(&(version, created_at)) => Ok((
-                    object_written(item, version, created_at, now),
-                    create_only || version == 1,
+                Some(&(version, created_at, created_revision)) => Ok((
+                    object_written(item, version, *revision, created_at, now),
+                    created_revision == *revision,
                 )),
                 None if create_only => Err(already_exists()),
                 None => Err(ApiError::internal(anyhow::anyhow!(
@@ -489,28 +627,33 @@ pub(super) async fn put<C: WriteConn>(
     tenant: TenantId,
     item: &Item,
     expect: Expect,
+    revision: i64,
     now: i64,
 ) -> Result<(Object, bool), ApiError> {
     let backend = conn.backend();
     let expected_version = match expect {
         Expect::Absent => {
-            return create(conn, tenant, item, now).await.map(|o| (o, true));
+            return create(conn, tenant, item, revision, now)
+                .await
+                .map(|o| (o, true));
         }
         Expect::Any => {
             let mut sql = Sql::new(backend);
-            let head = insert(&mut sql, tenant, item, now);
+            let head = insert(&mut sql, tenant, item, revision, now);
             let n = sql.arg(now);
             let expired = expired("object.", &n);
             sql.push(&head).push(&format!(
-                r#" version = CASE WHEN {expired} THEN 1 ELSE object.version + 1 END,
-                   created_at = CASE WHEN {expired} THEN excluded.created_at ELSE object.created_at END
-                   RETURNING version, created_at"#
+                " {} RETURNING version, created_at, created_revision",
+                replace_assignments(&expired, &expired)
             ));
             let row = returning_one(conn, sql)
                 .await?
                 .ok_or_else(|| ApiError::internal(anyhow::anyhow!("upsert returned no row")))?;
-            let object = written(item, &row, now)?;
-            let created = object.version == 1;
+            let mut object = written(item, &row, revision, now)?;
+            let created = row.int("created_revision")? == revision;
+            if created {
+                continue_version(conn, tenant, &mut object).await?;
+            }
             return Ok((object, created));
         }
         Expect::Exists => None,
@@ -518,12 +661,14 @@ pub(super) async fn put<C: WriteConn>(
     };
     let mut sql = Sql::new(backend);
     let d = sql.json_arg(&item.data);
+    let r = sql.arg(revision);
     let e = sql.arg(expires_at(item, now));
     let n = sql.arg(now);
     let t = sql.arg(tenant.get());
     let k = sql.arg(item.key.as_str());
     sql.push(&format!(
-        r#"UPDATE object SET data = {d}, expires_at = {e}, updated_at = {n}, version = version + 1
+        r#"UPDATE object SET data = {d}, revision = {r}, expires_at = {e}, updated_at = {n},
+             version = version + 1
            WHERE tenant_id = {t} AND "key" = {k} AND {}"#,
         live(&n)
     ));
@@ -533,7 +678,7 @@ pub(super) async fn put<C: WriteConn>(
     }
     sql.push(" RETURNING version, created_at");
     match returning_one(conn, sql).await? {
-        Some(row) => Ok((written(item, &row, now)?, false)),
+        Some(row) => Ok((written(item, &row, revision, now)?, false)),
         None => Err(missing_or_moved(conn, tenant, &item.key, expected_version, now).await),
     }
 }
@@ -599,10 +744,17 @@ pub(super) struct Expired {
     pub tenant: i64,
     pub key: String,
     pub version: i64,
+    /// The revision of the expiry, given once the rows are logged.
+    pub revision: i64,
 }
 
-/// Deletes up to `limit` expired rows of any tenant in one statement. Safe
-/// on several nodes at once (PostgreSQL skips rows another node is deleting).
+/// Deletes up to `limit` expired rows in one statement. Safe on several
+/// nodes at once (PostgreSQL skips rows another node is deleting).
+///
+/// The tenants of the oldest expired rows are found first and their revision
+/// counters locked, in id order, before any row is: writers lock a counter
+/// before its tenant's rows too, so a sweep and a write never wait for each
+/// other in a cycle. Runs inside a transaction, which logs the expiries.
 pub(super) async fn sweep<C: WriteConn>(
     conn: &C,
     limit: u32,
@@ -612,15 +764,42 @@ pub(super) async fn sweep<C: WriteConn>(
     let mut sql = Sql::new(backend);
     let n = sql.arg(now);
     let l = sql.arg(i64::from(limit));
-    let lock = match backend {
-        DatabaseBackend::Postgres => " FOR UPDATE SKIP LOCKED",
-        _ => "",
+    sql.push(&format!(
+        r#"SELECT DISTINCT tenant_id FROM (
+             SELECT tenant_id FROM object WHERE {} ORDER BY expires_at LIMIT {l}) AS c
+           ORDER BY tenant_id"#,
+        expired("", &n)
+    ));
+    let tenants = conn
+        .query(sql.build())
+        .await?
+        .iter()
+        .map(|r| r.int("tenant_id"))
+        .collect::<Result<Vec<i64>, DbErr>>()?;
+    if tenants.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (lock, skip) = match backend {
+        DatabaseBackend::Postgres => (" FOR UPDATE", " FOR UPDATE SKIP LOCKED"),
+        _ => ("", ""),
     };
+    let mut sql = Sql::new(backend);
+    let ids: Vec<String> = tenants.iter().map(|t| sql.arg(*t)).collect();
+    let ids = ids.join(", ");
+    sql.push(&format!(
+        "SELECT id FROM tenant WHERE id IN ({ids}) ORDER BY id{lock}"
+    ));
+    conn.query(sql.build()).await?;
+    let mut sql = Sql::new(backend);
+    let ids: Vec<String> = tenants.iter().map(|t| sql.arg(*t)).collect();
+    let ids = ids.join(", ");
+    let n = sql.arg(now);
+    let l = sql.arg(i64::from(limit));
     sql.push(&format!(
         r#"DELETE FROM object WHERE (tenant_id, "key") IN (
              SELECT tenant_id, "key" FROM object
-             WHERE {expired}
-             ORDER BY expires_at LIMIT {l}{lock})
+             WHERE tenant_id IN ({ids}) AND {expired}
+             ORDER BY expires_at LIMIT {l}{skip})
            AND {expired}
            RETURNING tenant_id, "key", version"#,
         expired = expired("", &n)
@@ -632,9 +811,323 @@ pub(super) async fn sweep<C: WriteConn>(
                 tenant: r.int("tenant_id")?,
                 key: r.text("key")?,
                 version: r.int("version")?,
+                revision: 0,
             })
         })
         .collect()
+}
+
+/// Raises `tenant`'s revision counter by `n` and returns the first of the
+/// `n` revisions so reserved. The counter's row stays locked until the
+/// transaction ends, so the transactions of one tenant take their revisions
+/// in the order they commit. A tenant that does not exist reserves from 1:
+/// its writes then fail on their foreign key.
+pub(super) async fn reserve_revisions<C: WriteConn>(
+    conn: &C,
+    tenant: i64,
+    n: i64,
+) -> Result<i64, ApiError> {
+    let mut sql = Sql::new(conn.backend());
+    let count = sql.arg(n);
+    let t = sql.arg(tenant);
+    sql.push(&format!(
+        "UPDATE tenant SET revision = revision + {count} WHERE id = {t} RETURNING revision"
+    ));
+    match conn.query(sql.build()).await?.first() {
+        Some(row) => Ok(row.int("revision")? - n + 1),
+        None => Ok(1),
+    }
+}
+
+fn kind_code(kind: EventKind) -> i64 {
+    match kind {
+        EventKind::Put => 1,
+        EventKind::Delete => 2,
+        EventKind::Expire => 3,
+    }
+}
+
+fn kind_from_code(code: i64) -> Result<EventKind, DbErr> {
+    match code {
+        1 => Ok(EventKind::Put),
+        2 => Ok(EventKind::Delete),
+        3 => Ok(EventKind::Expire),
+        other => Err(DbErr::Custom(format!("unknown change kind {other}"))),
+    }
+}
+
+/// Rows per statement of change log inserts (9 values each).
+fn max_log_rows(backend: DatabaseBackend) -> usize {
+    max_rows_per_statement(backend)
+}
+
+/// Appends committed changes of `tenant`s to the change log, in the
+/// transaction that made them.
+pub(super) async fn log_changes<C: WriteConn>(
+    conn: &C,
+    changes: &[(i64, &Change)],
+) -> Result<(), ApiError> {
+    let backend = conn.backend();
+    for chunk in changes.chunks(max_log_rows(backend)) {
+        let mut sql = Sql::new(backend);
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|(tenant, c)| {
+                let t = sql.next(*tenant);
+                let r = sql.next(c.revision);
+                let kind = sql.next(kind_code(c.kind));
+                let k = sql.next(c.key.as_str());
+                let v = sql.next(c.version);
+                let d = json_cast(backend, sql.next(c.data.as_deref().map(str::to_owned)));
+                let e = sql.next(c.expires_at);
+                let c_at = sql.next(c.created_at);
+                let at = sql.next(c.at);
+                format!("({t}, {r}, {kind}, {k}, {v}, {d}, {e}, {c_at}, {at})")
+            })
+            .collect();
+        sql.push(&format!(
+            r#"INSERT INTO change_log (tenant_id, revision, kind, "key", version, data, expires_at, created_at, at)
+               VALUES {}"#,
+            values.join(", ")
+        ));
+        conn.query(sql.build()).await?;
+    }
+    Ok(())
+}
+
+const CHANGE_COLUMNS: &str = r#"revision, kind, "key", version, expires_at, created_at, at"#;
+
+fn change_from_row(row: &QueryResult) -> Result<Change, DbErr> {
+    let data: Option<String> = row.try_get("", "data")?;
+    Ok(Change {
+        revision: row.try_get("", "revision")?,
+        kind: kind_from_code(
+            row.try_get::<i64>("", "kind")
+                .or_else(|_| row.try_get::<i16>("", "kind").map(i64::from))?,
+        )?,
+        key: row.try_get("", "key")?,
+        version: row.try_get("", "version")?,
+        data: data.map(|d| crate::input::canonical_numbers(d).into()),
+        expires_at: row.try_get("", "expires_at")?,
+        created_at: row.try_get("", "created_at")?,
+        at: row.try_get("", "at")?,
+    })
+}
+
+/// `SELECT` of the logged changes of `tenant`; conditions follow.
+fn select_changes(backend: DatabaseBackend, tenant: TenantId) -> Sql {
+    let mut sql = Sql::new(backend);
+    let data = data_as_text(backend);
+    let t = sql.arg(tenant.get());
+    sql.push(&format!(
+        "SELECT {CHANGE_COLUMNS}, {data} FROM change_log WHERE tenant_id = {t}"
+    ));
+    sql
+}
+
+/// The logged changes of `tenant` after revision `after`, in revision order,
+/// at most `limit`, of the keys `watch` follows.
+pub(super) async fn changes_after(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    after: i64,
+    watch: &Watch,
+    limit: u32,
+) -> Result<Vec<Change>, ApiError> {
+    let mut sql = select_changes(conn.get_database_backend(), tenant);
+    let a = sql.arg(after);
+    sql.push(&format!(" AND revision > {a}"));
+    push_watch(&mut sql, watch);
+    let l = sql.arg(i64::from(limit));
+    sql.push(&format!(" ORDER BY revision LIMIT {l}"));
+    rows_to_changes(conn.query_all_raw(sql.build()).await?)
+}
+
+/// The logged changes of one key with revisions in `from..before`, newest
+/// first, at most `limit`: a walk of at most `before - from` log entries
+/// along the log's key (there is no per-key index, which would cost every
+/// write a random insert).
+pub(super) async fn key_history(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    key: &str,
+    from: i64,
+    before: i64,
+    limit: u32,
+) -> Result<Vec<Change>, ApiError> {
+    let mut sql = select_changes(conn.get_database_backend(), tenant);
+    let (f, b) = (sql.arg(from), sql.arg(before));
+    sql.push(&format!(" AND revision >= {f} AND revision < {b}"));
+    let k = sql.arg(key);
+    sql.push(&format!(r#" AND "key" = {k}"#));
+    let l = sql.arg(i64::from(limit));
+    sql.push(&format!(" ORDER BY revision DESC LIMIT {l}"));
+    rows_to_changes(conn.query_all_raw(sql.build()).await?)
+}
+
+fn rows_to_changes(rows: Vec<QueryResult>) -> Result<Vec<Change>, ApiError> {
+    Ok(rows
+        .iter()
+        .map(change_from_row)
+        .collect::<Result<Vec<_>, DbErr>>()?)
+}
+
+/// The condition that a change's key is one `watch` follows.
+fn push_watch(sql: &mut Sql, watch: &Watch) {
+    match watch {
+        Watch::Key(k) => {
+            let k = sql.arg(k.as_str());
+            sql.push(&format!(r#" AND "key" = {k}"#));
+        }
+        Watch::Prefix(p) if p.as_str().is_empty() => {}
+        Watch::Prefix(p) => {
+            let l = sql.arg(p.as_str());
+            sql.push(&format!(r#" AND "key" >= {l}"#));
+            if let Some(upper) = p.upper_bound() {
+                let u = sql.arg(upper);
+                sql.push(&format!(r#" AND "key" < {u}"#));
+            }
+        }
+    }
+}
+
+/// The tenant's last revision and the last one compacted away.
+pub(super) async fn revisions(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+) -> Result<(i64, i64), ApiError> {
+    let mut sql = Sql::new(conn.get_database_backend());
+    let t = sql.arg(tenant.get());
+    sql.push(&format!(
+        "SELECT revision, compacted_revision FROM tenant WHERE id = {t}"
+    ));
+    match conn.query_one_raw(sql.build()).await? {
+        Some(row) => Ok((
+            row.try_get("", "revision")?,
+            row.try_get("", "compacted_revision")?,
+        )),
+        None => Ok((0, 0)),
+    }
+}
+
+/// Whether there is anything to sweep or compact: read before a sweeper
+/// transaction begins, so that an idle pass takes no write lock (on SQLite,
+/// other writers such as `kvql user add` would wait for it).
+pub(super) async fn upkeep_due<C: WriteConn>(
+    conn: &C,
+    expire_at: Option<i64>,
+    compact: Option<(i64, i64)>,
+) -> Result<bool, ApiError> {
+    let mut sql = Sql::new(conn.backend());
+    if let Some(now) = expire_at {
+        let n = sql.arg(now);
+        sql.push(&format!(
+            "SELECT 1 AS due FROM object WHERE {} LIMIT 1",
+            expired("", &n)
+        ));
+    } else if let Some((cutoff, max_per_tenant)) = compact {
+        let c = sql.arg(cutoff);
+        let m = sql.arg(max_per_tenant);
+        sql.push(&format!(
+            "SELECT 1 AS due FROM change_log WHERE at < {c}
+             UNION ALL SELECT 1 FROM tenant WHERE revision - compacted_revision > {m}
+             LIMIT 1"
+        ));
+    } else {
+        return Ok(false);
+    }
+    Ok(!conn.query(sql.build()).await?.is_empty())
+}
+
+/// Removes up to `limit` log entries older than `cutoff` (ms) or beyond the
+/// newest `max_per_tenant` of their tenant, oldest first, and records the
+/// last revision removed per tenant. Returns how many were removed.
+pub(super) async fn compact<C: WriteConn>(
+    conn: &C,
+    cutoff: i64,
+    max_per_tenant: i64,
+    limit: u32,
+) -> Result<usize, ApiError> {
+    let backend = conn.backend();
+    let mut removed: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+    let mut total = 0;
+    // Too old.
+    let mut sql = Sql::new(backend);
+    let c = sql.arg(cutoff);
+    let l = sql.arg(i64::from(limit));
+    sql.push(&format!(
+        "DELETE FROM change_log WHERE (tenant_id, revision) IN (
+           SELECT tenant_id, revision FROM change_log WHERE at < {c} ORDER BY at LIMIT {l})
+         RETURNING tenant_id, revision"
+    ));
+    let rows = conn.query(sql.build()).await?;
+    for row in rows {
+        let (t, r) = (row.int("tenant_id")?, row.int("revision")?);
+        let last = removed.entry(t).or_insert(r);
+        *last = (*last).max(r);
+        total += 1;
+    }
+    // Too many: revisions count entries (skipped revisions make fewer).
+    let mut sql = Sql::new(backend);
+    let m = sql.arg(max_per_tenant);
+    let l = sql.arg(i64::from(limit));
+    sql.push(&format!(
+        "SELECT id, revision - {m} AS cut FROM tenant
+         WHERE revision - compacted_revision > {m} ORDER BY id LIMIT {l}"
+    ));
+    for row in conn.query(sql.build()).await? {
+        if total >= limit as usize {
+            break;
+        }
+        let (t, cut) = (row.int("id")?, row.int("cut")?);
+        let batch = limit as usize - total;
+        let mut sql = Sql::new(backend);
+        let ta = sql.arg(t);
+        let ca = sql.arg(cut);
+        let la = sql.arg(batch as i64);
+        sql.push(&format!(
+            "DELETE FROM change_log WHERE (tenant_id, revision) IN (
+               SELECT tenant_id, revision FROM change_log
+               WHERE tenant_id = {ta} AND revision <= {ca} ORDER BY revision LIMIT {la})
+             RETURNING revision"
+        ));
+        let rows = conn.query(sql.build()).await?;
+        total += rows.len();
+        // A batch that was not full removed everything up to `cut`; a full
+        // one, everything up to the last revision it removed.
+        let through = if rows.len() < batch {
+            cut
+        } else {
+            let mut last = 0;
+            for r in &rows {
+                last = last.max(r.int("revision")?);
+            }
+            last
+        };
+        let last = removed.entry(t).or_insert(through);
+        *last = (*last).max(through);
+    }
+    for (t, last) in removed {
+        let mut sql = Sql::new(backend);
+        let r = sql.arg(last);
+        let ta = sql.arg(t);
+        sql.push(&format!(
+            "UPDATE tenant SET compacted_revision = {r} WHERE id = {ta} AND compacted_revision < {r}"
+        ));
+        conn.query(sql.build()).await?;
+        // Tombstones the compacted revision now covers.
+        let mut sql = Sql::new(backend);
+        let ta = sql.arg(t);
+        let r = sql.arg(last);
+        let l = sql.arg(i64::from(limit));
+        sql.push(&format!(
+            r#"DELETE FROM object_tombstone WHERE (tenant_id, "key") IN (
+                 SELECT tenant_id, "key" FROM object_tombstone
+                 WHERE tenant_id = {ta} AND revision <= {r} LIMIT {l})"#
+        ));
+        conn.query(sql.build()).await?;
+    }
+    Ok(total)
 }
 
 #[cfg(test)]
@@ -739,9 +1232,9 @@ pub(super) mod tests {
             data: Data::parse(&serde_json::json!({"a": 1}), 1024).expect("data"),
             ttl: None,
         };
-        let created = create(conn, no_such_tenant, &item, 1_000).await;
+        let created = create(conn, no_such_tenant, &item, 1, 1_000).await;
         assert!(created.is_err(), "create acknowledged: {created:?}");
-        let put = put(conn, no_such_tenant, &item, Expect::Any, 1_000).await;
+        let put = put(conn, no_such_tenant, &item, Expect::Any, 2, 1_000).await;
         assert!(put.is_err(), "put acknowledged: {put:?}");
         assert_eq!(count_objects(check).await, 0);
     }

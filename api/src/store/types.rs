@@ -197,6 +197,99 @@ pub enum Expect {
     Absent,
 }
 
+/// A revision as clients send it back (`after`, `afterRevision`): 0 (before
+/// every change) or more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Revision(i64);
+
+impl Revision {
+    pub const ZERO: Revision = Revision(0);
+
+    pub fn parse(field: &str, raw: i64) -> Result<Revision, ApiError> {
+        if raw >= 0 {
+            Ok(Revision(raw))
+        } else {
+            Err(ApiError::invalid(
+                field,
+                format!("must be a revision (0 or more), got {raw}"),
+            ))
+        }
+    }
+
+    /// From decimal text, as the GraphQL `Revision` scalar and cursors carry it.
+    pub fn parse_text(field: &str, raw: &str) -> Result<Revision, ApiError> {
+        raw.trim()
+            .parse::<i64>()
+            .map_err(|_| {
+                ApiError::invalid(
+                    field,
+                    format!("expected a revision such as \"42\", got {raw:?}"),
+                )
+            })
+            .and_then(|n| Revision::parse(field, n))
+    }
+
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+/// What a change feed follows: one key, or every key under a prefix (all
+/// keys when the prefix is empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Watch {
+    Key(Key),
+    Prefix(Prefix),
+}
+
+impl Watch {
+    /// From the `key` and `prefix` a client sent: at most one of them.
+    pub fn parse(key: Option<String>, prefix: Option<String>) -> Result<Watch, ApiError> {
+        match (key, prefix) {
+            (Some(_), Some(_)) => Err(ApiError::invalid(
+                "key",
+                "give either `key` (one key) or `prefix` (keys under it), not both",
+            )),
+            (Some(key), None) => Ok(Watch::Key(Key::parse(key)?)),
+            (None, prefix) => Ok(Watch::Prefix(Prefix::parse(prefix)?)),
+        }
+    }
+
+    pub fn matches(&self, key: &str) -> bool {
+        match self {
+            Watch::Key(k) => k.as_str() == key,
+            Watch::Prefix(p) => key.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// How long a long-poll may wait for a change: 0 to 60 whole seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wait(u8);
+
+impl Wait {
+    pub const MAX_SECONDS: i64 = 60;
+    pub const MAX: Wait = Wait(Self::MAX_SECONDS as u8);
+
+    pub fn parse(seconds: Option<i64>) -> Result<Wait, ApiError> {
+        match seconds {
+            None => Ok(Wait(0)),
+            Some(s) if (0..=Self::MAX_SECONDS).contains(&s) => Ok(Wait(s as u8)),
+            Some(s) => Err(ApiError::invalid(
+                "wait",
+                format!(
+                    "must be a whole number of seconds from 0 to {}, got {s}",
+                    Self::MAX_SECONDS
+                ),
+            )),
+        }
+    }
+
+    pub fn duration(self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.0))
+    }
+}
+
 /// An opaque position in a listing: the last key of the previous page.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor(String);
@@ -258,11 +351,70 @@ pub struct Object {
     /// The value as compact JSON text.
     pub data: Arc<str>,
     pub version: i64,
+    /// The revision of the change that wrote this value (see `revision`); 0
+    /// for values written before revisions existed.
+    pub revision: i64,
     /// Whole seconds left before expiry, rounded up; `None` if it never expires.
     pub ttl: Option<i64>,
     pub expires_at: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// One committed change of a tenant's data, as the change log keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// Strictly increasing per tenant, in commit order; gaps are allowed.
+    pub revision: i64,
+    pub kind: super::events::EventKind,
+    pub key: String,
+    /// The version written, deleted or expired.
+    pub version: i64,
+    /// The value written, as compact JSON text (`Put` only).
+    pub data: Option<Arc<str>>,
+    /// When the value written expires, in Unix milliseconds (`Put` only).
+    pub expires_at: Option<i64>,
+    /// When the key was created, in Unix milliseconds (`Put` only).
+    pub created_at: Option<i64>,
+    /// When the change was made, in Unix milliseconds.
+    pub at: i64,
+}
+
+impl Change {
+    /// The change that wrote `object`.
+    pub fn put(object: &Object) -> Change {
+        Change {
+            revision: object.revision,
+            kind: super::events::EventKind::Put,
+            key: object.key.clone(),
+            version: object.version,
+            data: Some(object.data.clone()),
+            expires_at: object.expires_at,
+            created_at: Some(object.created_at),
+            at: object.updated_at,
+        }
+    }
+
+    /// The value a `Put` wrote, as an object seen at `now`.
+    pub fn object(&self, now: i64) -> Option<Object> {
+        Some(Object {
+            key: self.key.clone(),
+            data: self.data.clone()?,
+            version: self.version,
+            revision: self.revision,
+            ttl: self.expires_at.map(|e| super::sql::seconds_left(e, now)),
+            expires_at: self.expires_at,
+            created_at: self.created_at.unwrap_or(self.at),
+            updated_at: self.at,
+        })
+    }
+
+    /// The value as a JSON tree, for `Put`.
+    pub fn data_json(&self) -> Option<serde_json::Value> {
+        self.data
+            .as_deref()
+            .map(|d| serde_json::from_str(d).unwrap_or(serde_json::Value::Null))
+    }
 }
 
 impl Object {
@@ -386,6 +538,43 @@ mod tests {
         assert!(parse_version("If-Match", "W/\"3\"").is_err());
         assert!(parse_version("If-Match", "\"0\"").is_err());
         assert!(parse_version("If-Match", "abc").is_err());
+    }
+
+    #[test]
+    fn revisions_are_zero_or_more() {
+        assert_eq!(Revision::parse("after", 0).unwrap(), Revision::ZERO);
+        assert_eq!(Revision::parse("after", 42).unwrap().get(), 42);
+        assert_eq!(
+            Revision::parse("after", -1).unwrap_err().field(),
+            Some("after")
+        );
+        assert_eq!(Revision::parse_text("after", " 7 ").unwrap().get(), 7);
+        for bad in ["", "x", "-3", "1.5", "99999999999999999999"] {
+            assert!(Revision::parse_text("after", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_feed_follows_one_key_or_a_prefix_never_both() {
+        let key = Watch::parse(Some("a/b".into()), None).unwrap();
+        assert!(key.matches("a/b"));
+        assert!(!key.matches("a/bc"));
+        let prefix = Watch::parse(None, Some("a/".into())).unwrap();
+        assert!(prefix.matches("a/b") && prefix.matches("a/"));
+        assert!(!prefix.matches("b/a"));
+        let all = Watch::parse(None, None).unwrap();
+        assert!(all.matches("anything"));
+        let both = Watch::parse(Some("a".into()), Some("a".into())).unwrap_err();
+        assert_eq!(both.code(), "INVALID_INPUT");
+        assert!(Watch::parse(Some(String::new()), None).is_err());
+    }
+
+    #[test]
+    fn waits_are_0_to_60_seconds() {
+        assert_eq!(Wait::parse(None).unwrap().duration().as_secs(), 0);
+        assert_eq!(Wait::parse(Some(60)).unwrap().duration().as_secs(), 60);
+        assert_eq!(Wait::parse(Some(61)).unwrap_err().field(), Some("wait"));
+        assert!(Wait::parse(Some(-1)).is_err());
     }
 
     #[test]

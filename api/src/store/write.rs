@@ -14,13 +14,16 @@
 //! fails before its commit, each job is run again alone (on PostgreSQL, a
 //! transaction aborted to break a deadlock is retried).
 
+use std::collections::HashMap;
+
 use sea_orm::prelude::async_trait::async_trait;
 use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
 
+use super::events::EventKind;
 use super::sql::WriteConn;
 use super::sqlite::{self, SqliteTxn, SqliteWriter};
-use super::types::{Expect, Key};
+use super::types::{Change, Expect, Key};
 use super::{Item, Object, queue, sql};
 use crate::auth::TenantId;
 use crate::clock::Clock;
@@ -108,8 +111,67 @@ pub(super) enum Op {
 /// What a successful write did.
 #[derive(Clone, Debug)]
 pub(super) enum Outcome {
-    Written { object: Object, created: bool },
-    Deleted { key: String, version: i64 },
+    Written {
+        object: Object,
+        created: bool,
+    },
+    Deleted {
+        key: String,
+        version: i64,
+        revision: i64,
+    },
+}
+
+impl Outcome {
+    /// The change this write logs.
+    fn change(&self, now: i64) -> Change {
+        match self {
+            Outcome::Written { object, .. } => Change::put(object),
+            Outcome::Deleted {
+                key,
+                version,
+                revision,
+            } => Change {
+                revision: *revision,
+                kind: EventKind::Delete,
+                key: key.clone(),
+                version: *version,
+                data: None,
+                expires_at: None,
+                created_at: None,
+                at: now,
+            },
+        }
+    }
+}
+
+/// The revisions reserved for one transaction's operations (see
+/// `sql::reserve_revisions`), handed out in the order the operations run.
+struct Revisions(HashMap<i64, i64>);
+
+impl Revisions {
+    /// Reserves one revision per operation, tenant by tenant in id order (so
+    /// that transactions lock the counters in one order).
+    async fn reserve<C: WriteConn>(
+        conn: &C,
+        tenants: impl Iterator<Item = i64>,
+    ) -> Result<Revisions, ApiError> {
+        let mut counts = std::collections::BTreeMap::<i64, i64>::new();
+        for t in tenants {
+            *counts.entry(t).or_default() += 1;
+        }
+        let mut next = HashMap::with_capacity(counts.len());
+        for (tenant, n) in counts {
+            next.insert(tenant, sql::reserve_revisions(conn, tenant, n).await?);
+        }
+        Ok(Revisions(next))
+    }
+
+    fn next(&mut self, tenant: i64) -> i64 {
+        let next = self.0.entry(tenant).or_insert(1);
+        *next += 1;
+        *next - 1
+    }
 }
 
 /// The result of a job: one result per operation, or the whole job's failure
@@ -128,18 +190,17 @@ async fn exec<C: WriteConn>(
     conn: &C,
     tenant: TenantId,
     op: &Op,
+    revision: i64,
     now: i64,
 ) -> Result<Outcome, ApiError> {
     match op {
-        Op::Create(item) => {
-            sql::create(conn, tenant, item, now)
-                .await
-                .map(|object| Outcome::Written {
-                    object,
-                    created: true,
-                })
-        }
-        Op::Put(item, expect) => sql::put(conn, tenant, item, *expect, now)
+        Op::Create(item) => sql::create(conn, tenant, item, revision, now)
+            .await
+            .map(|object| Outcome::Written {
+                object,
+                created: true,
+            }),
+        Op::Put(item, expect) => sql::put(conn, tenant, item, *expect, revision, now)
             .await
             .map(|(object, created)| Outcome::Written { object, created }),
         Op::Delete(key, expected) => {
@@ -148,6 +209,7 @@ async fn exec<C: WriteConn>(
                 .map(|version| Outcome::Deleted {
                     key: key.as_str().to_owned(),
                     version,
+                    revision,
                 })
         }
     }
@@ -169,6 +231,7 @@ fn mergeable(op: &Op) -> Option<(bool, &Item)> {
 async fn exec_seq<C: WriteConn>(
     conn: &C,
     ops: &[(TenantId, Result<&Op, &ApiError>)],
+    revisions: &mut Revisions,
     now: i64,
 ) -> Result<Vec<Result<Outcome, ApiError>>, ApiError> {
     let mut results: Vec<Result<Outcome, ApiError>> = Vec::with_capacity(ops.len());
@@ -178,7 +241,7 @@ async fn exec_seq<C: WriteConn>(
             Ok(op) => mergeable(op).map(|(create, _)| create),
             Err(_) => None,
         };
-        let mut run: Vec<(TenantId, &Item)> = Vec::new();
+        let mut run: Vec<sql::Row<'_>> = Vec::new();
         if let Some(create) = run_kind {
             let mut seen = std::collections::HashSet::new();
             for (tenant, op) in &ops[i..] {
@@ -186,13 +249,16 @@ async fn exec_seq<C: WriteConn>(
                     Some((c, item))
                         if c == create && seen.insert((tenant.get(), item.key.as_str())) =>
                     {
-                        run.push((*tenant, item))
+                        run.push((*tenant, item, 0))
                     }
                     _ => break,
                 }
             }
         }
         if run.len() >= 2 {
+            for row in &mut run {
+                row.2 = revisions.next(row.0.get());
+            }
             let create = run_kind == Some(true);
             let n = run.len();
             for r in sql::write_many(conn, create, &run, now).await? {
@@ -202,7 +268,7 @@ async fn exec_seq<C: WriteConn>(
         } else {
             let (tenant, op) = &ops[i];
             let result = match op {
-                Ok(op) => exec(conn, *tenant, op, now).await,
+                Ok(op) => exec(conn, *tenant, op, revisions.next(tenant.get()), now).await,
                 Err(e) => Err((*e).clone()),
             };
             if let Err(e @ ApiError::Internal(_)) = result {
@@ -215,10 +281,25 @@ async fn exec_seq<C: WriteConn>(
     Ok(results)
 }
 
+/// Appends committed changes of `(tenant, change)` to the change log, and
+/// leaves a tombstone for each key deleted or expired (see
+/// `sql::continue_versions`), in the transaction that made them.
+async fn record<C: WriteConn>(conn: &C, changes: &[(i64, Change)]) -> Result<(), ApiError> {
+    let logged: Vec<(i64, &Change)> = changes.iter().map(|(t, c)| (*t, c)).collect();
+    sql::log_changes(conn, &logged).await?;
+    let gone: Vec<(i64, &str, i64, i64)> = changes
+        .iter()
+        .filter(|(_, c)| c.kind != EventKind::Put)
+        .map(|(t, c)| (*t, c.key.as_str(), c.version, c.revision))
+        .collect();
+    sql::write_tombstones(conn, &gone).await
+}
+
 /// Executes operations in `(tenant, key)` order, those on one key in the
 /// order given, so that every transaction locks rows in one order
-/// (PostgreSQL); the results come back in the order given. `Err` only for
-/// database failures.
+/// (PostgreSQL), each at a revision of its own, and logs the changes made;
+/// the results come back in the order given. Runs inside a transaction.
+/// `Err` only for database failures.
 async fn exec_in_key_order<C: WriteConn>(
     conn: &C,
     ops: &[(TenantId, &str, Result<&Op, &ApiError>)],
@@ -227,9 +308,24 @@ async fn exec_in_key_order<C: WriteConn>(
     let mut order: Vec<usize> = (0..ops.len()).collect();
     order.sort_by_key(|&i| (ops[i].0.get(), ops[i].1));
     let sorted: Vec<_> = order.iter().map(|&i| (ops[i].0, ops[i].2)).collect();
+    let mut revisions = Revisions::reserve(
+        conn,
+        sorted
+            .iter()
+            .filter(|(_, op)| op.is_ok())
+            .map(|(tenant, _)| tenant.get()),
+    )
+    .await?;
+    let results = exec_seq(conn, &sorted, &mut revisions, now).await?;
+    let changes: Vec<(i64, Change)> = sorted
+        .iter()
+        .zip(&results)
+        .filter_map(|((tenant, _), r)| Some((tenant.get(), r.as_ref().ok()?.change(now))))
+        .collect();
+    record(conn, &changes).await?;
     let mut by_index: Vec<Option<Result<Outcome, ApiError>>> = Vec::new();
     by_index.resize_with(ops.len(), || None);
-    for (position, result) in exec_seq(conn, &sorted, now).await?.into_iter().enumerate() {
+    for (position, result) in results.into_iter().enumerate() {
         by_index[order[position]] = Some(result);
     }
     Ok(by_index
@@ -360,9 +456,8 @@ async fn run_alone<C: GroupConn>(conn: &C, job: &Job, clock: &Clock) -> JobResul
 }
 
 async fn run_alone_once<C: GroupConn>(conn: &C, job: &Job, now: i64) -> JobResult {
-    if job.ops.len() == 1 {
-        return apply(conn, job, now, false).await?;
-    }
+    // Even one write is a transaction: its revision and its change log
+    // entry commit with it.
     let txn = conn.begin_txn().await?;
     match apply(&txn, job, now, false).await {
         Ok(Ok(results)) => {
@@ -401,13 +496,112 @@ enum Queued {
         job: Job,
         reply: oneshot::Sender<JobResult>,
     },
-    /// Delete expired rows (the sweeper on SQLite), on the committer's
-    /// connection: SQLite keeps a single writer, and the expiries are
-    /// published in commit order with the writes around them.
+    /// The sweeper's work on SQLite, on the committer's connection: SQLite
+    /// keeps a single writer, and the expiries are published in commit
+    /// order with the writes around them.
     Sweep {
-        limit: u32,
+        task: Upkeep,
         reply: oneshot::Sender<Result<usize, ApiError>>,
     },
+}
+
+/// The sweeper's work, each run in a transaction of its own.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Upkeep {
+    /// Delete up to `limit` expired rows and log their expiries.
+    Expire { limit: u32 },
+    /// Remove up to `limit` change log entries made before `cutoff` (Unix
+    /// ms) or beyond the newest `max_per_tenant` of their tenant.
+    Compact {
+        cutoff: i64,
+        max_per_tenant: i64,
+        limit: u32,
+    },
+}
+
+/// What an [`Upkeep`] did.
+pub(super) enum Upkept {
+    Expired(Vec<sql::Expired>),
+    Compacted(usize),
+}
+
+/// Runs `task` in a transaction of its own.
+pub(super) async fn upkeep<C: GroupConn>(
+    conn: &C,
+    task: Upkeep,
+    now: i64,
+) -> Result<Upkept, ApiError> {
+    let due = match task {
+        Upkeep::Expire { .. } => sql::upkeep_due(conn, Some(now), None).await?,
+        Upkeep::Compact {
+            cutoff,
+            max_per_tenant,
+            ..
+        } => sql::upkeep_due(conn, None, Some((cutoff, max_per_tenant))).await?,
+    };
+    if !due {
+        return Ok(match task {
+            Upkeep::Expire { .. } => Upkept::Expired(Vec::new()),
+            Upkeep::Compact { .. } => Upkept::Compacted(0),
+        });
+    }
+    let txn = conn.begin_txn().await?;
+    let done = match task {
+        Upkeep::Expire { limit } => expire_in(&txn, limit, now).await.map(Upkept::Expired),
+        Upkeep::Compact {
+            cutoff,
+            max_per_tenant,
+            limit,
+        } => sql::compact(&txn, cutoff, max_per_tenant, limit)
+            .await
+            .map(Upkept::Compacted),
+    };
+    match done {
+        Ok(done) => {
+            C::commit_txn(txn).await?;
+            Ok(done)
+        }
+        Err(e) => {
+            let _ = C::rollback_txn(txn).await;
+            Err(e)
+        }
+    }
+}
+
+/// Deletes up to `limit` expired rows and logs an `Expire` change for each,
+/// at a revision of its tenant.
+async fn expire_in<C: WriteConn>(
+    conn: &C,
+    limit: u32,
+    now: i64,
+) -> Result<Vec<sql::Expired>, ApiError> {
+    let mut expired = sql::sweep(conn, limit, now).await?;
+    if expired.is_empty() {
+        return Ok(expired);
+    }
+    expired.sort_by(|a, b| (a.tenant, &a.key).cmp(&(b.tenant, &b.key)));
+    let mut revisions = Revisions::reserve(conn, expired.iter().map(|e| e.tenant)).await?;
+    let changes: Vec<(i64, Change)> = expired
+        .iter_mut()
+        .map(|e| {
+            e.revision = revisions.next(e.tenant);
+            (
+                e.tenant,
+                Change {
+                    revision: e.revision,
+                    kind: EventKind::Expire,
+                    key: e.key.clone(),
+                    version: e.version,
+                    data: None,
+                    expires_at: None,
+                    created_at: None,
+                    at: now,
+                },
+            )
+        })
+        .collect();
+    record(conn, &changes).await?;
+    Ok(expired)
 }
 
 impl Queued {
@@ -491,10 +685,10 @@ impl Committer {
         self.ask(|reply| Queued::Write { job, reply }).await
     }
 
-    /// Deletes up to `limit` expired rows (see `sql::sweep`) and reports them
-    /// through `Hooks::swept`; how many there were.
-    pub(super) async fn sweep(&self, limit: u32) -> Result<usize, ApiError> {
-        self.ask(|reply| Queued::Sweep { limit, reply }).await
+    /// Runs `task` (see `upkeep`), reporting expiries through
+    /// `Hooks::swept`; how many rows or entries it removed.
+    pub(super) async fn upkeep(&self, task: Upkeep) -> Result<usize, ApiError> {
+        self.ask(|reply| Queued::Sweep { task, reply }).await
     }
 }
 
@@ -507,7 +701,7 @@ async fn work<C: GroupConn>(conn: &C, clock: &Clock, group: Vec<Queued>, hooks: 
     for queued in group {
         match queued {
             Queued::Write { job, reply } => writes.push((job, reply)),
-            Queued::Sweep { limit, reply } => sweeps.push((limit, reply)),
+            Queued::Sweep { task, reply } => sweeps.push((task, reply)),
         }
     }
     if !writes.is_empty() {
@@ -518,12 +712,15 @@ async fn work<C: GroupConn>(conn: &C, clock: &Clock, group: Vec<Queued>, hooks: 
             let _ = reply.send(result);
         }
     }
-    for (limit, reply) in sweeps {
-        let result = sql::sweep(conn, limit, clock.now_ms())
+    for (task, reply) in sweeps {
+        let result = upkeep(conn, task, clock.now_ms())
             .await
-            .map(|expired| {
-                (hooks.swept)(&expired);
-                expired.len()
+            .map(|done| match done {
+                Upkept::Expired(expired) => {
+                    (hooks.swept)(&expired);
+                    expired.len()
+                }
+                Upkept::Compacted(n) => n,
             });
         let _ = reply.send(result);
     }
@@ -567,30 +764,6 @@ async fn commit_group<C: GroupConn>(conn: &C, clock: &Clock, group: &[&Job]) -> 
     }
 }
 
-/// Whether a group's writes all fit in one multi-row statement: jobs that
-/// are not atomic, whose operations are all creations or all unconditional
-/// puts, of distinct keys, at most `max_rows` of them.
-fn one_statement(jobs: &[&Job], max_rows: usize) -> bool {
-    let mut kind = None;
-    let mut seen = std::collections::HashSet::new();
-    for job in jobs {
-        if job.atomic {
-            return false;
-        }
-        for (_, op) in &job.ops {
-            let Some((create, item)) = op.as_ref().ok().and_then(mergeable) else {
-                return false;
-            };
-            if *kind.get_or_insert(create) != create
-                || !seen.insert((job.tenant.get(), item.key.as_str()))
-            {
-                return false;
-            }
-        }
-    }
-    (2..=max_rows).contains(&seen.len())
-}
-
 /// Why a group transaction wrote nothing, or may have.
 enum GroupFailure {
     /// Rolled back: nothing of the group was written.
@@ -602,8 +775,8 @@ enum GroupFailure {
 }
 
 impl GroupFailure {
-    /// A failed `COMMIT`, or autocommitted statement: rolled back if the
-    /// database refused it, else of unknown outcome.
+    /// A failed `COMMIT`: rolled back if the database refused it, else of
+    /// unknown outcome.
     fn at_commit(conn: &impl GroupConn, e: ApiError) -> Self {
         if conn.refused(&e) {
             GroupFailure::RolledBack(e)
@@ -621,13 +794,6 @@ async fn run_group<C: GroupConn>(
     jobs: &[&Job],
     now: i64,
 ) -> Result<Vec<JobResult>, GroupFailure> {
-    if one_statement(jobs, sql::max_rows_per_statement(conn.backend())) {
-        // A single statement is atomic on its own: no BEGIN and COMMIT,
-        // two round trips (or SQLite worker hops) fewer.
-        return run_group_in(conn, jobs, now)
-            .await
-            .map_err(|e| GroupFailure::at_commit(conn, e));
-    }
     // A group that cannot even begin wrote nothing; its writes fail at once
     // rather than each waiting for the pool again.
     let txn = conn
@@ -759,27 +925,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_one_statement_group_whose_commit_is_refused_writes_every_other_job_alone() {
-        let jobs = [put(1, "a"), put(404, "b"), put(1, "c")];
-        assert!(one_statement(&jobs.iter().collect::<Vec<_>>(), 256));
+    async fn a_group_of_puts_whose_commit_is_refused_writes_every_other_job_alone() {
         refused_group_writes_the_others(put(1, "c"), false).await;
     }
 
     #[tokio::test]
-    async fn a_group_transaction_whose_commit_is_refused_writes_every_other_job_alone() {
-        let jobs = [put(1, "a"), put(404, "b"), create(1, "c")];
-        assert!(!one_statement(&jobs.iter().collect::<Vec<_>>(), 256));
+    async fn a_group_of_mixed_writes_whose_commit_is_refused_writes_every_other_job_alone() {
         refused_group_writes_the_others(create(1, "c"), false).await;
     }
 
     #[tokio::test]
-    async fn on_the_sqlite_committers_connection_a_refused_one_statement_group_writes_the_others_alone()
-     {
+    async fn on_the_sqlite_committers_connection_a_refused_group_of_puts_writes_the_others_alone() {
         refused_group_writes_the_others(put(1, "c"), true).await;
     }
 
     #[tokio::test]
-    async fn on_the_sqlite_committers_connection_a_refused_group_transaction_writes_the_others_alone()
+    async fn on_the_sqlite_committers_connection_a_refused_group_of_mixed_writes_writes_the_others_alone()
      {
         refused_group_writes_the_others(create(1, "c"), true).await;
     }
@@ -808,22 +969,5 @@ mod tests {
         SqliteWriter::rollback_txn(txn).await.expect("rollback");
         drop((writer, conn));
         remove_database_files(&path);
-    }
-
-    #[test]
-    fn only_distinct_same_kind_writes_of_non_atomic_jobs_share_one_statement() {
-        let group = |jobs: &[Job]| one_statement(&jobs.iter().collect::<Vec<_>>(), 3);
-        assert!(group(&[put(1, "a"), put(1, "b")]));
-        assert!(group(&[put(1, "a"), put(2, "a")]), "same key, two tenants");
-        assert!(!group(&[put(1, "a"), put(1, "a")]), "one key twice");
-        assert!(!group(&[put(1, "a"), create(1, "b")]), "two kinds");
-        assert!(!group(&[put(1, "a")]), "one row");
-        assert!(
-            !group(&[put(1, "a"), put(1, "b"), put(1, "c"), put(1, "d")]),
-            "over max rows"
-        );
-        let mut atomic = put(1, "b");
-        atomic.atomic = true;
-        assert!(!group(&[put(1, "a"), atomic]));
     }
 }

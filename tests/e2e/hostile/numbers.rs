@@ -117,12 +117,7 @@ async fn random_json_values_read_back_exactly_through_graphql() {
 async fn doubles_that_used_to_change_arrive_unchanged_in_events() {
     let app = TestApp::spawn().await;
     let u = app.writer().await;
-    let mut ws = WsClient::connect(
-        &app.node.base,
-        "/graphql/ws",
-        json!({"Authorization": format!("Bearer {}", u.token)}),
-    )
-    .await;
+    let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", u.ws_auth()).await;
     ws.subscribe(
         "e",
         "subscription { objectEvents(prefix: \"n\") { key object { data } } }",

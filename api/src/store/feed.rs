@@ -1,0 +1,162 @@
+//! Change feeds: the changes of one tenant's keys in revision order, read
+//! from the change log. A feed never depends on an event arriving: events
+//! (this node's, and other nodes' through `LISTEN` on PostgreSQL) only wake
+//! it early, and it looks at the log every [`RECHECK`] whatever arrives. So
+//! a feed resumed after revision `r` delivers every later change exactly
+//! once, in order, across reconnects, restarts and nodes, for as long as the
+//! log holds them (`COMPACTED` once it does not).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use super::events::Event;
+use super::types::{Change, Limit, Revision, Watch};
+use super::{ChangePage, Store};
+use crate::auth::{Auth, Principal, TenantId};
+use crate::error::ApiError;
+
+/// How often a waiting feed looks at the change log even when no event woke it.
+pub(super) const RECHECK: Duration = Duration::from_secs(1);
+
+/// Waits until an event of `tenant` that `watch` follows arrives, the next
+/// recheck, or `deadline`, whichever is first.
+pub(super) async fn wake(
+    events: &mut broadcast::Receiver<Arc<Event>>,
+    tenant: TenantId,
+    watch: &Watch,
+    deadline: Instant,
+) {
+    let until = deadline.min(Instant::now() + RECHECK);
+    loop {
+        match tokio::time::timeout_at(until, events.recv()).await {
+            Ok(Ok(e)) if e.tenant != tenant.get() || !watch.matches(&e.key) => {}
+            // Nobody publishes any more (shutting down): wait out the recheck.
+            Ok(Err(broadcast::error::RecvError::Closed)) => {
+                tokio::time::sleep_until(until).await;
+                return;
+            }
+            // A matching event, missed events (the log has them), or time.
+            _ => return,
+        }
+    }
+}
+
+/// A feed of changes after a revision; see the module's documentation.
+pub struct Feed {
+    store: Store,
+    tenant: TenantId,
+    watch: Watch,
+    after: Revision,
+    ready: VecDeque<Change>,
+    events: broadcast::Receiver<Arc<Event>>,
+}
+
+impl Feed {
+    pub(super) fn new(store: Store, tenant: TenantId, watch: Watch, after: Revision) -> Feed {
+        // Subscribed before the first read, so no change slips in between.
+        let events = store.events().subscribe();
+        Feed {
+            store,
+            tenant,
+            watch,
+            after,
+            ready: VecDeque::new(),
+            events,
+        }
+    }
+
+    /// The revision of the last change delivered (or the starting point).
+    pub fn after(&self) -> Revision {
+        self.after
+    }
+
+    /// The next change, waiting for one as long as it takes. `COMPACTED`
+    /// when changes the feed still has to deliver are no longer logged.
+    pub async fn next(&mut self) -> Result<Change, ApiError> {
+        loop {
+            if let Some(change) = self.ready.pop_front() {
+                self.after = Revision::parse("after", change.revision)?;
+                return Ok(change);
+            }
+            let ChangePage {
+                changes,
+                last_revision,
+            } = self
+                .store
+                .changes(
+                    self.tenant,
+                    &self.watch,
+                    self.after,
+                    Limit::parse("limit", Some(Limit::MAX))?,
+                )
+                .await?;
+            if changes.is_empty() {
+                self.after = Revision::parse("after", last_revision)?;
+                wake(
+                    &mut self.events,
+                    self.tenant,
+                    &self.watch,
+                    Instant::now() + RECHECK,
+                )
+                .await;
+            } else {
+                self.ready = changes.into();
+            }
+        }
+    }
+}
+
+/// A feed held open for one caller: it ends when the caller's access token
+/// expires and, given the token, as soon as the token is refused (the user
+/// removed, the token revoked), checked (cached) before each change.
+pub struct CallerFeed {
+    feed: Feed,
+    deadline: Instant,
+    recheck: Option<(Auth, String)>,
+    done: bool,
+}
+
+impl Feed {
+    /// This feed for `principal`, rechecking `token` with `auth` if given.
+    pub fn for_caller(self, principal: &Principal, recheck: Option<(Auth, String)>) -> CallerFeed {
+        let left_ms = (principal.expires_at - self.store.clock().now_ms()).max(0) as u64;
+        CallerFeed {
+            deadline: Instant::now() + Duration::from_millis(left_ms),
+            feed: self,
+            recheck,
+            done: false,
+        }
+    }
+}
+
+impl CallerFeed {
+    /// The next change, or the error that ends the feed; `None` once it has.
+    pub async fn next(&mut self) -> Option<Result<Change, ApiError>> {
+        if self.done {
+            return None;
+        }
+        let next = tokio::select! {
+            _ = tokio::time::sleep_until(self.deadline) => Err(ApiError::Unauthenticated(
+                "the access token expired; reconnect with a new token and resume after the \
+                 last revision received"
+                    .into(),
+            )),
+            next = self.feed.next() => next,
+        };
+        // Only a refused token ends the feed; a failed check (the database
+        // away for a moment) delivers as before.
+        let next = match (next, &self.recheck) {
+            (Ok(change), Some((auth, token))) => match auth.authenticate(token).await {
+                Err(e @ ApiError::Unauthenticated(_)) => Err(e),
+                _ => Ok(change),
+            },
+            (next, _) => next,
+        };
+        self.done = next.is_err();
+        Some(next)
+    }
+}
