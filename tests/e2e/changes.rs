@@ -959,3 +959,102 @@ async fn a_history_page_walks_a_bounded_stretch_of_the_log_and_says_where_to_go_
         "the first page stopped at its bound and said where to go on"
     );
 }
+
+/// On PostgreSQL a run of writes is one call that waits for the tenant's
+/// revision counter before it writes. Here a delete by another transaction
+/// (done by hand, as the store does it: counter, row, tombstone) holds the
+/// counter while a create of the same key waits, and commits meanwhile: the
+/// create must see that tombstone and continue the version, although the
+/// call began before the delete committed.
+#[tokio::test]
+#[cfg_attr(
+    not(kvql_test_postgres),
+    ignore = "PostgreSQL only: SQLite has one writer, which never waits for another"
+)]
+async fn a_create_that_waited_for_a_concurrent_delete_continues_its_version() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let app = TestApp::spawn().await;
+    assert!(app.node.state.db().is_postgres());
+    // Connections of the test's own, beside the server's pools.
+    let db = sea_orm::Database::connect(&app.db.url)
+        .await
+        .expect("connect");
+    let u = app.writer().await;
+    app.create(&u, "aba", json!("A"), None).await;
+    let put = app
+        .put(&object_path("aba"), Some(&u.token), &json!({"data": "B"}))
+        .await;
+    assert_eq!(put.body["version"], 2);
+
+    let delete = db.begin().await.expect("begin");
+    let row = delete
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "UPDATE tenant SET revision = revision + 1 WHERE name = 'acme' RETURNING id, revision",
+        ))
+        .await
+        .expect("lock the counter")
+        .expect("tenant acme");
+    let (tenant, rev): (i64, i64) = (
+        row.try_get("", "id").unwrap(),
+        row.try_get("", "revision").unwrap(),
+    );
+    let create = tokio::spawn({
+        let (client, url, token) = (app.client.clone(), app.url("/api/object"), u.token.clone());
+        async move {
+            let resp = client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"key": "aba", "data": "C"}))
+                .send()
+                .await
+                .expect("create");
+            (
+                resp.status().as_u16(),
+                resp.json::<Value>().await.expect("json"),
+            )
+        }
+    });
+    // Until the create waits for the counter's lock: polled, as nothing
+    // announces it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%kvql_write_run%'",
+            ))
+            .await
+            .expect("pg_stat_activity")
+            .expect("a row");
+        if waiting.try_get::<i64>("", "n").unwrap() > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the create never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for sql in [
+        format!(r#"DELETE FROM object WHERE tenant_id = {tenant} AND "key" = 'aba'"#),
+        format!(
+            r#"INSERT INTO object_tombstone (tenant_id, "key", version, revision)
+               VALUES ({tenant}, 'aba', 2, {rev})"#
+        ),
+    ] {
+        delete
+            .execute_unprepared(&sql)
+            .await
+            .expect("delete by hand");
+    }
+    delete.commit().await.expect("commit the delete");
+    let (status, body) = create.await.expect("create task");
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        body["version"], 3,
+        "the version goes on above the tombstone committed while the create waited"
+    );
+    assert!(revision(&body) > rev);
+}

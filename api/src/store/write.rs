@@ -50,6 +50,12 @@ pub(super) trait GroupConn: WriteConn {
     /// Called before each group: a connection of its own makes sure no
     /// transaction was left open.
     fn before_group(&self) {}
+
+    /// sqlx's pool, on PostgreSQL: runs of plain writes go there as one
+    /// statement (see `sql::write_run_postgres`).
+    fn postgres(&self) -> Option<&sea_orm::sqlx::PgPool> {
+        None
+    }
 }
 
 #[async_trait]
@@ -70,6 +76,11 @@ impl GroupConn for DatabaseConnection {
 
     fn refused(&self, err: &ApiError) -> bool {
         refused_by_database(err)
+    }
+
+    fn postgres(&self) -> Option<&sea_orm::sqlx::PgPool> {
+        (self.get_database_backend() == sea_orm::DatabaseBackend::Postgres)
+            .then(|| self.get_postgres_connection_pool())
     }
 }
 
@@ -456,6 +467,15 @@ async fn run_alone<C: GroupConn>(conn: &C, job: &Job, clock: &Clock) -> JobResul
 }
 
 async fn run_alone_once<C: GroupConn>(conn: &C, job: &Job, now: i64) -> JobResult {
+    if let Some(pool) = conn.postgres()
+        && let Some(run) = Run::of(&[job])
+    {
+        return run
+            .write(pool, now)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(ApiError::internal(anyhow::anyhow!("a job got no result"))));
+    }
     // Even one write is a transaction: its revision and its change log
     // entry commit with it.
     let txn = conn.begin_txn().await?;
@@ -731,7 +751,15 @@ async fn commit_group<C: GroupConn>(conn: &C, clock: &Clock, group: &[&Job]) -> 
     if group.len() == 1 {
         return vec![run_alone(conn, group[0], clock).await];
     }
-    let failure = match run_group(conn, group, clock.now_ms()).await {
+    let one_statement = conn.postgres().zip(Run::of(group));
+    let done = match one_statement {
+        Some((pool, run)) => run
+            .write(pool, clock.now_ms())
+            .await
+            .map_err(|e| GroupFailure::at_commit(conn, e)),
+        None => run_group(conn, group, clock.now_ms()).await,
+    };
+    let failure = match done {
         Ok(results) => return results,
         Err(failure) => failure,
     };
@@ -761,6 +789,87 @@ async fn commit_group<C: GroupConn>(conn: &C, clock: &Clock, group: &[&Job]) -> 
             }
             results
         }
+    }
+}
+
+/// The writes of one or more jobs that PostgreSQL can apply as one
+/// statement (`sql::write_run_postgres`): creations, or puts without
+/// conditions, of distinct keys. An atomic job qualifies only with puts,
+/// which cannot fail one by one.
+struct Run<'a> {
+    create_only: bool,
+    /// `(job, operation)` positions, sorted by `(tenant, key)`.
+    order: Vec<(usize, usize)>,
+    rows: Vec<(TenantId, &'a Item)>,
+    /// Operations per job.
+    sizes: Vec<usize>,
+}
+
+/// Most writes in one statement: beyond, a group takes the transaction path.
+const MAX_RUN: usize = 1024;
+
+impl<'a> Run<'a> {
+    fn of(jobs: &[&'a Job]) -> Option<Run<'a>> {
+        let mut create_only = None;
+        let mut found = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
+            for (o, (_, op)) in job.ops.iter().enumerate() {
+                let (create, item) = mergeable(op.as_ref().ok()?)?;
+                if *create_only.get_or_insert(create) != create || (create && job.atomic) {
+                    return None;
+                }
+                found.push((job.tenant, item, (j, o)));
+            }
+        }
+        if found.is_empty() || found.len() > MAX_RUN {
+            return None;
+        }
+        found.sort_by(|a, b| (a.0.get(), a.1.key.as_str()).cmp(&(b.0.get(), b.1.key.as_str())));
+        if found
+            .windows(2)
+            .any(|w| w[0].0 == w[1].0 && w[0].1.key.as_str() == w[1].1.key.as_str())
+        {
+            return None;
+        }
+        Some(Run {
+            create_only: create_only?,
+            order: found.iter().map(|f| f.2).collect(),
+            rows: found.iter().map(|f| (f.0, f.1)).collect(),
+            sizes: jobs.iter().map(|j| j.ops.len()).collect(),
+        })
+    }
+
+    /// Writes the run; one result per job.
+    async fn write(
+        self,
+        pool: &sea_orm::sqlx::PgPool,
+        now: i64,
+    ) -> Result<Vec<JobResult>, ApiError> {
+        let written = sql::write_run_postgres(pool, self.create_only, &self.rows, now).await?;
+        let mut results: Vec<Vec<Option<Result<Outcome, ApiError>>>> = self
+            .sizes
+            .iter()
+            .map(|n| std::iter::repeat_with(|| None).take(*n).collect())
+            .collect();
+        for ((j, o), result) in self.order.into_iter().zip(written) {
+            results[j][o] =
+                Some(result.map(|(object, created)| Outcome::Written { object, created }));
+        }
+        Ok(results
+            .into_iter()
+            .map(|ops| {
+                Ok(ops
+                    .into_iter()
+                    .map(|r| {
+                        r.unwrap_or_else(|| {
+                            Err(ApiError::internal(anyhow::anyhow!(
+                                "an operation got no result"
+                            )))
+                        })
+                    })
+                    .collect())
+            })
+            .collect())
     }
 }
 
