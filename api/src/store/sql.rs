@@ -1113,17 +1113,27 @@ pub(super) async fn upkeep_due<C: WriteConn>(
             expired("", &n)
         ));
     } else if let Some((cutoff, max_per_tenant)) = compact {
-        let c = sql.arg(cutoff);
         let m = sql.arg(max_per_tenant);
+        let old = oldest_entry_before(&mut sql, cutoff);
         sql.push(&format!(
-            "SELECT 1 AS due FROM change_log WHERE at < {c}
-             UNION ALL SELECT 1 FROM tenant WHERE revision - compacted_revision > {m}
+            "SELECT 1 AS due FROM tenant WHERE revision > compacted_revision
+               AND (revision - compacted_revision > {m} OR {old})
              LIMIT 1"
         ));
     } else {
         return Ok(false);
     }
     Ok(!conn.query(sql.build()).await?.is_empty())
+}
+
+/// The condition that the oldest logged change of `tenant` (a row of the
+/// `tenant` table) is older than `cutoff` (ms): one probe along the log's key.
+fn oldest_entry_before(sql: &mut Sql, cutoff: i64) -> String {
+    let c = sql.arg(cutoff);
+    format!(
+        "(SELECT at FROM change_log WHERE change_log.tenant_id = tenant.id
+          ORDER BY revision LIMIT 1) < {c}"
+    )
 }
 
 /// Removes up to `limit` log entries older than `cutoff` (ms) or beyond the
@@ -1138,21 +1148,40 @@ pub(super) async fn compact<C: WriteConn>(
     let backend = conn.backend();
     let mut removed: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
     let mut total = 0;
-    // Too old.
+    // Too old: per tenant, along the log's key, the entries up to the last
+    // one older than `cutoff` among its oldest (the log has no index on
+    // `at`, which every write would pay for; `at` follows revision order but
+    // for the clocks of different nodes). One probe per tenant with a log.
     let mut sql = Sql::new(backend);
-    let c = sql.arg(cutoff);
+    let old = oldest_entry_before(&mut sql, cutoff);
     let l = sql.arg(i64::from(limit));
     sql.push(&format!(
-        "DELETE FROM change_log WHERE (tenant_id, revision) IN (
-           SELECT tenant_id, revision FROM change_log WHERE at < {c} ORDER BY at LIMIT {l})
-         RETURNING tenant_id, revision"
+        "SELECT id FROM tenant WHERE revision > compacted_revision AND {old}
+         ORDER BY id LIMIT {l}"
     ));
-    let rows = conn.query(sql.build()).await?;
-    for row in rows {
-        let (t, r) = (row.int("tenant_id")?, row.int("revision")?);
-        let last = removed.entry(t).or_insert(r);
-        *last = (*last).max(r);
-        total += 1;
+    for row in conn.query(sql.build()).await? {
+        if total >= limit as usize {
+            break;
+        }
+        let t = row.int("id")?;
+        let mut sql = Sql::new(backend);
+        let ta = sql.arg(t);
+        let ca = sql.arg(cutoff);
+        let la = sql.arg((limit as usize - total) as i64);
+        sql.push(&format!(
+            "DELETE FROM change_log WHERE tenant_id = {ta} AND revision <= (
+               SELECT max(revision) FROM (
+                 SELECT revision, at FROM change_log WHERE tenant_id = {ta}
+                 ORDER BY revision LIMIT {la}) AS oldest
+               WHERE at < {ca})
+             RETURNING revision"
+        ));
+        for r in conn.query(sql.build()).await? {
+            let r = r.int("revision")?;
+            let last = removed.entry(t).or_insert(r);
+            *last = (*last).max(r);
+            total += 1;
+        }
     }
     // Too many: revisions count entries (skipped revisions make fewer).
     let mut sql = Sql::new(backend);
