@@ -12,7 +12,10 @@
 //! overlap the next group's. Jobs never see each other's failures: an atomic
 //! job rolls back to its own savepoint, and if the group's transaction itself
 //! fails before its commit, each job is run again alone (on PostgreSQL, a
-//! transaction aborted to break a deadlock is retried).
+//! transaction aborted to break a deadlock is retried). Every transaction
+//! reserves its revisions from its tenants' counters and logs its changes.
+//! On PostgreSQL a group (or job) of plain creations or puts of distinct
+//! keys skips the transaction: it is one call, see [`Run`].
 
 use std::collections::HashMap;
 
