@@ -7,6 +7,10 @@ scenario's ratio to the in-process ceiling (GET /healthz: no auth, no
 database) measured in the same run, plus the server's peak RSS. Absolute
 numbers vary between machines; the ratios are what to compare.
 
+The change feed (bench/feed.py): the time from a PUT to its event at a
+steady write rate, over SSE and a GraphQL subscription, and fan-out of one
+prefix's writes to 1,000 GraphQL subscribers (50 with --smoke).
+
 Baselines, measured in the same run unless --smoke or --no-baselines:
 Redis behind webdis (a throw-away redis-server and webdis on free ports) for
 GET and SET, pgbench -S on a scratch database (dropped after) for GET when
@@ -311,7 +315,7 @@ def main_table(args, server, token, nkeys, seconds, run_id, tmpdir, results, out
     out("|---|---|---|---|---|---|")
     order = ["ceiling", "rest_get", "gql_object", "rest_put", "rest_create", "gql_put", "login"]
     if args.only:
-        order = ["ceiling"] + [n for n in args.only.split(",") if n not in ("ceiling", "hostile")]
+        order = ["ceiling"] + [n for n in args.only.split(",") if n not in ("ceiling", "hostile", "feed")]
     for c in [int(x) for x in args.conns.split(",")]:
         ceiling = None
         for name in order:
@@ -369,6 +373,35 @@ def extras(args, server, url, token, seconds, run_id, tmpdir, big, expiring, smo
     out(f"Sweeper impact: GET p99 {before['p99_us'] / 1000:.2f} ms before, "
         f"{during['p99_us'] / 1000:.2f} ms while {expiring:,} keys expire and are swept "
         f"(p50 {before['p50_us'] / 1000:.2f} → {during['p50_us'] / 1000:.2f} ms).")
+
+
+def feed_scenarios(args, url, seconds, smoke, results, out):
+    """Write-to-event latency and fan-out (bench/feed.py), on a server of
+    their own that lets one user open enough WebSockets."""
+    import feed
+
+    subscribers = 50 if smoke else 1000
+    rate, fan_rate = (50, 5) if smoke else (200, 20)
+    server = Server(args.binary, url, env={
+        "KVQL_WS_MAX_CONNECTIONS_PER_USER": str(subscribers + 10),
+    }).start()
+    try:
+        token = login(server)
+        log(f"change feed: latency at {rate} writes/s, fan-out to {subscribers} subscribers")
+        found = feed.scenarios(server.port, token, seconds, subscribers, rate, fan_rate)
+    finally:
+        server.stop()
+    results["feed"] = found
+    out()
+    out(f"Change feed, write to event (PUT sent → event read by a Python client; {seconds} s per row):")
+    out()
+    out("| scenario | writes/s | subscribers | events | delivered | p50 ms | p99 ms | max ms |")
+    out("|---|---|---|---|---|---|---|---|")
+    for name, r, w in (("SSE /api/watch", found["feed_latency_sse"], rate),
+                       ("GraphQL objectEvents", found["feed_latency_graphql"], rate),
+                       ("GraphQL fan-out, one prefix", found["feed_fan_out"], fan_rate)):
+        out(f"| {name} | {w} | {r['subscribers']:,} | {r['events']:,} | {r['delivered']:.1%} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} |")
 
 
 def hostile_documents():
@@ -794,8 +827,9 @@ def main():
     p.add_argument("--big", type=int, help="keys for the flat-latency check (default 1000000, smoke 20000)")
     p.add_argument("--expiring", type=int, help="keys expiring at once in the sweeper check (default 100000, smoke 5000)")
     p.add_argument("--out", help="results file (default bench/results/<time>.md)")
-    p.add_argument("--only", help="comma-separated scenarios of the main table; skips the other measurements "
-                        "except the baselines of rest_get and rest_put")
+    p.add_argument("--only", help="comma-separated scenarios of the main table, and 'hostile' or 'feed' for "
+                        "those sections; skips the other measurements except the baselines of rest_get "
+                        "and rest_put")
     p.add_argument("--conns", default="32,64", help="connection counts (default 32,64)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the baselines (redis+webdis, pgbench, etcd); --smoke always skips them")
@@ -853,6 +887,9 @@ def main():
                     f"{anon / 1024:.0f} MiB of it anonymous; peak RSS during the whole run: {hwm / 1024:.0f} MiB.")
             finally:
                 server.stop()
+
+            if not args.only or "feed" in args.only.split(","):
+                feed_scenarios(args, url, seconds, smoke, results, out)
 
             if not args.only:
                 # Restart on the now large database, without the read cache, so
