@@ -2,12 +2,16 @@
 //! history. Change entries are written as JSON text with the stored value
 //! passed through, like objects (`object_view_json`).
 
-use std::borrow::Cow;
 use std::fmt::Write;
 
-use poem_openapi::registry::{MetaSchemaRef, Registry};
-use poem_openapi::types::{ToJSON, Type};
-use poem_openapi::{Enum, Object};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use poem::web::sse::SSE;
+use poem::{IntoResponse, Response};
+use poem_openapi::payload::Payload;
+use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses, MetaSchemaRef, Registry};
+use poem_openapi::types::Type;
+use poem_openapi::{ApiResponse, Enum, Object};
 
 use super::JsonValue;
 use crate::error::ApiError;
@@ -132,40 +136,78 @@ impl WatchItem {
     }
 }
 
-impl Type for WatchItem {
-    const IS_REQUIRED: bool = true;
-    type RawValueType = Self;
-    type RawElementValueType = Self;
+/// `/api/watch`'s answer: Server-Sent Events, with a comment line every
+/// 15 seconds while nothing happens. The OpenAPI document describes one
+/// event, as OpenAPI before 3.2 reads a `text/event-stream` schema.
+pub struct WatchStream(pub BoxStream<'static, WatchItem>);
 
-    fn name() -> Cow<'static, str> {
-        ChangeView::name()
-    }
+/// A comment line this often, so that proxies keep an idle stream open and
+/// clients notice a dead one.
+const WATCH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// One Server-Sent Event of `/api/watch`.
+#[derive(Object)]
+struct WatchEvent {
+    /// The change's revision; absent on `error`.
+    id: Option<String>,
+    /// The kind of change, or `error`: then `data` is the error body and
+    /// the stream ends.
+    event: WatchEventType,
+    /// The change as JSON text: one entry of `/api/changes`' `changes`.
+    data: String,
+}
+
+/// What a `/api/watch` event carries.
+#[derive(Enum)]
+enum WatchEventType {
+    #[oai(rename = "PUT")]
+    Put,
+    #[oai(rename = "DELETE")]
+    Delete,
+    #[oai(rename = "EXPIRE")]
+    Expire,
+    #[oai(rename = "error")]
+    Error,
+}
+
+impl Payload for WatchStream {
+    const CONTENT_TYPE: &'static str = "text/event-stream";
 
     fn schema_ref() -> MetaSchemaRef {
-        ChangeView::schema_ref()
+        WatchEvent::schema_ref()
     }
 
     fn register(registry: &mut Registry) {
-        ChangeView::register(registry);
-    }
-
-    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
-        Some(self)
-    }
-
-    fn raw_element_iter<'a>(
-        &'a self,
-    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
-        Box::new(self.as_raw_value().into_iter())
+        WatchEvent::register(registry);
     }
 }
 
-impl ToJSON for WatchItem {
-    fn to_json(&self) -> Option<serde_json::Value> {
-        match self {
-            WatchItem::Change(c) => serde_json::from_str(&change_json(c)).ok(),
-            WatchItem::Error(e) => serde_json::to_value(e.body()).ok(),
+impl IntoResponse for WatchStream {
+    fn into_response(self) -> Response {
+        SSE::new(self.0.map(WatchItem::into_event))
+            .keep_alive(WATCH_HEARTBEAT)
+            .into_response()
+    }
+}
+
+impl ApiResponse for WatchStream {
+    fn meta() -> MetaResponses {
+        MetaResponses {
+            responses: vec![MetaResponse {
+                description: "The changes, as they are committed.",
+                status: Some(200),
+                status_range: None,
+                content: vec![MetaMediaType {
+                    content_type: Self::CONTENT_TYPE,
+                    schema: Self::schema_ref(),
+                }],
+                headers: vec![],
+            }],
         }
+    }
+
+    fn register(registry: &mut Registry) {
+        WatchEvent::register(registry);
     }
 }
 

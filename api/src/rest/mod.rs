@@ -27,7 +27,7 @@ use crate::error::{ApiError, ErrorStatuses, Errors};
 use crate::middleware::Verified;
 use crate::store::{self, Atomicity, Cursor, Expect, Limit, Prefix, Revision, Wait, Watch};
 use body::{JsonBody, RawJson};
-use changes::{ChangePageView, HistoryPageView, WatchItem};
+use changes::{ChangePageView, HistoryPageView, WatchItem, WatchStream};
 use params::{
     CreateOnly, CursorText, HistoryCursorText, IfMatch, KeyText, LimitParam, PrefixText,
     RevisionParam, WaitParam,
@@ -551,10 +551,6 @@ error_statuses! {
     HistoryErrors = [400, 401, 500, 503];
 }
 
-/// Heartbeat of `/api/watch`: a comment line this often, so that proxies
-/// keep an idle stream open and clients notice a dead one.
-const WATCH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
-
 #[derive(ApiResponse)]
 enum ChangesResponse {
     /// The changes after `after` (none when `wait` ran out first).
@@ -846,10 +842,7 @@ impl RestApi {
         key: Query<Option<KeyText>>,
         after: Query<Option<RevisionParam>>,
         #[oai(name = "Last-Event-ID")] last_event_id: Header<Option<String>>,
-    ) -> Result<
-        poem_openapi::payload::EventStream<futures_util::stream::BoxStream<'static, WatchItem>>,
-        Errors<ChangesErrors>,
-    > {
+    ) -> Result<WatchStream, Errors<ChangesErrors>> {
         let watch = Watch::parse(key.0.map(|k| k.0), prefix.0.map(|p| p.0))?;
         let after = match last_event_id.0.as_deref().map(str::trim) {
             Some(id) if !id.is_empty() => Some(Revision::parse_text("Last-Event-ID", id)?),
@@ -875,11 +868,7 @@ impl RestApi {
             };
             Some((item, feed))
         });
-        Ok(
-            poem_openapi::payload::EventStream::new(Box::pin(stream) as _)
-                .keep_alive(WATCH_HEARTBEAT)
-                .to_event(WatchItem::into_event),
-        )
+        Ok(WatchStream(Box::pin(stream)))
     }
 
     /// History of a key

@@ -342,7 +342,13 @@ async fn exec_in_key_order<C: WriteConn>(
     for (position, result) in results.into_iter().enumerate() {
         by_index[order[position]] = Some(result);
     }
-    Ok(by_index
+    Ok(filled(by_index))
+}
+
+/// Results put back in their operations' places; a place left empty is an
+/// internal error.
+fn filled(slots: Vec<Option<Result<Outcome, ApiError>>>) -> Vec<Result<Outcome, ApiError>> {
+    slots
         .into_iter()
         .map(|r| {
             r.unwrap_or_else(|| {
@@ -351,7 +357,7 @@ async fn exec_in_key_order<C: WriteConn>(
                 )))
             })
         })
-        .collect())
+        .collect()
 }
 
 /// Applies a job's operations in order on `conn`. `Err` means the database
@@ -858,21 +864,7 @@ impl<'a> Run<'a> {
             results[j][o] =
                 Some(result.map(|(object, created)| Outcome::Written { object, created }));
         }
-        Ok(results
-            .into_iter()
-            .map(|ops| {
-                Ok(ops
-                    .into_iter()
-                    .map(|r| {
-                        r.unwrap_or_else(|| {
-                            Err(ApiError::internal(anyhow::anyhow!(
-                                "an operation got no result"
-                            )))
-                        })
-                    })
-                    .collect())
-            })
-            .collect())
+        Ok(results.into_iter().map(|ops| Ok(filled(ops))).collect())
     }
 }
 
