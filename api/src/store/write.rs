@@ -760,7 +760,9 @@ async fn commit_group<C: GroupConn>(conn: &C, clock: &Clock, group: &[&Job]) -> 
     if group.len() == 1 {
         return vec![run_alone(conn, group[0], clock).await];
     }
-    let one_statement = conn.postgres().zip(Run::of(group));
+    let one_statement = conn
+        .postgres()
+        .and_then(|pool| Run::of(group).map(|run| (pool, run)));
     let done = match one_statement {
         Some((pool, run)) => run
             .write(pool, clock.now_ms())
