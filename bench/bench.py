@@ -382,8 +382,11 @@ def feed_scenarios(args, url, seconds, smoke, results, out):
 
     subscribers = 50 if smoke else 1000
     rate, fan_rate = (50, 5) if smoke else (200, 20)
+    # The subscribers connect at once, all as one user, each anonymous until
+    # its connection_init: both limits are raised above their number.
     server = Server(args.binary, url, env={
         "KVQL_WS_MAX_CONNECTIONS_PER_USER": str(subscribers + 10),
+        "KVQL_WS_MAX_ANONYMOUS_CONNECTIONS": str(subscribers + 10),
     }).start()
     try:
         token = login(server)
