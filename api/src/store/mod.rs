@@ -282,6 +282,24 @@ fn unexpected() -> ApiError {
     ApiError::internal(anyhow::anyhow!("a write returned an unexpected outcome"))
 }
 
+impl Outcome {
+    /// What a create or put wrote.
+    fn into_put(self) -> Result<Put, ApiError> {
+        match self {
+            Outcome::Written { object, created } => Ok(Put { object, created }),
+            Outcome::Deleted { .. } => Err(unexpected()),
+        }
+    }
+
+    /// The revision of a deletion.
+    fn into_deletion(self) -> Result<i64, ApiError> {
+        match self {
+            Outcome::Deleted { revision, .. } => Ok(revision),
+            Outcome::Written { .. } => Err(unexpected()),
+        }
+    }
+}
+
 impl Store {
     /// `cache_bytes` sizes the SQLite read cache (0: none); PostgreSQL has none.
     /// Fails if SQLite's committer cannot open the database file.
@@ -637,10 +655,10 @@ impl Store {
     /// An expired value under the key is replaced as if it were absent.
     pub async fn create(&self, writer: Writer<'_>, item: Item) -> Result<Object, ApiError> {
         let key = item.key.as_str().to_owned();
-        match self.run_one(writer, key, Op::Create(item)).await? {
-            Outcome::Written { object, .. } => Ok(object),
-            Outcome::Deleted { .. } => Err(unexpected()),
-        }
+        self.run_one(writer, key, Op::Create(item))
+            .await?
+            .into_put()
+            .map(|put| put.object)
     }
 
     /// Writes a value as `expect` allows: create-or-replace, replace only
@@ -652,10 +670,9 @@ impl Store {
         expect: Expect,
     ) -> Result<Put, ApiError> {
         let key = item.key.as_str().to_owned();
-        match self.run_one(writer, key, Op::Put(item, expect)).await? {
-            Outcome::Written { object, created } => Ok(Put { object, created }),
-            Outcome::Deleted { .. } => Err(unexpected()),
-        }
+        self.run_one(writer, key, Op::Put(item, expect))
+            .await?
+            .into_put()
     }
 
     /// Deletes the live value under `key` (at `expected` version, if
@@ -666,17 +683,13 @@ impl Store {
         key: &Key,
         expected: Option<i64>,
     ) -> Result<i64, ApiError> {
-        match self
-            .run_one(
-                writer,
-                key.as_str().to_owned(),
-                Op::Delete(key.clone(), expected),
-            )
-            .await?
-        {
-            Outcome::Deleted { revision, .. } => Ok(revision),
-            Outcome::Written { .. } => Err(unexpected()),
-        }
+        self.run_one(
+            writer,
+            key.as_str().to_owned(),
+            Op::Delete(key.clone(), expected),
+        )
+        .await?
+        .into_deletion()
     }
 
     /// Creates several values in one transaction, with one result per item in
@@ -688,10 +701,7 @@ impl Store {
         atomicity: Atomicity,
     ) -> Result<BatchOutcome<Object>, ApiError> {
         let outcome = self.run_batch(writer, items, atomicity, Op::Create).await?;
-        Ok(outcome.map(|o| match o {
-            Outcome::Written { object, .. } => Ok(object),
-            Outcome::Deleted { .. } => Err(unexpected()),
-        }))
+        Ok(outcome.map(|o| o.into_put().map(|put| put.object)))
     }
 
     /// Writes several values in one transaction, each as its `Expect`
@@ -707,10 +717,7 @@ impl Store {
                 Op::Put(item, expect)
             })
             .await?;
-        Ok(outcome.map(|o| match o {
-            Outcome::Written { object, created } => Ok(Put { object, created }),
-            Outcome::Deleted { .. } => Err(unexpected()),
-        }))
+        Ok(outcome.map(Outcome::into_put))
     }
 
     /// Deletes several keys in one transaction; `NOT_FOUND` for keys with
@@ -724,10 +731,7 @@ impl Store {
         let outcome = self
             .run_batch(writer, keys, atomicity, |key| Op::Delete(key, None))
             .await?;
-        Ok(outcome.map(|o| match o {
-            Outcome::Deleted { revision, .. } => Ok(revision),
-            Outcome::Written { .. } => Err(unexpected()),
-        }))
+        Ok(outcome.map(Outcome::into_deletion))
     }
 
     /// Deletes up to `limit` expired rows of any tenant in one transaction,

@@ -102,6 +102,12 @@ impl Sql {
         }
     }
 
+    /// Binds each value, and returns their placeholders as a list for `IN (...)`.
+    pub(super) fn list<V: Into<Value> + Copy>(&mut self, values: &[V]) -> String {
+        let placeholders: Vec<String> = values.iter().map(|v| self.arg(*v)).collect();
+        placeholders.join(", ")
+    }
+
     /// Binds JSON text as the `data` column's type (JSONB on PostgreSQL).
     fn json_arg(&mut self, data: &Data) -> String {
         let p = self.arg(data.as_str());
@@ -385,12 +391,11 @@ pub(super) async fn continue_versions<C: WriteConn>(
         return Ok(raised);
     }
     let mut sql = Sql::new(backend);
-    let ids: Vec<String> = tenants.iter().map(|t| sql.arg(*t)).collect();
+    let ids = sql.list(&tenants.into_iter().collect::<Vec<_>>());
     sql.push(&format!(
-        "SELECT 1 AS due FROM tenant WHERE id IN ({}) AND (compacted_revision > 0
+        "SELECT 1 AS due FROM tenant WHERE id IN ({ids}) AND (compacted_revision > 0
            OR EXISTS (SELECT 1 FROM object_tombstone t WHERE t.tenant_id = tenant.id))
-         LIMIT 1",
-        ids.join(", ")
+         LIMIT 1"
     ));
     if conn.query(sql.build()).await?.is_empty() {
         return Ok(raised);
@@ -922,15 +927,13 @@ pub(super) async fn sweep<C: WriteConn>(
         _ => ("", ""),
     };
     let mut sql = Sql::new(backend);
-    let ids: Vec<String> = tenants.iter().map(|t| sql.arg(*t)).collect();
-    let ids = ids.join(", ");
+    let ids = sql.list(&tenants);
     sql.push(&format!(
         "SELECT id FROM tenant WHERE id IN ({ids}) ORDER BY id{lock}"
     ));
     conn.query(sql.build()).await?;
     let mut sql = Sql::new(backend);
-    let ids: Vec<String> = tenants.iter().map(|t| sql.arg(*t)).collect();
-    let ids = ids.join(", ");
+    let ids = sql.list(&tenants);
     let n = sql.arg(now);
     let l = sql.arg(i64::from(limit));
     sql.push(&format!(
@@ -994,11 +997,6 @@ fn kind_from_code(code: i64) -> Result<EventKind, DbErr> {
     }
 }
 
-/// Rows per statement of change log inserts (9 values each).
-fn max_log_rows(backend: DatabaseBackend) -> usize {
-    max_rows_per_statement(backend)
-}
-
 /// Appends committed changes of `tenant`s to the change log, in the
 /// transaction that made them.
 pub(super) async fn log_changes<C: WriteConn>(
@@ -1006,7 +1004,7 @@ pub(super) async fn log_changes<C: WriteConn>(
     changes: &[(i64, &Change)],
 ) -> Result<(), ApiError> {
     let backend = conn.backend();
-    for chunk in changes.chunks(max_log_rows(backend)) {
+    for chunk in changes.chunks(max_rows_per_statement(backend)) {
         let mut sql = Sql::new(backend);
         let values: Vec<String> = chunk
             .iter()
@@ -1187,6 +1185,16 @@ fn oldest_entry_before(sql: &mut Sql, cutoff: i64) -> String {
     )
 }
 
+/// Records that compaction removed `tenant`'s log entries through `revision`.
+fn compacted_through(
+    removed: &mut std::collections::BTreeMap<i64, i64>,
+    tenant: i64,
+    revision: i64,
+) {
+    let last = removed.entry(tenant).or_insert(revision);
+    *last = (*last).max(revision);
+}
+
 /// Removes up to `limit` log entries older than `cutoff` (ms) or beyond the
 /// newest `max_per_tenant` of their tenant, tenant by tenant in id order and
 /// each tenant's oldest first, and records the last revision removed per
@@ -1229,9 +1237,7 @@ pub(super) async fn compact<C: WriteConn>(
              RETURNING revision"
         ));
         for r in conn.query(sql.build()).await? {
-            let r = r.int("revision")?;
-            let last = removed.entry(t).or_insert(r);
-            *last = (*last).max(r);
+            compacted_through(&mut removed, t, r.int("revision")?);
             total += 1;
         }
     }
@@ -1272,8 +1278,7 @@ pub(super) async fn compact<C: WriteConn>(
             }
             last
         };
-        let last = removed.entry(t).or_insert(through);
-        *last = (*last).max(through);
+        compacted_through(&mut removed, t, through);
     }
     for (t, last) in removed {
         let mut sql = Sql::new(backend);

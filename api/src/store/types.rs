@@ -395,6 +395,26 @@ impl Change {
         }
     }
 
+    /// A key gone at `version` by `kind` (a delete or an expiry) at time `at`.
+    pub fn gone(
+        kind: super::events::EventKind,
+        revision: i64,
+        key: String,
+        version: i64,
+        at: i64,
+    ) -> Change {
+        Change {
+            revision,
+            kind,
+            key,
+            version,
+            data: None,
+            expires_at: None,
+            created_at: None,
+            at,
+        }
+    }
+
     /// The value a `Put` wrote, as an object seen at `now`.
     pub fn object(&self, now: i64) -> Option<Object> {
         Some(Object {

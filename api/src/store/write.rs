@@ -145,16 +145,7 @@ impl Outcome {
                 key,
                 version,
                 revision,
-            } => Change {
-                revision: *revision,
-                kind: EventKind::Delete,
-                key: key.clone(),
-                version: *version,
-                data: None,
-                expires_at: None,
-                created_at: None,
-                at: now,
-            },
+            } => Change::gone(EventKind::Delete, *revision, key.clone(), *version, now),
         }
     }
 }
@@ -614,19 +605,8 @@ async fn expire_in<C: WriteConn>(
         .iter_mut()
         .map(|e| {
             e.revision = revisions.next(e.tenant);
-            (
-                e.tenant,
-                Change {
-                    revision: e.revision,
-                    kind: EventKind::Expire,
-                    key: e.key.clone(),
-                    version: e.version,
-                    data: None,
-                    expires_at: None,
-                    created_at: None,
-                    at: now,
-                },
-            )
+            let change = Change::gone(EventKind::Expire, e.revision, e.key.clone(), e.version, now);
+            (e.tenant, change)
         })
         .collect();
     record(conn, &changes).await?;
