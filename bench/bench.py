@@ -377,16 +377,18 @@ def extras(args, server, url, token, seconds, run_id, tmpdir, big, expiring, smo
 
 def feed_scenarios(args, url, seconds, smoke, results, out):
     """Write-to-event latency and fan-out (bench/feed.py), on a server of
-    their own that lets one user open enough WebSockets."""
+    their own that lets one user open enough WebSockets and feeds."""
     import feed
 
     subscribers = 50 if smoke else 1000
     rate, fan_rate = (50, 5) if smoke else (200, 20)
     # The subscribers connect at once, all as one user, each anonymous until
-    # its connection_init: both limits are raised above their number.
+    # its connection_init, each holding one change feed: the three limits are
+    # raised above their number.
     server = Server(args.binary, url, env={
         "KVQL_WS_MAX_CONNECTIONS_PER_USER": str(subscribers + 10),
         "KVQL_WS_MAX_ANONYMOUS_CONNECTIONS": str(subscribers + 10),
+        "KVQL_MAX_FEEDS_PER_USER": str(subscribers + 10),
     }).start()
     try:
         token = login(server)

@@ -88,6 +88,8 @@ impl App {
                 max_batch_items: config.max_batch_items,
                 changes_retention: config.changes_retention,
                 changes_max_per_tenant: config.changes_max_per_tenant,
+                max_feeds: config.max_feeds,
+                max_feeds_per_user: config.max_feeds_per_user,
             },
             events,
             config.cache_bytes,

@@ -155,6 +155,26 @@ pub struct Config {
     #[arg(long, env = "KVQL_CHANGES_MAX_PER_TENANT", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub changes_max_per_tenant: u64,
 
+    /// Most change feeds one user holds open on this node at once:
+    /// `/api/watch` streams, `/api/changes` requests waiting for a change
+    /// (`wait`) and `objectEvents` subscriptions. One more is refused with
+    /// 429 `RATE_LIMITED`.
+    #[arg(long, env = "KVQL_MAX_FEEDS_PER_USER", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_feeds_per_user: u64,
+
+    /// Most change feeds open on this node, all users together; one more is
+    /// refused with 429 `RATE_LIMITED`. Each open feed reads the change log
+    /// when a change it follows is committed, and at least once a second.
+    #[arg(long, env = "KVQL_MAX_FEEDS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_feeds: u64,
+
+    /// How often `/api/watch` sends a comment line while no change arrives,
+    /// e.g. `15s`: it keeps proxies from closing an idle stream, and it is
+    /// how the server notices a client that went away (at the second write
+    /// after it left), which gives back the stream's feed place.
+    #[arg(long, env = "KVQL_WATCH_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    pub watch_heartbeat: Duration,
+
     /// Largest value accepted, in bytes of compact JSON.
     #[arg(long, env = "KVQL_MAX_VALUE_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_value_bytes: u64,

@@ -17,6 +17,7 @@ mod listener;
 mod middleware;
 pub mod pages;
 pub mod rest;
+pub mod slots;
 pub mod store;
 pub mod sweeper;
 pub mod throttle;

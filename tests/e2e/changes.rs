@@ -1058,3 +1058,78 @@ async fn a_create_that_waited_for_a_concurrent_delete_continues_its_version() {
     );
     assert!(revision(&body) > rev);
 }
+
+/// Opens `/api/watch` as `u` once it is no longer refused: a closed stream
+/// gives its place back when the server sees the connection gone, at the
+/// second heartbeat after it closed. At most 5 seconds.
+async fn watch_once_a_place_is_free(app: &TestApp, u: &User) -> Sse {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = app
+            .client
+            .get(app.url("/api/watch?prefix=p%2F"))
+            .bearer_auth(&u.token)
+            .send()
+            .await
+            .expect("watch");
+        if resp.status() != 429 {
+            return Sse {
+                resp,
+                buf: String::new(),
+            };
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed stream's place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn feeds_past_the_per_user_and_node_caps_are_refused_with_429_rate_limited() {
+    let app = TestApp::spawn_with(|c| {
+        c.max_feeds_per_user = 2;
+        c.max_feeds = 3;
+        c.watch_heartbeat = Duration::from_millis(50);
+    })
+    .await;
+    let u = app.writer().await;
+    let first = app.create(&u, "p/1", json!(1), None).await;
+    let a = Sse::open(&app, &u, "prefix=p%2F", None).await;
+    let _b = Sse::open(&app, &u, "after=0", None).await;
+
+    // Every door to a third feed of the same user is refused before it opens.
+    let watch = app.get("/api/watch?after=0", Some(&u.token)).await;
+    watch.assert_error(429, "RATE_LIMITED");
+    assert_eq!(watch.header("retry-after"), Some("1"));
+    let last = revision(&first.body);
+    let poll = changes(&app, &u, &format!("after={last}&wait=30")).await;
+    poll.assert_error(429, "RATE_LIMITED");
+    let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", u.ws_auth()).await;
+    ws.subscribe("over", EVENTS_AFTER, json!({"prefix": "p/"}))
+        .await;
+    let msg = ws.next().await;
+    assert_eq!(msg["type"], "next", "{msg}");
+    assert_eq!(msg["payload"]["data"], Value::Null);
+    let error = &msg["payload"]["errors"][0];
+    assert_eq!(error["extensions"]["code"], "RATE_LIMITED", "{msg}");
+    assert_eq!(ws.next().await["type"], "complete");
+    // A page that does not have to wait needs no place.
+    let page = changes(&app, &u, "after=0&wait=30").await;
+    assert_eq!(page.status, 200);
+    assert_eq!(summary(&page.body["changes"]).len(), 1);
+
+    // Another user has places of their own, up to the node's cap.
+    let v = app.user("other", Role::Writer).await;
+    let _c = Sse::open(&app, &v, "after=0", None).await;
+    let full = app.get("/api/watch", Some(&v.token)).await;
+    full.assert_error(429, "RATE_LIMITED");
+    full.assert_mentions("node");
+
+    // Closing a stream gives its place back.
+    drop(a);
+    let mut again = watch_once_a_place_is_free(&app, &u).await;
+    let second = app.create(&u, "p/2", json!(2), None).await;
+    assert_eq!(again.next().await.data["revision"], revision(&second.body));
+}

@@ -32,6 +32,8 @@ impl Subscription {
     /// A subscriber that falls behind catches up from the change log; only
     /// if the log is compacted past it does the stream end, with
     /// `EVENTS_LOST`. The stream also ends when the access token expires.
+    /// Each subscription is one of your change feeds: past the most one user
+    /// may hold open on a node (256 by default), `RATE_LIMITED`.
     async fn object_events(
         &self,
         ctx: &Context<'_>,
@@ -49,7 +51,7 @@ impl Subscription {
             .data_opt::<SocketAuth>()
             .map(|SocketAuth(token)| (ctx.state().auth().clone(), token.clone()));
         let feed = store
-            .feed(principal.tenant(), watch, after)
+            .feed(&principal, watch, after)
             .await?
             .for_caller(&principal, recheck);
         Ok(futures_util::stream::unfold(feed, move |mut feed| {

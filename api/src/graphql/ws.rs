@@ -14,8 +14,7 @@
 //!   auth-cache window: a removed user, a changed password or an expired
 //!   token closes the socket with 4403, ending its subscriptions.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,47 +31,36 @@ use crate::app::AppState;
 use crate::auth::ClientAddr;
 use crate::error::ApiError;
 use crate::input;
+use crate::slots::{Count, CountSlot, PerUser, UserSlot};
 
 /// Open sockets of one node: in total, not (yet) authenticated, and per user.
 #[derive(Default)]
 pub struct Sockets {
-    open: AtomicU64,
-    anonymous: AtomicU64,
-    per_user: Mutex<HashMap<i64, u64>>,
+    open: Arc<Count>,
+    anonymous: Arc<Count>,
+    per_user: Arc<PerUser>,
 }
 
-/// One open socket's place in [`Sockets`]; released when dropped.
+/// One open socket's places in [`Sockets`]; given back when dropped.
 pub struct Slot {
-    sockets: Arc<Sockets>,
-    /// Counted as anonymous: until a token is accepted at `connection_init`.
-    anonymous: bool,
-    user: Option<i64>,
-}
-
-/// Adds one to `counter` unless it is at `max`.
-fn take(counter: &AtomicU64, max: u64) -> bool {
-    counter
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .is_ok()
+    _open: CountSlot,
+    /// Held until a token is accepted at `connection_init`.
+    anonymous: Option<CountSlot>,
+    user: Option<UserSlot>,
+    per_user: Arc<PerUser>,
 }
 
 impl Sockets {
     /// A slot for a new socket, unless the node already has `max` sockets
     /// open or `max_anonymous` not authenticated yet.
-    pub fn open(self: &Arc<Self>, max: u64, max_anonymous: u64) -> Option<Slot> {
-        if !take(&self.open, max) {
-            return None;
-        }
-        if !take(&self.anonymous, max_anonymous) {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
+    pub fn open(&self, max: u64, max_anonymous: u64) -> Option<Slot> {
+        let open = self.open.claim(max)?;
+        let anonymous = self.anonymous.claim(max_anonymous)?;
         Some(Slot {
-            sockets: self.clone(),
-            anonymous: true,
+            _open: open,
+            anonymous: Some(anonymous),
             user: None,
+            per_user: self.per_user.clone(),
         })
     }
 }
@@ -80,37 +68,12 @@ impl Sockets {
 impl Slot {
     /// Counts this socket against `user`; false if they have `max` open already.
     fn claim_user(&mut self, user: i64, max: u64) -> bool {
-        let Ok(mut per_user) = self.sockets.per_user.lock() else {
+        let Some(place) = self.per_user.claim(user, max) else {
             return false;
         };
-        let n = per_user.entry(user).or_default();
-        if *n >= max {
-            return false;
-        }
-        *n += 1;
-        self.user = Some(user);
-        if std::mem::take(&mut self.anonymous) {
-            self.sockets.anonymous.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.user = Some(place);
+        self.anonymous = None;
         true
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.sockets.open.fetch_sub(1, Ordering::AcqRel);
-        if self.anonymous {
-            self.sockets.anonymous.fetch_sub(1, Ordering::AcqRel);
-        }
-        if let Some(user) = self.user
-            && let Ok(mut per_user) = self.sockets.per_user.lock()
-            && let Some(n) = per_user.get_mut(&user)
-        {
-            *n -= 1;
-            if *n == 0 {
-                per_user.remove(&user);
-            }
-        }
     }
 }
 

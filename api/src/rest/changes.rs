@@ -137,13 +137,14 @@ impl WatchItem {
 }
 
 /// `/api/watch`'s answer: Server-Sent Events, with a comment line every
-/// 15 seconds while nothing happens. The OpenAPI document describes one
-/// event, as OpenAPI before 3.2 reads a `text/event-stream` schema.
-pub struct WatchStream(pub BoxStream<'static, WatchItem>);
-
-/// A comment line this often, so that proxies keep an idle stream open and
-/// clients notice a dead one.
-const WATCH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
+/// `heartbeat` while nothing happens (`KVQL_WATCH_HEARTBEAT`), so that
+/// proxies keep an idle stream open and both ends notice a dead one. The
+/// OpenAPI document describes one event, as OpenAPI before 3.2 reads a
+/// `text/event-stream` schema.
+pub struct WatchStream {
+    pub events: BoxStream<'static, WatchItem>,
+    pub heartbeat: std::time::Duration,
+}
 
 /// One Server-Sent Event of `/api/watch`.
 #[derive(Object)]
@@ -184,8 +185,8 @@ impl Payload for WatchStream {
 
 impl IntoResponse for WatchStream {
     fn into_response(self) -> Response {
-        SSE::new(self.0.map(WatchItem::into_event))
-            .keep_alive(WATCH_HEARTBEAT)
+        SSE::new(self.events.map(WatchItem::into_event))
+            .keep_alive(self.heartbeat)
             .into_response()
     }
 }

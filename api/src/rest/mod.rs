@@ -547,7 +547,7 @@ error_statuses! {
     /// Atomic batches fail with the failing item's status: a delete's 404.
     BatchDeleteErrors = [400, 401, 403, 404, 413, 415, 500, 503];
     /// 410 `COMPACTED`: the log no longer holds every change after `after`.
-    ChangesErrors = [400, 401, 410, 500, 503];
+    ChangesErrors = [400, 401, 410, 429, 500, 503];
     HistoryErrors = [400, 401, 500, 503];
 }
 
@@ -810,7 +810,7 @@ impl RestApi {
             None => store.oldest_revision(tenant).await?,
         };
         let page = store
-            .wait_for_changes(tenant, &watch, after, limit, wait)
+            .wait_for_changes(&auth.0, &watch, after, limit, wait)
             .await?;
         Ok(ChangesResponse::Ok(RawJson::new(
             changes::change_page_json(&page),
@@ -826,7 +826,9 @@ impl RestApi {
     /// entry of `/api/changes`. A client that reconnects with
     /// `Last-Event-ID` (browsers' `EventSource` does) resumes after it,
     /// missing nothing and repeating nothing. A comment line is sent every 15
-    /// seconds while nothing happens. `key` / `prefix` as in `/api/changes`.
+    /// seconds (`KVQL_WATCH_HEARTBEAT`) while nothing happens. Each stream is
+    /// one of your change feeds: a user may hold at most 256 at once on a
+    /// node (`KVQL_MAX_FEEDS_PER_USER`), then 429 `RATE_LIMITED`. `key` / `prefix` as in `/api/changes`.
     /// 410 `COMPACTED` when the log no longer holds every change after the
     /// revision; an error after the stream has begun (the token expired, or
     /// the log was compacted past a reader too slow to keep up) arrives as
@@ -858,7 +860,7 @@ impl RestApi {
             .map(|(_, t)| t.trim().to_owned())
             .unwrap_or_default();
         let feed = store
-            .feed(principal.tenant(), watch, after)
+            .feed(&principal, watch, after)
             .await?
             .for_caller(&principal, Some((state.auth().clone(), token)));
         let stream = futures_util::stream::unfold(feed, |mut feed| async move {
@@ -868,7 +870,10 @@ impl RestApi {
             };
             Some((item, feed))
         });
-        Ok(WatchStream(Box::pin(stream)))
+        Ok(WatchStream {
+            events: Box::pin(stream),
+            heartbeat: state.config().watch_heartbeat,
+        })
     }
 
     /// History of a key

@@ -15,9 +15,10 @@ use tokio::time::Instant;
 
 use super::events::Event;
 use super::types::{Change, Limit, Revision, Watch};
-use super::{ChangePage, Store};
+use super::{ChangePage, Limits, Store};
 use crate::auth::{Auth, Principal, TenantId};
 use crate::error::ApiError;
+use crate::slots::{Count, CountSlot, PerUser, UserSlot};
 
 /// How often a waiting feed looks at the change log even when no event woke it.
 pub(super) const RECHECK: Duration = Duration::from_secs(1);
@@ -45,8 +46,52 @@ pub(super) async fn wake(
     }
 }
 
+/// The feeds open on this node, in all and per user: each reads the log at
+/// least every [`RECHECK`], so their number is bounded before one opens.
+#[derive(Default)]
+pub(super) struct OpenFeeds {
+    all: Arc<Count>,
+    per_user: Arc<PerUser>,
+}
+
+/// One open feed's places in [`OpenFeeds`]; given back when dropped.
+pub(super) struct FeedPlace {
+    _user: UserSlot,
+    _all: CountSlot,
+}
+
+impl OpenFeeds {
+    /// Places for one more feed of `user`; `RATE_LIMITED` when they, or the
+    /// node, hold as many as `limits` allow.
+    pub(super) fn claim(&self, user: i64, limits: &Limits) -> Result<FeedPlace, ApiError> {
+        let max = limits.max_feeds_per_user;
+        let user = self
+            .per_user
+            .claim(user, max)
+            .ok_or_else(|| ApiError::RateLimited {
+                message: format!(
+                    "too many change feeds: at most {max} open at once per user on this node \
+                     (watch streams, waiting change requests and subscriptions); close one first"
+                ),
+                retry_after: 1,
+            })?;
+        let max = limits.max_feeds;
+        let all = self.all.claim(max).ok_or_else(|| ApiError::RateLimited {
+            message: format!(
+                "this node has {max} change feeds open, as many as it serves; retry later"
+            ),
+            retry_after: 1,
+        })?;
+        Ok(FeedPlace {
+            _user: user,
+            _all: all,
+        })
+    }
+}
+
 /// A feed of changes after a revision; see the module's documentation.
 pub struct Feed {
+    _place: FeedPlace,
     store: Store,
     tenant: TenantId,
     watch: Watch,
@@ -56,10 +101,17 @@ pub struct Feed {
 }
 
 impl Feed {
-    pub(super) fn new(store: Store, tenant: TenantId, watch: Watch, after: Revision) -> Feed {
+    pub(super) fn new(
+        place: FeedPlace,
+        store: Store,
+        tenant: TenantId,
+        watch: Watch,
+        after: Revision,
+    ) -> Feed {
         // Subscribed before the first read, so no change slips in between.
         let events = store.events().subscribe();
         Feed {
+            _place: place,
             store,
             tenant,
             watch,

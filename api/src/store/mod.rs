@@ -32,7 +32,7 @@ pub use types::{
 
 use sea_orm::{ConnectionTrait, DatabaseBackend};
 
-use crate::auth::{TenantId, Writer};
+use crate::auth::{Principal, TenantId, Writer};
 use crate::clock::Clock;
 use crate::db::Db;
 use crate::error::ApiError;
@@ -46,7 +46,7 @@ use write::{Committer, Job, JobResult, Op, Outcome, Upkeep, Upkept};
 /// statement runs, and the next collects lookups meanwhile.
 const READERS: usize = 4;
 
-/// Configured limits on values and batches.
+/// Configured limits on values, batches, the change log and feeds.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_value_bytes: u64,
@@ -55,6 +55,10 @@ pub struct Limits {
     pub changes_retention: std::time::Duration,
     /// Most changes the log keeps per tenant.
     pub changes_max_per_tenant: u64,
+    /// Most change feeds open on this node.
+    pub max_feeds: u64,
+    /// Most change feeds one user holds open on this node.
+    pub max_feeds_per_user: u64,
 }
 
 /// A value to write, parsed.
@@ -191,6 +195,7 @@ struct Inner {
     cache: Option<Arc<Cache>>,
     committer: Committer,
     reader: read::Reader,
+    feeds: feed::OpenFeeds,
 }
 
 /// Publishes a job's committed writes and records them in the cache.
@@ -341,6 +346,7 @@ impl Store {
                 events,
                 cache,
                 committer,
+                feeds: feed::OpenFeeds::default(),
             }),
         })
     }
@@ -529,23 +535,31 @@ impl Store {
     }
 
     /// [`Store::changes`], waiting up to `wait` for a change when there is
-    /// none yet: a blocking query (see `feed` for how it wakes).
+    /// none yet: a blocking query (see `feed` for how it wakes). While it
+    /// waits it counts as one of the caller's feeds: `RATE_LIMITED` instead
+    /// of waiting when they hold as many as the limits allow.
     pub async fn wait_for_changes(
         &self,
-        tenant: TenantId,
+        principal: &Principal,
         watch: &Watch,
         mut after: Revision,
         limit: Limit,
         wait: Wait,
     ) -> Result<ChangePage, ApiError> {
+        let tenant = principal.tenant();
         let deadline = tokio::time::Instant::now() + wait.duration();
         // Subscribed before the first read, so no change can slip between.
         let mut events = self.inner.events.subscribe();
+        // Claimed once the request is about to wait, held until it answers.
+        let mut place = None;
         loop {
             let page = self.changes(tenant, watch, after, limit).await?;
             let now = tokio::time::Instant::now();
             if !page.changes.is_empty() || now >= deadline {
                 return Ok(page);
+            }
+            if place.is_none() {
+                place = Some(self.claim_feed(principal)?);
             }
             after = Revision::parse("after", page.last_revision)?;
             feed::wake(&mut events, tenant, watch, deadline).await;
@@ -554,13 +568,17 @@ impl Store {
 
     /// A feed of the changes after `after` to the keys `watch` follows; from
     /// the latest revision (live changes only) when `after` is `None`.
-    /// `COMPACTED` at once if the log no longer holds every change after it.
+    /// `COMPACTED` at once if the log no longer holds every change after it;
+    /// `RATE_LIMITED` if the caller (or the node) has as many feeds open as
+    /// the limits allow.
     pub async fn feed(
         &self,
-        tenant: TenantId,
+        principal: &Principal,
         watch: Watch,
         after: Option<Revision>,
     ) -> Result<Feed, ApiError> {
+        let place = self.claim_feed(principal)?;
+        let tenant = principal.tenant();
         let (latest, compacted) = sql::revisions(&self.inner.db.read, tenant).await?;
         let after = match after {
             Some(a) => {
@@ -569,7 +587,13 @@ impl Store {
             }
             None => Revision::parse("after", latest)?,
         };
-        Ok(Feed::new(self.clone(), tenant, watch, after))
+        Ok(Feed::new(place, self.clone(), tenant, watch, after))
+    }
+
+    fn claim_feed(&self, principal: &Principal) -> Result<feed::FeedPlace, ApiError> {
+        self.inner
+            .feeds
+            .claim(principal.user_id, &self.inner.limits)
     }
 
     /// The revision before the oldest change the log holds for `tenant`:
