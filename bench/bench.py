@@ -95,13 +95,17 @@ class Server:
         )
         env.update(self.extra_env)
         t0 = time.monotonic()
+        # A file, not a pipe: a pipe nobody reads fills up and, with logs at
+        # `info` (one line per request), would measure the pipe.
+        self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [self.binary, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            [self.binary, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=self.log
         )
         deadline = t0 + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"kvql exited at start: {self.proc.stderr.read().decode()}")
+                self.log.seek(0)
+                raise SystemExit(f"kvql exited at start: {self.log.read().decode()}")
             try:
                 with urllib.request.urlopen(self.base + "/readyz", timeout=1) as r:
                     if r.status == 200:

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::app::App;
 use crate::auth::Role;
 use crate::clock::{Clock, rfc3339};
-use crate::config::{Config, DatabaseArgs, parse_duration};
+use crate::config::{Config, DatabaseArgs, LogFormat, parse_duration};
 use crate::db::Db;
 use crate::{auth, graphql, rest, users};
 
@@ -176,20 +176,57 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(filter: &str) -> anyhow::Result<()> {
+/// Logs go to standard error from a thread of their own: a request only
+/// queues its lines, so a slow or stuck reader of standard error never holds
+/// up requests. Lines beyond a full queue (128,000 lines) are dropped, and
+/// how many is logged every 10 seconds while it happens. Keep the guard
+/// until exit: dropping it flushes what is queued.
+fn init_logging(
+    filter: &str,
+    format: LogFormat,
+) -> anyhow::Result<tracing_appender::non_blocking::WorkerGuard> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .with_context(|| format!("invalid log filter {filter:?}"))?;
-    // Colours only for a person at a terminal, not in files and collectors.
-    tracing_subscriber::fmt()
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .thread_name("kvql-logs")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
+    tokio::spawn(async move {
+        let mut reported = 0;
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let now = dropped.dropped_lines();
+            if now > reported {
+                tracing::warn!(
+                    lost = now - reported,
+                    "log lines dropped: standard error is not read as fast as lines are written"
+                );
+                reported = now;
+            }
+        }
+    });
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    Ok(())
+        .with_writer(writer);
+    match format {
+        // Colours only for a person at a terminal, not in files and collectors.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // An event's fields at the top level; the request's (its id) under
+        // `span`.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+    Ok(guard)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    init_logging(&config.log)?;
+    let _logs = init_logging(&config.log, config.log_format)?;
     let database = config.database.redacted_url();
     let app = App::build(config, Clock::system()).await?;
     if let Some(password) = &app.generated_admin_password {

@@ -53,6 +53,12 @@ pub struct DatabaseArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SqliteSync {
     Normal,
     Full,
@@ -235,9 +241,15 @@ pub struct Config {
     #[command(flatten)]
     pub graphql: GraphqlConfig,
 
-    /// Log filter in `tracing` syntax, e.g. `info`, `kvql=debug,api=debug`.
+    /// Log filter in `tracing` syntax, e.g. `info`, `kvql=debug,api=debug`;
+    /// `info,kvql::access=off` keeps everything but the access lines.
     #[arg(long, env = "KVQL_LOG", default_value = "info")]
     pub log: String,
+
+    /// Log line format on standard error: `text` for people, `json` for one
+    /// JSON object per line (for log collectors).
+    #[arg(long, env = "KVQL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 /// The lifecycle and limits of GraphQL WebSocket connections.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use poem::http::{HeaderValue, Method, StatusCode, header};
-use poem::{Body, Endpoint, IntoResponse, Request, Response};
+use poem::{Body, Endpoint, IntoResponse, PathPattern, Request, Response};
 use tracing::Instrument;
 
 use crate::app::AppState;
@@ -38,12 +38,8 @@ pub async fn around<E: Endpoint>(
         })
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
-    let span = tracing::info_span!(
-        "request",
-        id = %id,
-        method = %req.method(),
-        path = %req.uri().path(),
-    );
+    // No path: it may hold a key. The access line names the route instead.
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method());
     let method = req.method().clone();
     // Cheap to clone (shared bytes); a 405 needs the path for its `Allow`.
     let uri = req.uri().clone();
@@ -53,9 +49,10 @@ pub async fn around<E: Endpoint>(
             let config = state.config();
             // Only a caller with a valid token may send a large body: anyone
             // else is refused before more than a small body is read.
-            let body_limit = match verify_bearer(&state, &req).await {
+            let caller = verify_bearer(&state, &req).await;
+            let body_limit = match &caller {
                 Some(principal) => {
-                    req.extensions_mut().insert(Verified(principal));
+                    req.extensions_mut().insert(Verified(principal.clone()));
                     config.body_limit()
                 }
                 None => config.max_anonymous_body_bytes.min(config.body_limit()),
@@ -82,6 +79,11 @@ pub async fn around<E: Endpoint>(
                 ))
                 .into()),
             };
+            let route = match &result {
+                Ok(resp) => resp.data::<PathPattern>(),
+                Err(err) => err.data::<PathPattern>(),
+            }
+            .map(|p| route_template(&p.0));
             let mut resp = match result {
                 Ok(resp) if needs_json(&resp) => json_error(&method, uri.path(), resp.status()),
                 Ok(resp) => resp,
@@ -102,16 +104,41 @@ pub async fn around<E: Endpoint>(
                 resp.headers_mut().insert(REQUEST_ID_HEADER, v);
             }
             let status = resp.status().as_u16();
-            let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let route = route.as_deref().unwrap_or("(none)");
+            let tenant = caller.as_deref().map(|p| p.tenant_name.as_str());
+            let user = caller.as_deref().map(|p| p.username.as_str());
             if status >= 500 {
-                tracing::warn!(status, elapsed_ms, "request failed");
+                tracing::warn!(target: "kvql::access", route, status, latency_ms, tenant, user, "request failed");
             } else {
-                tracing::debug!(status, elapsed_ms, "request");
+                tracing::info!(target: "kvql::access", route, status, latency_ms, tenant, user, "request");
             }
             Ok(resp)
         })
         .instrument(span)
         .await
+}
+
+/// A route as the router matched it, with `*` for each path parameter
+/// (poem-openapi names them `:param0`, ...), without a trailing slash; no
+/// path, and so no key, ever reaches a log line.
+fn route_template(pattern: &str) -> String {
+    let route = pattern
+        .split('/')
+        .map(|segment| {
+            if segment.starts_with(':') {
+                "*"
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/");
+    match route.trim_end_matches('/') {
+        "" if route.is_empty() => "(none)".to_owned(),
+        "" => "/".to_owned(),
+        trimmed => trimmed.to_owned(),
+    }
 }
 
 /// The principal of a valid `Authorization: Bearer` token, if there is one.
@@ -195,5 +222,22 @@ async fn limit_body(req: &mut Request, limit: u64) -> Result<(), ApiError> {
             }
         }
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_template;
+
+    #[test]
+    fn a_route_template_hides_path_parameters() {
+        assert_eq!(route_template("/api/object/:param0"), "/api/object/*");
+        assert_eq!(
+            route_template("/api/object/:param0/history"),
+            "/api/object/*/history"
+        );
+        assert_eq!(route_template("/graphql/"), "/graphql");
+        assert_eq!(route_template("/"), "/");
+        assert_eq!(route_template(""), "(none)");
     }
 }

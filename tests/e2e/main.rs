@@ -17,6 +17,7 @@ mod graphql_limits;
 mod hostile;
 mod keys;
 mod listing;
+mod logs;
 mod nodes;
 mod objects;
 mod openapi;
