@@ -13,6 +13,8 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::cors::Cors;
 use crate::db::Db;
+use crate::graphql::ws::Sockets;
+use crate::metrics::Metrics;
 use crate::store::events::Events;
 use crate::store::{Limits, Store};
 use crate::sweeper::Sweeper;
@@ -29,6 +31,8 @@ struct StateInner {
     store: Store,
     auth: Auth,
     config: Config,
+    metrics: Metrics,
+    sockets: Arc<Sockets>,
 }
 
 impl AppState {
@@ -46,6 +50,15 @@ impl AppState {
 
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The GraphQL WebSockets open on this node.
+    pub fn sockets(&self) -> &Arc<Sockets> {
+        &self.inner.sockets
     }
 }
 
@@ -78,7 +91,8 @@ impl App {
         db.migrate().await?;
         let generated_admin_password =
             users::bootstrap_admin(&db, &clock, config.bootstrap_admin_password.as_deref()).await?;
-        let auth = Auth::init(db.clone(), &config, clock.clone()).await?;
+        let metrics = Metrics::new()?;
+        let auth = Auth::init(db.clone(), &config, clock.clone(), metrics.clone()).await?;
         let events = Events::start(&db, config.event_buffer as usize).await?;
         let store = Store::new(
             db.clone(),
@@ -104,6 +118,8 @@ impl App {
                 store,
                 auth,
                 config: config.clone(),
+                metrics,
+                sockets: Arc::default(),
             }),
         };
         Ok(App {
@@ -126,6 +142,7 @@ impl App {
         let schema = graphql::schema(&self.config.graphql, Some(self.state.clone()));
         Route::new()
             .at("/openapi.json", get(spec))
+            .at("/metrics", get(crate::metrics::endpoint))
             .nest("/docs", pages::docs_routes())
             .at("/favicon.svg", get(pages::favicon))
             .at("/favicon.ico", get(pages::favicon))

@@ -27,6 +27,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::db::Db;
 use crate::error::ApiError;
+use crate::metrics::{Login, Metrics};
 use crate::throttle::{Limits, LoginThrottle, TrustedProxies};
 
 /// A tenant, as named by a verified token. Not constructible outside `auth`.
@@ -345,6 +346,8 @@ pub struct Auth {
 
 struct AuthInner {
     db: Db,
+    /// Counts logins by outcome.
+    metrics: Metrics,
     clock: Clock,
     keys: RwLock<SigningKeys>,
     /// Held while reloading keys, so that concurrent requests that find them
@@ -399,7 +402,12 @@ fn bad_token() -> ApiError {
 
 impl Auth {
     /// Loads the signing keys, creating the first one if the database has none.
-    pub async fn init(db: Db, config: &Config, clock: Clock) -> anyhow::Result<Auth> {
+    pub async fn init(
+        db: Db,
+        config: &Config,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> anyhow::Result<Auth> {
         let keys = load_or_create_keys(&db, &clock).await?;
         let throttle = LoginThrottle::new(
             Limits {
@@ -434,6 +442,7 @@ impl Auth {
                 audience: config.token_audience.clone(),
                 token_ttl: config.token_ttl,
                 dummy_hash,
+                metrics,
             }),
         })
     }
@@ -461,15 +470,30 @@ impl Auth {
         password: &str,
         client: Option<IpAddr>,
     ) -> Result<IssuedToken, ApiError> {
-        let attempt = self.inner.throttle.begin(username, client)?;
-        match self.check_password(username, password).await? {
-            Some((u, t)) => {
+        let metrics = &self.inner.metrics;
+        let checked = match self.inner.throttle.begin(username, client) {
+            Ok(attempt) => self
+                .check_password(username, password)
+                .await
+                .map(|found| (attempt, found)),
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok((attempt, Some((u, t)))) => {
                 attempt.succeeded();
+                metrics.login(Login::Succeeded);
                 self.issue(&u, &t).await
             }
-            None => {
+            Ok((attempt, None)) => {
                 attempt.failed();
+                metrics.login(Login::Failed);
                 Err(bad_credentials())
+            }
+            Err(e) => {
+                if let ApiError::RateLimited { .. } = e {
+                    metrics.login(Login::Throttled);
+                }
+                Err(e)
             }
         }
     }

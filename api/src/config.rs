@@ -246,6 +246,11 @@ pub struct Config {
     #[arg(long, env = "KVQL_LOG", default_value = "info")]
     pub log: String,
 
+    /// A bearer token `GET /metrics` requires (`Authorization: Bearer
+    /// <token>`); unset, `/metrics` answers anyone who can reach it.
+    #[arg(long, env = "KVQL_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
     /// Log line format on standard error: `text` for people, `json` for one
     /// JSON object per line (for log collectors).
     #[arg(long, env = "KVQL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -174,6 +174,20 @@ impl Db {
     pub fn is_postgres(&self) -> bool {
         self.backend == DatabaseBackend::Postgres
     }
+
+    /// Connections of the read pool (on PostgreSQL, the node's only pool):
+    /// `(in use, idle)`.
+    pub fn pool_connections(&self) -> (u64, u64) {
+        let (size, idle) = if self.is_postgres() {
+            let pool = self.read.get_postgres_connection_pool();
+            (pool.size(), pool.num_idle())
+        } else {
+            let pool = self.read.get_sqlite_connection_pool();
+            (pool.size(), pool.num_idle())
+        };
+        let idle = idle as u64;
+        (u64::from(size).saturating_sub(idle), idle)
+    }
 }
 
 /// The file of a SQLite connection's main database as SQLite opened it (the

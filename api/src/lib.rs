@@ -14,6 +14,7 @@ pub mod graphql;
 mod headers;
 pub mod input;
 mod listener;
+pub mod metrics;
 mod middleware;
 pub mod pages;
 pub mod rest;

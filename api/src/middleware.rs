@@ -104,8 +104,12 @@ pub async fn around<E: Endpoint>(
                 resp.headers_mut().insert(REQUEST_ID_HEADER, v);
             }
             let status = resp.status().as_u16();
-            let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-            let route = route.as_deref().unwrap_or("(none)");
+            let elapsed = started.elapsed();
+            let latency_ms = elapsed.as_secs_f64() * 1000.0;
+            let route = route.unwrap_or("(none)");
+            state
+                .metrics()
+                .http_request(route, &method, resp.status(), elapsed);
             let tenant = caller.as_deref().map(|p| p.tenant_name.as_str());
             let user = caller.as_deref().map(|p| p.username.as_str());
             if status >= 500 {
@@ -121,8 +125,27 @@ pub async fn around<E: Endpoint>(
 
 /// A route as the router matched it, with `*` for each path parameter
 /// (poem-openapi names them `:param0`, ...), without a trailing slash; no
-/// path, and so no key, ever reaches a log line.
-fn route_template(pattern: &str) -> String {
+/// path, and so no key, ever reaches a log line or a metric label. Each
+/// pattern's template is made once: patterns come from the route table, so
+/// there are as many as routes.
+fn route_template(pattern: &str) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, RwLock};
+    static TEMPLATES: LazyLock<RwLock<HashMap<Box<str>, &'static str>>> =
+        LazyLock::new(RwLock::default);
+    if let Ok(known) = TEMPLATES.read()
+        && let Some(template) = known.get(pattern)
+    {
+        return template;
+    }
+    let template: &'static str = Box::leak(template_of(pattern).into_boxed_str());
+    if let Ok(mut known) = TEMPLATES.write() {
+        known.insert(pattern.into(), template);
+    }
+    template
+}
+
+fn template_of(pattern: &str) -> String {
     let route = pattern
         .split('/')
         .map(|segment| {
@@ -227,11 +250,13 @@ async fn limit_body(req: &mut Request, limit: u64) -> Result<(), ApiError> {
 
 #[cfg(test)]
 mod tests {
-    use super::route_template;
+    use super::{route_template, template_of};
 
     #[test]
     fn a_route_template_hides_path_parameters() {
         assert_eq!(route_template("/api/object/:param0"), "/api/object/*");
+        assert_eq!(route_template("/api/object/:param0"), "/api/object/*");
+        assert_eq!(template_of("/api/object/:param0"), "/api/object/*");
         assert_eq!(
             route_template("/api/object/:param0/history"),
             "/api/object/*/history"

@@ -18,6 +18,7 @@ mod hostile;
 mod keys;
 mod listing;
 mod logs;
+mod metrics;
 mod nodes;
 mod objects;
 mod openapi;

@@ -9,7 +9,7 @@ mod policy;
 mod query;
 mod subscription;
 pub mod types;
-mod ws;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -195,7 +195,6 @@ async fn get_or_websocket(
     protocol: Option<GraphQLProtocol>,
     state: poem::web::Data<&AppState>,
     schema: poem::web::Data<&KvSchema>,
-    sockets: poem::web::Data<&Arc<ws::Sockets>>,
 ) -> poem::Result<poem::Response> {
     let Some(socket) = ws else {
         // The page, a GraphQL answer or an error, all by `Accept`: a cache
@@ -219,7 +218,8 @@ async fn get_or_websocket(
     })?;
     let config = state.config();
     let ws_config = &config.websocket;
-    let slot = sockets
+    let slot = state
+        .sockets()
         .open(
             ws_config.ws_max_connections,
             ws_config.ws_max_anonymous_connections,
@@ -265,7 +265,6 @@ pub fn routes(schema: KvSchema) -> impl Endpoint {
         .at("/ws", get(get_or_websocket))
         .at("/assets/*path", get(crate::pages::asset))
         .data(schema)
-        .data(Arc::new(ws::Sockets::default()))
 }
 
 #[cfg(test)]

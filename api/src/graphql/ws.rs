@@ -51,6 +51,11 @@ pub struct Slot {
 }
 
 impl Sockets {
+    /// Sockets open now.
+    pub fn open_count(&self) -> u64 {
+        self.open.get()
+    }
+
     /// A slot for a new socket, unless the node already has `max` sockets
     /// open or `max_anonymous` not authenticated yet.
     pub fn open(&self, max: u64, max_anonymous: u64) -> Option<Slot> {

@@ -61,6 +61,11 @@ pub(super) struct FeedPlace {
 }
 
 impl OpenFeeds {
+    /// Feeds open now.
+    pub(super) fn open(&self) -> u64 {
+        self.all.get()
+    }
+
     /// Places for one more feed of `user`; `RATE_LIMITED` when they, or the
     /// node, hold as many as `limits` allow.
     pub(super) fn claim(&self, user: i64, limits: &Limits) -> Result<FeedPlace, ApiError> {

@@ -590,6 +590,11 @@ impl Store {
         Ok(Feed::new(place, self.clone(), tenant, watch, after))
     }
 
+    /// Change feeds open on this node now.
+    pub fn open_feeds(&self) -> u64 {
+        self.inner.feeds.open()
+    }
+
     fn claim_feed(&self, principal: &Principal) -> Result<feed::FeedPlace, ApiError> {
         self.inner
             .feeds

@@ -1,0 +1,213 @@
+//! `GET /metrics`: what this node does, in the Prometheus text format, from
+//! the `prometheus` crate's instruments in a registry of the node's own (so
+//! that several apps in one process, as in the tests, count apart).
+//!
+//! Labels never carry a tenant, a user or a key: routes are templates
+//! (`/api/object/*`), so the number of series stays bounded whatever
+//! clients send.
+
+use std::time::Duration;
+
+use poem::http::{Method, StatusCode};
+use poem::web::Data;
+use poem::{IntoResponse, Request, Response, handler};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::app::AppState;
+use crate::error::ApiError;
+
+/// Latency buckets, seconds: from a cached read to a long-poll.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// How a login ended, as counted by `kvql_logins_total`.
+#[derive(Clone, Copy, Debug)]
+pub enum Login {
+    Succeeded,
+    Failed,
+    Throttled,
+}
+
+/// The node's instruments.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    http: HistogramVec,
+    logins: IntCounterVec,
+    websockets_open: IntGauge,
+    feeds_open: IntGauge,
+    pool: IntGaugeVec,
+}
+
+fn registered<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: prometheus::Result<C>,
+) -> anyhow::Result<C> {
+    let collector = collector?;
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+impl Metrics {
+    pub fn new() -> anyhow::Result<Metrics> {
+        let registry = Registry::new();
+        let r = &registry;
+        Ok(Metrics {
+            http: registered(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "kvql_http_request_duration_seconds",
+                        "HTTP requests answered, by route template, method and status, and the \
+                         time from each one's arrival to its answer's head (`_count` counts \
+                         the requests).",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["route", "method", "status"],
+                ),
+            )?,
+            logins: registered(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "kvql_logins_total",
+                        "Logins (REST and GraphQL) by outcome: succeeded, failed (wrong \
+                         credentials), throttled (refused with RATE_LIMITED).",
+                    ),
+                    &["outcome"],
+                ),
+            )?,
+            websockets_open: registered(
+                r,
+                IntGauge::new(
+                    "kvql_websockets_open",
+                    "GraphQL WebSockets open on this node.",
+                ),
+            )?,
+            feeds_open: registered(
+                r,
+                IntGauge::new(
+                    "kvql_change_feeds_open",
+                    "Change feeds open on this node: /api/watch streams, waiting \
+                     /api/changes requests and objectEvents subscriptions.",
+                ),
+            )?,
+            pool: registered(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kvql_db_pool_connections",
+                        "Connections of the node's database pool (PostgreSQL: the whole \
+                         pool; SQLite: the pool for listings and administration), by state: \
+                         in_use, idle.",
+                    ),
+                    &["state"],
+                ),
+            )?,
+            registry,
+        })
+    }
+
+    /// Counts one answered HTTP request. Methods outside the standard ones
+    /// count as `other`: a client chooses the method, and each label value
+    /// is a series kept forever.
+    pub fn http_request(
+        &self,
+        route: &str,
+        method: &Method,
+        status: StatusCode,
+        elapsed: Duration,
+    ) {
+        let method = match *method {
+            Method::GET => "GET",
+            Method::HEAD => "HEAD",
+            Method::POST => "POST",
+            Method::PUT => "PUT",
+            Method::PATCH => "PATCH",
+            Method::DELETE => "DELETE",
+            Method::OPTIONS => "OPTIONS",
+            _ => "other",
+        };
+        self.http
+            .with_label_values(&[route, method, status.as_str()])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn login(&self, outcome: Login) {
+        let label = match outcome {
+            Login::Succeeded => "succeeded",
+            Login::Failed => "failed",
+            Login::Throttled => "throttled",
+        };
+        self.logins.with_label_values(&[label]).inc();
+    }
+
+    /// The text exposition, with the gauges read from `state` now.
+    fn render(&self, state: &AppState) -> Result<String, ApiError> {
+        self.websockets_open
+            .set(gauge(state.sockets().open_count()));
+        self.feeds_open.set(gauge(state.store().open_feeds()));
+        let (in_use, idle) = state.db().pool_connections();
+        self.pool.with_label_values(&["in_use"]).set(gauge(in_use));
+        self.pool.with_label_values(&["idle"]).set(gauge(idle));
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut text)
+            .map_err(ApiError::internal)?;
+        String::from_utf8(text).map_err(ApiError::internal)
+    }
+}
+
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// `GET /metrics`; with `KVQL_METRICS_TOKEN` set, only for
+/// `Authorization: Bearer <that token>` (else 401).
+#[handler]
+pub async fn endpoint(req: &Request, state: Data<&AppState>) -> Response {
+    if let Some(expected) = &state.config().metrics_token {
+        let given = req
+            .headers()
+            .get(poem::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::auth::bearer_token)
+            .unwrap_or_default();
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            return ApiError::Unauthenticated(
+                "/metrics needs `Authorization: Bearer <KVQL_METRICS_TOKEN>`".into(),
+            )
+            .into_response();
+        }
+    }
+    match state.metrics().render(&state) {
+        Ok(text) => text
+            .with_content_type("text/plain; version=0.0.4; charset=utf-8")
+            .with_status(StatusCode::OK)
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Equal bytes, in a time that depends on the lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_equal_only_when_equal() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

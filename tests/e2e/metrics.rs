@@ -1,0 +1,136 @@
+//! `GET /metrics`, read with a Prometheus text parser as a scraper reads it.
+
+use api::auth::Role;
+use prometheus_parse::{Scrape, Value as Sampled};
+use serde_json::json;
+
+use crate::support::{PASSWORD, TestApp, WsClient, object_path};
+
+/// The scrape, parsed; panics unless it is valid Prometheus text.
+async fn scrape(app: &TestApp, token: Option<&str>) -> (Scrape, String) {
+    let mut req = app.client.get(app.url("/metrics"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("scrape");
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = resp.text().await.expect("text");
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text");
+    (scrape, text)
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            Sampled::Counter(v) | Sampled::Gauge(v) | Sampled::Untyped(v) => *v,
+            Sampled::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+            Sampled::Summary(_) => f64::NAN,
+        })
+}
+
+const REQUESTS: &str = "kvql_http_request_duration_seconds_count";
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_logins_by_outcome_and_move_with_them() {
+    let app = TestApp::spawn().await;
+    let u = app.user("metrics-tenant", Role::Writer).await;
+    let wrong = app
+        .post(
+            "/login",
+            None,
+            &json!({"username": u.username, "password": format!("{PASSWORD}x")}),
+        )
+        .await;
+    assert_eq!(wrong.status, 401);
+    let path = object_path("metrics-private-key");
+    assert_eq!(
+        app.put(&path, Some(&u.token), &json!({"data": 1}))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(app.get(&path, Some(&u.token)).await.status, 200);
+    let _ws = WsClient::connect(&app.node.base, "/graphql/ws", u.ws_auth()).await;
+
+    let (before, text) = scrape(&app, None).await;
+    let put = [
+        ("route", "/api/object/*"),
+        ("method", "PUT"),
+        ("status", "201"),
+    ];
+    assert_eq!(value(&before, REQUESTS, &put), Some(1.0));
+    let get = [
+        ("route", "/api/object/*"),
+        ("method", "GET"),
+        ("status", "200"),
+    ];
+    assert_eq!(value(&before, REQUESTS, &get), Some(1.0));
+    let login = [("route", "/login"), ("method", "POST"), ("status", "401")];
+    assert_eq!(value(&before, REQUESTS, &login), Some(1.0));
+    assert_eq!(
+        value(
+            &before,
+            "kvql_http_request_duration_seconds_count",
+            &[("route", "/api/object/*"), ("method", "PUT")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&before, "kvql_logins_total", &[("outcome", "failed")]),
+        Some(1.0)
+    );
+    assert!(value(&before, "kvql_logins_total", &[("outcome", "succeeded")]) >= Some(1.0));
+    assert_eq!(value(&before, "kvql_websockets_open", &[]), Some(1.0));
+    assert!(value(&before, "kvql_db_pool_connections", &[("state", "idle")]).is_some());
+    for private in ["metrics-private-key", u.username.as_str(), "metrics-tenant"] {
+        assert!(!text.contains(private), "{private:?} in /metrics");
+    }
+
+    assert_eq!(
+        app.put(&path, Some(&u.token), &json!({"data": 2}))
+            .await
+            .status,
+        200
+    );
+    // A method of the client's invention is no label of its own.
+    let invented = reqwest::Method::from_bytes(b"INVENTED").unwrap();
+    let odd = app
+        .send(app.client.request(invented, app.url("/healthz")))
+        .await;
+    assert!(odd.status >= 400, "{}", odd.status);
+    let (after, text) = scrape(&app, None).await;
+    assert!(!text.contains("INVENTED"));
+    assert!(value(&after, REQUESTS, &[("method", "other")]).is_some());
+    let replaced = [
+        ("route", "/api/object/*"),
+        ("method", "PUT"),
+        ("status", "200"),
+    ];
+    assert_eq!(value(&after, REQUESTS, &replaced), Some(1.0));
+    assert_eq!(value(&after, REQUESTS, &put), Some(1.0));
+    let scrapes = [("route", "/metrics"), ("method", "GET"), ("status", "200")];
+    assert_eq!(value(&after, REQUESTS, &scrapes), Some(1.0));
+}
+
+#[tokio::test]
+async fn metrics_with_a_token_answer_only_that_token() {
+    let app = TestApp::spawn_with(|c| c.metrics_token = Some("scrape-secret".into())).await;
+    let u = app.writer().await;
+    for token in [None, Some(u.token.as_str()), Some("scrape-secreT")] {
+        app.get("/metrics", token)
+            .await
+            .assert_error(401, "UNAUTHENTICATED");
+    }
+    let (scrape, _) = scrape(&app, Some("scrape-secret")).await;
+    assert!(value(&scrape, "kvql_logins_total", &[("outcome", "succeeded")]).is_some());
+}
