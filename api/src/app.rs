@@ -107,6 +107,7 @@ impl App {
             },
             events,
             config.cache_bytes,
+            metrics.clone(),
         )?;
         let sweeper = Sweeper::spawn(store.clone(), config.sweep_interval, config.sweep_batch);
         let checkpointer = db

@@ -12,8 +12,8 @@ use poem::http::{Method, StatusCode};
 use poem::web::Data;
 use poem::{IntoResponse, Request, Response, handler};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::app::AppState;
@@ -39,6 +39,12 @@ pub struct Metrics {
     registry: Registry,
     http: HistogramVec,
     logins: IntCounterVec,
+    /// `kvql_cache_lookups_total`'s two series, resolved once: the cache is
+    /// on the hottest path.
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    group_writes: Histogram,
+    expired: IntCounter,
     websockets_open: IntGauge,
     feeds_open: IntGauge,
     pool: IntGaugeVec,
@@ -57,6 +63,18 @@ impl Metrics {
     pub fn new() -> anyhow::Result<Metrics> {
         let registry = Registry::new();
         let r = &registry;
+        let cache: IntCounterVec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "kvql_cache_lookups_total",
+                    "Point reads looked up in the SQLite read cache, by result: hit \
+                         (answered from the cache, a value or its absence), miss (read from \
+                         the database).",
+                ),
+                &["result"],
+            ),
+        )?;
         Ok(Metrics {
             http: registered(
                 r,
@@ -80,6 +98,26 @@ impl Metrics {
                          credentials), throttled (refused with RATE_LIMITED).",
                     ),
                     &["outcome"],
+                ),
+            )?,
+            cache_hits: cache.with_label_values(&["hit"]),
+            cache_misses: cache.with_label_values(&["miss"]),
+            group_writes: registered(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "kvql_group_commit_writes",
+                        "Writes (requests, or batch requests) committed together in one \
+                         transaction by group commit; `_count` counts the transactions.",
+                    )
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+                ),
+            )?,
+            expired: registered(
+                r,
+                IntCounter::new(
+                    "kvql_sweeper_expired_total",
+                    "Expired values the sweeper deleted.",
                 ),
             )?,
             websockets_open: registered(
@@ -136,6 +174,23 @@ impl Metrics {
         self.http
             .with_label_values(&[route, method, status.as_str()])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// One point read's lookup in the read cache.
+    pub fn cache(&self, hit: bool) {
+        if hit {
+            self.cache_hits.inc();
+        } else {
+            self.cache_misses.inc();
+        }
+    }
+
+    pub fn group_commit(&self, writes: usize) {
+        self.group_writes.observe(writes as f64);
+    }
+
+    pub fn expired(&self, values: usize) {
+        self.expired.inc_by(values as u64);
     }
 
     pub fn login(&self, outcome: Login) {

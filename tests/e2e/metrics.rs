@@ -134,3 +134,40 @@ async fn metrics_with_a_token_answer_only_that_token() {
     let (scrape, _) = scrape(&app, Some("scrape-secret")).await;
     assert!(value(&scrape, "kvql_logins_total", &[("outcome", "succeeded")]).is_some());
 }
+
+#[tokio::test]
+async fn store_metrics_count_group_commits_cache_lookups_and_swept_values() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    for i in 0..3 {
+        let ttl = (i == 0).then_some(1);
+        assert_eq!(
+            app.create(&u, &format!("m/{i}"), json!(i), ttl)
+                .await
+                .status,
+            201
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(app.read(&u, "m/1").await.status, 200);
+    }
+    app.clock.advance(std::time::Duration::from_millis(1500));
+    app.sweeps(2).await;
+    assert_eq!(app.read(&u, "m/0").await.status, 404);
+
+    let (scrape, _) = scrape(&app, None).await;
+    let groups = value(&scrape, "kvql_group_commit_writes_count", &[]).expect("groups");
+    let writes = value(&scrape, "kvql_group_commit_writes_sum", &[]).expect("writes");
+    assert!((1.0..=3.0).contains(&groups), "{groups} groups");
+    assert_eq!(writes, 3.0);
+    assert_eq!(value(&scrape, "kvql_sweeper_expired_total", &[]), Some(1.0));
+    let hits = value(&scrape, "kvql_cache_lookups_total", &[("result", "hit")]);
+    let misses = value(&scrape, "kvql_cache_lookups_total", &[("result", "miss")]);
+    let lookups = hits.unwrap_or(0.0) + misses.unwrap_or(0.0);
+    if app.db.url.starts_with("sqlite:") {
+        // Three point reads, each looked up in the cache.
+        assert_eq!(lookups, 3.0, "hits {hits:?}, misses {misses:?}");
+    } else {
+        assert_eq!(lookups, 0.0, "PostgreSQL has no read cache");
+    }
+}

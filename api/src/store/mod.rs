@@ -36,6 +36,7 @@ use crate::auth::{Principal, TenantId, Writer};
 use crate::clock::Clock;
 use crate::db::Db;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use cache::{Cache, Lookup};
 use events::{Event, Events};
 pub use feed::{CallerFeed, Feed};
@@ -196,6 +197,7 @@ struct Inner {
     committer: Committer,
     reader: read::Reader,
     feeds: feed::OpenFeeds,
+    metrics: Metrics,
 }
 
 /// Publishes a job's committed writes and records them in the cache.
@@ -244,7 +246,13 @@ fn after_commit(events: &Events, cache: Option<&Cache>, job: &Job, result: &JobR
 }
 
 /// Publishes the sweeper's deletions and drops them from the cache.
-fn after_sweep(events: &Events, cache: Option<&Cache>, expired: &[sql::Expired]) {
+fn after_sweep(
+    events: &Events,
+    cache: Option<&Cache>,
+    metrics: &Metrics,
+    expired: &[sql::Expired],
+) {
+    metrics.expired(expired.len());
     if let Some(cache) = cache {
         for e in expired {
             cache.forget(e.tenant, &e.key);
@@ -314,17 +322,22 @@ impl Store {
         limits: Limits,
         events: Events,
         cache_bytes: u64,
+        metrics: Metrics,
     ) -> anyhow::Result<Self> {
         let sqlite = db.backend == DatabaseBackend::Sqlite;
         let cache = (sqlite && cache_bytes > 0).then(|| Arc::new(Cache::new(cache_bytes)));
         let hooks = {
             let (events, cache) = (events.clone(), cache.clone());
-            let (events2, cache2) = (events.clone(), cache.clone());
+            let (events2, cache2, metrics2) = (events.clone(), cache.clone(), metrics.clone());
+            let metrics3 = metrics.clone();
             write::Hooks {
                 written: Box::new(move |job, result| {
                     after_commit(&events, cache.as_deref(), job, result)
                 }),
-                swept: Box::new(move |expired| after_sweep(&events2, cache2.as_deref(), expired)),
+                swept: Box::new(move |expired| {
+                    after_sweep(&events2, cache2.as_deref(), &metrics2, expired)
+                }),
+                grouped: Box::new(move |writes| metrics3.group_commit(writes)),
             }
         };
         let committer = match &db.sqlite_file {
@@ -347,6 +360,7 @@ impl Store {
                 cache,
                 committer,
                 feeds: feed::OpenFeeds::default(),
+                metrics,
             }),
         })
     }
@@ -398,10 +412,20 @@ impl Store {
     pub async fn get(&self, tenant: TenantId, key: &Key) -> Result<Option<Object>, ApiError> {
         let now = self.inner.clock.now_ms();
         let cache = self.inner.cache.as_deref();
+        let metrics = &self.inner.metrics;
         let started = match cache.map(|c| (c, c.lookup(tenant.get(), key.as_str(), now))) {
-            Some((_, Lookup::Live(o))) => return Ok(Some(o)),
-            Some((_, Lookup::Gone)) => return Ok(None),
-            Some((c, Lookup::Unknown)) => Some(c.read_started()),
+            Some((_, Lookup::Live(o))) => {
+                metrics.cache(true);
+                return Ok(Some(o));
+            }
+            Some((_, Lookup::Gone)) => {
+                metrics.cache(true);
+                return Ok(None);
+            }
+            Some((c, Lookup::Unknown)) => {
+                metrics.cache(false);
+                Some(c.read_started())
+            }
             None => None,
         };
         let found = self.inner.reader.get(tenant, key.as_str()).await?;
@@ -793,7 +817,7 @@ impl Store {
         // never holds up writes; there is no cache to keep in order.
         match write::upkeep(&self.inner.db.write, task, self.inner.clock.now_ms()).await? {
             Upkept::Expired(expired) => {
-                after_sweep(&self.inner.events, None, &expired);
+                after_sweep(&self.inner.events, None, &self.inner.metrics, &expired);
                 Ok(expired.len())
             }
             Upkept::Compacted(n) => Ok(n),

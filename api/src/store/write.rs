@@ -508,6 +508,8 @@ pub(super) type AfterSweep = Box<dyn Fn(&[sql::Expired]) + Send + Sync>;
 pub(super) struct Hooks {
     pub written: AfterCommit,
     pub swept: AfterSweep,
+    /// The number of writes each group commit carried.
+    pub grouped: Box<dyn Fn(usize) + Send + Sync>,
 }
 
 /// What the committers are asked to do.
@@ -715,6 +717,7 @@ async fn work<C: GroupConn>(conn: &C, clock: &Clock, group: Vec<Queued>, hooks: 
     }
     if !writes.is_empty() {
         let jobs: Vec<&Job> = writes.iter().map(|(job, _)| job).collect();
+        (hooks.grouped)(jobs.len());
         let results = commit_group(conn, clock, &jobs).await;
         for ((job, reply), result) in writes.into_iter().zip(results) {
             (hooks.written)(&job, &result);
