@@ -39,6 +39,8 @@ pub struct Metrics {
     registry: Registry,
     http: HistogramVec,
     logins: IntCounterVec,
+    graphql_operations: IntCounterVec,
+    graphql_errors: IntCounterVec,
     /// `kvql_cache_lookups_total`'s two series, resolved once: the cache is
     /// on the hottest path.
     cache_hits: IntCounter,
@@ -120,6 +122,30 @@ impl Metrics {
                     "Expired values the sweeper deleted.",
                 ),
             )?,
+            graphql_operations: registered(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "kvql_graphql_operations_total",
+                        "GraphQL operations parsed, over HTTP and WebSockets, by type: query, \
+                         mutation, subscription (unknown: a document of several operations \
+                         without operationName).",
+                    ),
+                    &["type"],
+                ),
+            )?,
+            graphql_errors: registered(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "kvql_graphql_errors_total",
+                        "Errors in GraphQL answers and subscription events, by \
+                         extensions.code (INVALID_INPUT for documents that do not parse or \
+                         validate).",
+                    ),
+                    &["code"],
+                ),
+            )?,
             websockets_open: registered(
                 r,
                 IntGauge::new(
@@ -174,6 +200,29 @@ impl Metrics {
         self.http
             .with_label_values(&[route, method, status.as_str()])
             .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn graphql_operation(&self, ty: Option<async_graphql::parser::types::OperationType>) {
+        use async_graphql::parser::types::OperationType;
+        let label = match ty {
+            Some(OperationType::Query) => "query",
+            Some(OperationType::Mutation) => "mutation",
+            Some(OperationType::Subscription) => "subscription",
+            None => "unknown",
+        };
+        self.graphql_operations.with_label_values(&[label]).inc();
+    }
+
+    /// One error of a GraphQL answer. Codes are ours (kvql's error codes),
+    /// but anything unlike one counts as `other`, so that no answer can
+    /// add series.
+    pub fn graphql_error(&self, code: Option<&str>) {
+        let code = match code {
+            Some(c) if c.len() <= 40 && c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') => c,
+            Some(_) => "other",
+            None => "none",
+        };
+        self.graphql_errors.with_label_values(&[code]).inc();
     }
 
     /// One point read's lookup in the read cache.

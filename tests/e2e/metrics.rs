@@ -171,3 +171,48 @@ async fn store_metrics_count_group_commits_cache_lookups_and_swept_values() {
         assert_eq!(lookups, 0.0, "PostgreSQL has no read cache");
     }
 }
+
+#[tokio::test]
+async fn graphql_metrics_count_operations_by_type_and_errors_by_code() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    for _ in 0..2 {
+        let r = app
+            .gql(Some(&u.token), "{ me { username } }", json!({}))
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let put = app
+        .gql(
+            Some(&u.token),
+            "mutation { putObject(input: {key: \"g\", data: 1}) { created } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(put.gql_data()["putObject"]["created"], true);
+    let broken = app.gql(Some(&u.token), "{ me { ", json!({})).await;
+    assert_eq!(broken.gql_error_code(), "INVALID_INPUT");
+    let refused = app
+        .gql(
+            None,
+            "mutation { putObject(input: {key: \"g\", data: 2}) { created } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(refused.gql_error_code(), "UNAUTHENTICATED");
+    let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", u.ws_auth()).await;
+    ws.subscribe("s", "subscription { objectEvents { key } }", json!({}))
+        .await;
+    let created = app.create(&u, "after-subscribe", json!(1), None).await;
+    assert_eq!(created.status, 201);
+    assert_eq!(ws.next().await["type"], "next");
+
+    let (scrape, _) = scrape(&app, None).await;
+    let ops = |ty| value(&scrape, "kvql_graphql_operations_total", &[("type", ty)]);
+    assert_eq!(ops("query"), Some(2.0));
+    assert_eq!(ops("mutation"), Some(2.0));
+    assert_eq!(ops("subscription"), Some(1.0));
+    let errors = |code| value(&scrape, "kvql_graphql_errors_total", &[("code", code)]);
+    assert_eq!(errors("INVALID_INPUT"), Some(1.0));
+    assert_eq!(errors("UNAUTHENTICATED"), Some(1.0));
+}

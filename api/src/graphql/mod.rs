@@ -5,6 +5,7 @@
 
 mod http;
 mod mutation;
+mod observe;
 mod policy;
 mod query;
 mod subscription;
@@ -106,8 +107,12 @@ impl ContextExt for Context<'_> {
 pub fn schema(config: &GraphqlConfig, state: Option<AppState>) -> KvSchema {
     let mut builder = Schema::build(Query, Mutation, Subscription)
         .limit_depth(config.graphql_max_depth)
-        .limit_complexity(config.graphql_max_complexity)
-        .extension(policy::Policy::new(config));
+        .limit_complexity(config.graphql_max_complexity);
+    // Outermost first: the counting sees what the policy lets through.
+    if let Some(state) = &state {
+        builder = builder.extension(observe::Observe(state.metrics().clone()));
+    }
+    builder = builder.extension(policy::Policy::new(config));
     if !config.graphql_introspection {
         builder = builder.disable_introspection();
     }
