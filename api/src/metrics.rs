@@ -49,6 +49,9 @@ pub struct Metrics {
     cache_misses: IntCounter,
     group_writes: Histogram,
     expired: IntCounter,
+    sweep_lag: prometheus::Gauge,
+    feed_delivered: IntCounter,
+    feed_lost: IntCounter,
     websockets_open: IntGauge,
     feeds_open: IntGauge,
     pool: IntGaugeVec,
@@ -150,6 +153,31 @@ impl Metrics {
                     &["code"],
                 ),
             )?,
+            sweep_lag: registered(
+                r,
+                prometheus::Gauge::new(
+                    "kvql_sweeper_lag_seconds",
+                    "How long ago the longest-expired value not yet deleted by the sweeper \
+                     expired (0: none waits). Expired values are never served; this is \
+                     storage not yet reclaimed.",
+                ),
+            )?,
+            feed_delivered: registered(
+                r,
+                IntCounter::new(
+                    "kvql_feed_changes_delivered_total",
+                    "Changes delivered by change feeds: /api/watch events and objectEvents \
+                     subscription events.",
+                ),
+            )?,
+            feed_lost: registered(
+                r,
+                IntCounter::new(
+                    "kvql_feeds_lost_total",
+                    "Feeds ended because the change log was compacted past what they still \
+                     had to deliver (EVENTS_LOST, or event: error with COMPACTED).",
+                ),
+            )?,
             websockets_open: registered(
                 r,
                 IntGauge::new(
@@ -246,6 +274,14 @@ impl Metrics {
         self.expired.inc_by(values as u64);
     }
 
+    pub fn feed_delivered(&self) {
+        self.feed_delivered.inc();
+    }
+
+    pub fn feed_lost(&self) {
+        self.feed_lost.inc();
+    }
+
     pub fn login(&self, outcome: Login) {
         let label = match outcome {
             Login::Succeeded => "succeeded",
@@ -256,7 +292,9 @@ impl Metrics {
     }
 
     /// The text exposition, with the gauges read from `state` now.
-    fn render(&self, state: &AppState) -> Result<String, ApiError> {
+    async fn render(&self, state: &AppState) -> Result<String, ApiError> {
+        self.sweep_lag
+            .set(state.store().sweep_lag().await?.as_secs_f64());
         self.websockets_open
             .set(gauge(state.sockets().open_count()));
         self.feeds_open.set(gauge(state.store().open_feeds()));
@@ -293,7 +331,7 @@ pub async fn endpoint(req: &Request, state: Data<&AppState>) -> Response {
             .into_response();
         }
     }
-    match state.metrics().render(&state) {
+    match state.metrics().render(&state).await {
         Ok(text) => text
             .with_content_type("text/plain; version=0.0.4; charset=utf-8")
             .with_status(StatusCode::OK)

@@ -161,6 +161,8 @@ async fn store_metrics_count_group_commits_cache_lookups_and_swept_values() {
     assert!((1.0..=3.0).contains(&groups), "{groups} groups");
     assert_eq!(writes, 3.0);
     assert_eq!(value(&scrape, "kvql_sweeper_expired_total", &[]), Some(1.0));
+    // Swept: nothing expired waits.
+    assert_eq!(value(&scrape, "kvql_sweeper_lag_seconds", &[]), Some(0.0));
     let hits = value(&scrape, "kvql_cache_lookups_total", &[("result", "hit")]);
     let misses = value(&scrape, "kvql_cache_lookups_total", &[("result", "miss")]);
     let lookups = hits.unwrap_or(0.0) + misses.unwrap_or(0.0);
@@ -215,4 +217,25 @@ async fn graphql_metrics_count_operations_by_type_and_errors_by_code() {
     let errors = |code| value(&scrape, "kvql_graphql_errors_total", &[("code", code)]);
     assert_eq!(errors("INVALID_INPUT"), Some(1.0));
     assert_eq!(errors("UNAUTHENTICATED"), Some(1.0));
+    assert_eq!(
+        value(&scrape, "kvql_feed_changes_delivered_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(value(&scrape, "kvql_change_feeds_open", &[]), Some(1.0));
+}
+
+#[tokio::test]
+async fn the_sweeper_lag_shows_how_long_an_expired_value_has_waited() {
+    let app =
+        TestApp::spawn_with(|c| c.sweep_interval = std::time::Duration::from_secs(3600)).await;
+    let u = app.writer().await;
+    assert_eq!(app.create(&u, "soon", json!(1), Some(1)).await.status, 201);
+    let (scrape_live, _) = scrape(&app, None).await;
+    assert_eq!(
+        value(&scrape_live, "kvql_sweeper_lag_seconds", &[]),
+        Some(0.0)
+    );
+    app.clock.advance(std::time::Duration::from_millis(3500));
+    let (waiting, _) = scrape(&app, None).await;
+    assert_eq!(value(&waiting, "kvql_sweeper_lag_seconds", &[]), Some(2.5));
 }

@@ -137,12 +137,10 @@ impl Feed {
         loop {
             if let Some(change) = self.ready.pop_front() {
                 self.after = Revision::parse("after", change.revision)?;
+                self.store.metrics().feed_delivered();
                 return Ok(change);
             }
-            let ChangePage {
-                changes,
-                last_revision,
-            } = self
+            let page = self
                 .store
                 .changes(
                     self.tenant,
@@ -150,7 +148,14 @@ impl Feed {
                     self.after,
                     Limit::parse("limit", Some(Limit::MAX))?,
                 )
-                .await?;
+                .await;
+            if let Err(ApiError::Compacted { .. }) = &page {
+                self.store.metrics().feed_lost();
+            }
+            let ChangePage {
+                changes,
+                last_revision,
+            } = page?;
             if changes.is_empty() {
                 self.after = Revision::parse("after", last_revision)?;
                 wake(

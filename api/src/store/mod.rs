@@ -614,9 +614,22 @@ impl Store {
         Ok(Feed::new(place, self.clone(), tenant, watch, after))
     }
 
+    /// How long ago the longest-expired value the sweeper has not deleted
+    /// yet expired; zero when none waits.
+    pub async fn sweep_lag(&self) -> Result<std::time::Duration, ApiError> {
+        let now = self.inner.clock.now_ms();
+        let oldest = sql::oldest_expired(&self.inner.db.read, now).await?;
+        let ms = oldest.map_or(0, |at| now.saturating_sub(at).max(0));
+        Ok(std::time::Duration::from_millis(ms as u64))
+    }
+
     /// Change feeds open on this node now.
     pub fn open_feeds(&self) -> u64 {
         self.inner.feeds.open()
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     fn claim_feed(&self, principal: &Principal) -> Result<feed::FeedPlace, ApiError> {

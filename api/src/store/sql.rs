@@ -1146,6 +1146,24 @@ pub(super) async fn revisions(
     }
 }
 
+/// When the longest-expired value not yet swept expired (ms), if any: the
+/// smallest `expires_at` at or before `now`, one probe of its index.
+pub(super) async fn oldest_expired(
+    conn: &impl ConnectionTrait,
+    now: i64,
+) -> Result<Option<i64>, ApiError> {
+    let mut sql = Sql::new(conn.get_database_backend());
+    let n = sql.arg(now);
+    sql.push(&format!(
+        "SELECT expires_at FROM object WHERE {} ORDER BY expires_at LIMIT 1",
+        expired("", &n)
+    ));
+    match conn.query_one_raw(sql.build()).await? {
+        Some(row) => Ok(Some(row.try_get("", "expires_at")?)),
+        None => Ok(None),
+    }
+}
+
 /// Whether there is anything to sweep or compact: read before a sweeper
 /// transaction begins, so that an idle pass takes no write lock (on SQLite,
 /// other writers such as `kvql user add` would wait for it).
