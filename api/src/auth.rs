@@ -481,8 +481,11 @@ impl Auth {
         match checked {
             Ok((attempt, Some((u, t)))) => {
                 attempt.succeeded();
-                metrics.login(Login::Succeeded);
-                self.issue(&u, &t).await
+                let issued = self.issue(&u, &t).await;
+                if issued.is_ok() {
+                    metrics.login(Login::Succeeded);
+                }
+                issued
             }
             Ok((attempt, None)) => {
                 attempt.failed();

@@ -248,7 +248,7 @@ pub struct Config {
 
     /// A bearer token `GET /metrics` requires (`Authorization: Bearer
     /// <token>`); unset, `/metrics` answers anyone who can reach it.
-    #[arg(long, env = "KVQL_METRICS_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "KVQL_METRICS_TOKEN", hide_env_values = true, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub metrics_token: Option<String>,
 
     /// Log line format on standard error: `text` for people, `json` for one

@@ -293,8 +293,20 @@ impl Metrics {
 
     /// The text exposition, with the gauges read from `state` now.
     async fn render(&self, state: &AppState) -> Result<String, ApiError> {
-        self.sweep_lag
-            .set(state.store().sweep_lag().await?.as_secs_f64());
+        // A scrape answers even when the database does not: the lag is
+        // then NaN (no sample) rather than the whole scrape an error.
+        let lag = tokio::time::timeout(Duration::from_secs(1), state.store().sweep_lag()).await;
+        self.sweep_lag.set(match lag {
+            Ok(Ok(lag)) => lag.as_secs_f64(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "metrics: cannot read the sweeper's lag");
+                f64::NAN
+            }
+            Err(_) => {
+                tracing::warn!("metrics: reading the sweeper's lag took over 1 s");
+                f64::NAN
+            }
+        });
         self.websockets_open
             .set(gauge(state.sockets().open_count()));
         self.feeds_open.set(gauge(state.store().open_feeds()));
@@ -324,7 +336,7 @@ pub async fn endpoint(req: &Request, state: Data<&AppState>) -> Response {
             .and_then(|v| v.to_str().ok())
             .and_then(crate::auth::bearer_token)
             .unwrap_or_default();
-        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        if given.is_empty() || !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
             return ApiError::Unauthenticated(
                 "/metrics needs `Authorization: Bearer <KVQL_METRICS_TOKEN>`".into(),
             )

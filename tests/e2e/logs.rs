@@ -24,6 +24,7 @@ async fn json_logs_have_one_access_line_per_request_without_keys_or_tokens() {
         .spawn()
         .expect("run kvql");
     let stderr = child.stderr.take().expect("stderr");
+    let child = KillOnDrop(child);
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -80,8 +81,7 @@ async fn json_logs_have_one_access_line_per_request_without_keys_or_tokens() {
             Err(e) => panic!("{e}: only these lines arrived:\n{}", lines.join("\n")),
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     lines.extend(rx.iter());
 
     let events: Vec<Value> = lines
@@ -123,5 +123,15 @@ async fn json_logs_have_one_access_line_per_request_without_keys_or_tokens() {
         ADMIN_PASSWORD,
     ] {
         assert!(!all.contains(secret), "{secret:?} logged:\n{all}");
+    }
+}
+
+/// The server process, killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

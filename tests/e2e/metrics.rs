@@ -203,8 +203,14 @@ async fn graphql_metrics_count_operations_by_type_and_errors_by_code() {
         .await;
     assert_eq!(refused.gql_error_code(), "UNAUTHENTICATED");
     let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", u.ws_auth()).await;
-    ws.subscribe("s", "subscription { objectEvents { key } }", json!({}))
-        .await;
+    // From revision 0 under the prefix: the create is delivered whether it
+    // commits before the subscription starts or after.
+    ws.subscribe(
+        "s",
+        "subscription { objectEvents(prefix: \"after-\", afterRevision: \"0\") { key } }",
+        json!({}),
+    )
+    .await;
     let created = app.create(&u, "after-subscribe", json!(1), None).await;
     assert_eq!(created.status, 201);
     assert_eq!(ws.next().await["type"], "next");
@@ -238,4 +244,22 @@ async fn the_sweeper_lag_shows_how_long_an_expired_value_has_waited() {
     app.clock.advance(std::time::Duration::from_millis(3500));
     let (waiting, _) = scrape(&app, None).await;
     assert_eq!(value(&waiting, "kvql_sweeper_lag_seconds", &[]), Some(2.5));
+}
+
+#[test]
+fn an_empty_metrics_token_is_refused_at_startup() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("kvql.db").display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvql"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KVQL_METRICS_TOKEN", "")
+        .env("KVQL_DATABASE_URL", url)
+        .output()
+        .expect("run kvql");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("KVQL_METRICS_TOKEN") || stderr.contains("--metrics-token"),
+        "{stderr}"
+    );
 }
