@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Look at tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
     /// Manage the keys that sign access tokens.
     Key {
         #[command(subcommand)]
@@ -107,6 +112,22 @@ enum UserCommand {
 }
 
 #[derive(Subcommand)]
+enum TenantCommand {
+    /// List tenants: users, live keys, latest revision. Counting live keys
+    /// reads every key, so a tenant of millions of keys takes seconds.
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Show one tenant: the same figures, and its users.
+    Show {
+        tenant: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeyCommand {
     /// Make a new key sign tokens. Older keys keep verifying the tokens they
     /// signed until those expire (token TTL plus a minute), unless
@@ -164,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::User { command }) => user(command).await,
+        Some(Command::Tenant { command }) => tenant(command).await,
         Some(Command::Key { command }) => key(command).await,
         Some(Command::Openapi) => {
             println!("{}", rest::openapi_json());
@@ -223,6 +245,50 @@ fn init_logging(
             .init(),
     }
     Ok(guard)
+}
+
+async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
+    let clock = Clock::system();
+    match command {
+        TenantCommand::List { database } => {
+            let db = open(&database).await?;
+            println!(
+                "{:<24} {:>6} {:>12} {:>12} CREATED",
+                "TENANT", "USERS", "LIVE KEYS", "REVISION"
+            );
+            for t in users::list_tenants(&db, &clock, None).await? {
+                println!(
+                    "{:<24} {:>6} {:>12} {:>12} {}",
+                    t.name,
+                    t.users,
+                    t.live_keys,
+                    t.revision,
+                    rfc3339(t.created_at)
+                );
+            }
+        }
+        TenantCommand::Show { tenant, database } => {
+            let db = open(&database).await?;
+            let Some(t) = users::list_tenants(&db, &clock, Some(&tenant))
+                .await?
+                .into_iter()
+                .next()
+            else {
+                bail!("no tenant named {tenant:?} (see `kvql tenant list`)");
+            };
+            println!("tenant:             {}", t.name);
+            println!("created:            {}", rfc3339(t.created_at));
+            println!("live keys:          {}", t.live_keys);
+            println!("latest revision:    {}", t.revision);
+            println!("compacted through:  {}", t.compacted_revision);
+            println!("users:              {}", t.users);
+            for u in users::list_users(&db, Some(&t.name)).await? {
+                let status = if u.disabled { " (disabled)" } else { "" };
+                println!("  {:<24} {}{status}", u.username, u.role);
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -23,6 +23,64 @@ pub struct UserInfo {
     pub created_at: i64,
 }
 
+/// A tenant as `kvql tenant list` and `kvql tenant show` describe it.
+#[derive(Clone, Debug)]
+pub struct TenantInfo {
+    pub name: String,
+    pub created_at: i64,
+    pub users: i64,
+    /// Keys holding a live (not expired) value now.
+    pub live_keys: i64,
+    /// The tenant's latest revision, and the last one compaction removed
+    /// from the change log.
+    pub revision: i64,
+    pub compacted_revision: i64,
+}
+
+/// Every tenant, by name, or the one named `only` (none if it does not
+/// exist). Counting live keys reads each tenant's keys: seconds for
+/// millions of keys.
+pub async fn list_tenants(
+    db: &Db,
+    clock: &Clock,
+    only: Option<&str>,
+) -> anyhow::Result<Vec<TenantInfo>> {
+    use sea_orm::{ConnectionTrait, Statement};
+    // `$n` placeholders: PostgreSQL's, and SQLite accepts them too.
+    let filter = if only.is_some() {
+        "WHERE t.name = $2"
+    } else {
+        ""
+    };
+    let sql = format!(
+        r#"SELECT t.name, t.created_at, t.revision, t.compacted_revision,
+             (SELECT count(*) FROM "user" u WHERE u.tenant_id = t.id) AS users,
+             (SELECT count(*) FROM object o WHERE o.tenant_id = t.id
+                AND (o.expires_at IS NULL OR o.expires_at > $1)) AS live_keys
+           FROM tenant t {filter} ORDER BY t.name"#
+    );
+    let mut values: Vec<sea_orm::Value> = vec![clock.now_ms().into()];
+    if let Some(name) = only {
+        values.push(name.into());
+    }
+    let rows = db
+        .read
+        .query_all_raw(Statement::from_sql_and_values(db.backend, sql, values))
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(TenantInfo {
+                name: row.try_get("", "name")?,
+                created_at: row.try_get("", "created_at")?,
+                users: row.try_get("", "users")?,
+                live_keys: row.try_get("", "live_keys")?,
+                revision: row.try_get("", "revision")?,
+                compacted_revision: row.try_get("", "compacted_revision")?,
+            })
+        })
+        .collect()
+}
+
 /// Usernames: 1 to 64 characters from letters, digits and `._@-`.
 pub fn check_username(name: &str) -> anyhow::Result<()> {
     check_name("username", name, "._@-")

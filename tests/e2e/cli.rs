@@ -5,7 +5,9 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::json;
 
-use crate::support::{PASSWORD, TestApp};
+use api::auth::Role;
+
+use crate::support::{PASSWORD, TestApp, object_path};
 
 fn kvql(app: &TestApp, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvql"))
@@ -374,5 +376,45 @@ async fn key_rotate_with_revoke_old_refuses_older_tokens() {
         list.lines()
             .any(|l| l.starts_with(&first) && l.ends_with("retired")),
         "{list}"
+    );
+}
+
+#[tokio::test]
+async fn tenant_list_and_show_count_users_and_live_keys() {
+    let app = TestApp::spawn().await;
+    let u = app.user("tenant-cli", Role::Writer).await;
+    let _second = app.user("tenant-cli", Role::Reader).await;
+    for key in ["a", "b", "gone"] {
+        assert_eq!(app.create(&u, key, json!(1), None).await.status, 201);
+    }
+    let deleted = app.delete(&object_path("gone"), Some(&u.token)).await;
+    assert_eq!(deleted.status, 200);
+    let list = kvql(&app, &["tenant", "list"], None);
+    assert!(list.status.success(), "{}", text(&list.stderr));
+    let list = text(&list.stdout);
+    let row = list
+        .lines()
+        .find(|l| l.starts_with("tenant-cli "))
+        .unwrap_or_else(|| panic!("no row for tenant-cli in:\n{list}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1], "2", "users: {row}");
+    assert_eq!(cells[2], "2", "live keys: {row}");
+    assert_eq!(cells[3], "4", "revision: {row}");
+    assert!(list.lines().any(|l| l.starts_with("default ")), "{list}");
+
+    let show = kvql(&app, &["tenant", "show", "tenant-cli"], None);
+    assert!(show.status.success(), "{}", text(&show.stderr));
+    let show = text(&show.stdout);
+    assert!(show.contains("live keys:          2"), "{show}");
+    assert!(show.contains("latest revision:    4"), "{show}");
+    assert!(show.contains("users:              2"), "{show}");
+    assert!(show.contains(&u.username), "{show}");
+
+    let missing = kvql(&app, &["tenant", "show", "no-such-tenant"], None);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing.stderr).contains("no tenant named \"no-such-tenant\""),
+        "{}",
+        text(&missing.stderr)
     );
 }
