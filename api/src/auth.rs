@@ -470,33 +470,36 @@ impl Auth {
         password: &str,
         client: Option<IpAddr>,
     ) -> Result<IssuedToken, ApiError> {
-        let metrics = &self.inner.metrics;
-        let checked = match self.inner.throttle.begin(username, client) {
-            Ok(attempt) => self
-                .check_password(username, password)
-                .await
-                .map(|found| (attempt, found)),
-            Err(e) => Err(e),
+        let result = self.attempt_login(username, password, client).await;
+        // Wrong credentials are the only `UNAUTHENTICATED` a login answers;
+        // `RATE_LIMITED` comes from the throttle or the hashing queue.
+        let outcome = match &result {
+            Ok(_) => Some(Login::Succeeded),
+            Err(ApiError::Unauthenticated(_)) => Some(Login::Failed),
+            Err(ApiError::RateLimited { .. }) => Some(Login::Throttled),
+            Err(_) => None,
         };
-        match checked {
-            Ok((attempt, Some((u, t)))) => {
+        if let Some(outcome) = outcome {
+            self.inner.metrics.login(outcome);
+        }
+        result
+    }
+
+    async fn attempt_login(
+        &self,
+        username: &str,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<IssuedToken, ApiError> {
+        let attempt = self.inner.throttle.begin(username, client)?;
+        match self.check_password(username, password).await? {
+            Some((u, t)) => {
                 attempt.succeeded();
-                let issued = self.issue(&u, &t).await;
-                if issued.is_ok() {
-                    metrics.login(Login::Succeeded);
-                }
-                issued
+                self.issue(&u, &t).await
             }
-            Ok((attempt, None)) => {
+            None => {
                 attempt.failed();
-                metrics.login(Login::Failed);
                 Err(bad_credentials())
-            }
-            Err(e) => {
-                if let ApiError::RateLimited { .. } = e {
-                    metrics.login(Login::Throttled);
-                }
-                Err(e)
             }
         }
     }

@@ -412,20 +412,14 @@ impl Store {
     pub async fn get(&self, tenant: TenantId, key: &Key) -> Result<Option<Object>, ApiError> {
         let now = self.inner.clock.now_ms();
         let cache = self.inner.cache.as_deref();
-        let metrics = &self.inner.metrics;
-        let started = match cache.map(|c| (c, c.lookup(tenant.get(), key.as_str(), now))) {
-            Some((_, Lookup::Live(o))) => {
-                metrics.cache(true);
-                return Ok(Some(o));
-            }
-            Some((_, Lookup::Gone)) => {
-                metrics.cache(true);
-                return Ok(None);
-            }
-            Some((c, Lookup::Unknown)) => {
-                metrics.cache(false);
-                Some(c.read_started())
-            }
+        let lookup = cache.map(|c| (c, c.lookup(tenant.get(), key.as_str(), now)));
+        if let Some((_, found)) = &lookup {
+            self.inner.metrics.cache(!matches!(found, Lookup::Unknown));
+        }
+        let started = match lookup {
+            Some((_, Lookup::Live(o))) => return Ok(Some(o)),
+            Some((_, Lookup::Gone)) => return Ok(None),
+            Some((c, Lookup::Unknown)) => Some(c.read_started()),
             None => None,
         };
         let found = self.inner.reader.get(tenant, key.as_str()).await?;
