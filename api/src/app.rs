@@ -56,6 +56,11 @@ impl AppState {
         &self.inner.metrics
     }
 
+    /// Tenant administration (see `admin`).
+    pub fn admin(&self) -> crate::admin::Admin<'_> {
+        crate::admin::Admin::new(&self.inner.db, self.inner.store.clock(), &self.inner.auth)
+    }
+
     /// The GraphQL WebSockets open on this node.
     pub fn sockets(&self) -> &Arc<Sockets> {
         &self.inner.sockets

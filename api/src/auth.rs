@@ -132,6 +132,39 @@ impl Principal {
     }
 }
 
+/// Proof that the caller is an owner of their tenant: what tenant
+/// administration (`admin`) takes.
+#[derive(Clone, Copy, Debug)]
+pub struct Owner<'a> {
+    principal: &'a Principal,
+}
+
+impl Owner<'_> {
+    pub fn tenant(&self) -> TenantId {
+        self.principal.tenant
+    }
+
+    pub fn user_id(&self) -> i64 {
+        self.principal.user_id
+    }
+}
+
+impl Principal {
+    /// The administration permission, or `FORBIDDEN` for a writer or a
+    /// reader. The one place it is checked from a token; `admin` checks
+    /// again in the database, in the transaction of each change.
+    pub fn owner(&self) -> Result<Owner<'_>, ApiError> {
+        if self.role == Role::Owner {
+            Ok(Owner { principal: self })
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "role {} cannot administer the tenant's users; only an owner can",
+                self.role
+            )))
+        }
+    }
+}
+
 /// An access token as returned by login.
 #[derive(Clone, Debug)]
 pub struct IssuedToken {
@@ -558,6 +591,64 @@ impl Auth {
             access_token,
             expires_in: ttl,
         })
+    }
+
+    /// Checks `principal`'s current password as a login would: throttled
+    /// per username and client address, the same work whatever the answer.
+    /// A wrong password is `FORBIDDEN` (the token itself is fine).
+    pub(crate) async fn check_current_password(
+        &self,
+        principal: &Principal,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<(), ApiError> {
+        let attempt = self.inner.throttle.begin(&principal.username, client)?;
+        match self.check_password(&principal.username, password).await? {
+            Some((u, _)) if u.id == principal.user_id => {
+                attempt.succeeded();
+                Ok(())
+            }
+            _ => {
+                attempt.failed();
+                Err(ApiError::Forbidden(
+                    "current_password is not your password".into(),
+                ))
+            }
+        }
+    }
+
+    /// Hashes a new password on this node's hashing slots; `RATE_LIMITED`
+    /// when too many hashes already wait (as for logins).
+    pub(crate) async fn hash_new_password(&self, password: &str) -> Result<String, ApiError> {
+        let password = password.to_owned();
+        self.inner
+            .hashing
+            .run_or_refuse(self.inner.max_hashing_queue, move || {
+                hash_password(&password)
+            })
+            .await?
+            .map_err(ApiError::internal)
+    }
+
+    /// Forgets this node's verifications of `user_id`'s tokens, so that a
+    /// change to the user (role, password, removal) applies here at once;
+    /// other nodes see it within the auth cache TTL.
+    pub(crate) fn forget_user(&self, user_id: i64) {
+        if let Ok(mut cache) = self.inner.verified.write() {
+            cache.retain(|_, v| v.principal.user_id != user_id);
+        }
+    }
+
+    /// A token for the user `user_id`, as a login would issue it.
+    pub(crate) async fn issue_for(&self, user_id: i64) -> Result<IssuedToken, ApiError> {
+        let found = user::Entity::find_by_id(user_id)
+            .find_also_related(tenant::Entity)
+            .one(&self.inner.db.write)
+            .await?;
+        match found {
+            Some((u, Some(t))) if !u.disabled => self.issue(&u, &t).await,
+            _ => Err(bad_token()),
+        }
     }
 
     /// Verifies a bearer token (algorithm pinned, signature, `exp`, `iss`,

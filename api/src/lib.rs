@@ -1,6 +1,7 @@
 //! kvql as a library: the server and its command line. `src/main.rs` only
 //! calls [`cli::main`]; the tests build an [`app::App`] directly.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;

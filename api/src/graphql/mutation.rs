@@ -2,9 +2,10 @@ use async_graphql::{Context, Object};
 
 use super::ContextExt;
 use super::types::{
-    BatchPayload, CreateObjectInput, KvObject, LoginPayload, PutObjectInput, PutObjectPayload,
-    Version, input_data,
+    AddUserInput, BatchPayload, CreateObjectInput, KvObject, LoginPayload, PutObjectInput,
+    PutObjectPayload, TenantUser, UpdateUserInput, Version, input_data,
 };
+use crate::admin::{MemberChange, NewPassword, Username};
 use crate::auth::ClientAddr;
 use crate::error::ApiError;
 use crate::store::{Atomicity, BatchInput, Expect, Item, Key, Store};
@@ -32,7 +33,8 @@ fn put_item(store: &Store, input: &PutObjectInput) -> Result<(Item, Expect), Api
     Ok((item, expect))
 }
 
-/// Writes, and `login`. Writes need a token whose role is owner or writer.
+/// Writes, `login`, and the administration of your tenant's users. Writes
+/// need a token whose role is owner or writer; user administration, an owner.
 #[Object]
 impl Mutation {
     /// Exchanges a username and password for a bearer token; no token needed.
@@ -52,11 +54,75 @@ impl Mutation {
             .auth()
             .login(&username, &password, client)
             .await?;
-        Ok(LoginPayload {
-            access_token: token.access_token,
-            token_type: "Bearer".into(),
-            expires_in: token.expires_in,
-        })
+        Ok(token.into())
+    }
+
+    /// Adds a user to your tenant. Owners only (`FORBIDDEN` otherwise). The
+    /// new user logs in with `login` and works in your tenant.
+    async fn add_user(
+        &self,
+        ctx: &Context<'_>,
+        input: AddUserInput,
+    ) -> async_graphql::Result<TenantUser> {
+        let owner = ctx.principal()?.owner()?;
+        let username = Username::parse(&input.username)?;
+        let password = NewPassword::parse(&input.password, "password")?;
+        let member = ctx
+            .state()
+            .admin()
+            .add(owner, username, password, input.role.into())
+            .await?;
+        Ok(member.into())
+    }
+
+    /// Sets the role, the password or both of a user of your tenant; a new
+    /// password revokes the user's tokens. Owners only. `NOT_FOUND` for a
+    /// user of another tenant, as for a name nobody has. `FORBIDDEN` for your
+    /// own role and password (use `changePassword`): a tenant keeps an owner.
+    async fn update_user(
+        &self,
+        ctx: &Context<'_>,
+        username: String,
+        input: UpdateUserInput,
+    ) -> async_graphql::Result<TenantUser> {
+        let owner = ctx.principal()?.owner()?;
+        let change = MemberChange::parse(input.role.map(Into::into), input.password.as_deref())?;
+        let member = ctx.state().admin().update(owner, &username, change).await?;
+        Ok(member.into())
+    }
+
+    /// Removes a user from your tenant; their tokens stop working and the
+    /// tenant's data stays. Owners only. `NOT_FOUND` for a user of another
+    /// tenant; `FORBIDDEN` for yourself (a tenant keeps an owner). Always true.
+    async fn remove_user(
+        &self,
+        ctx: &Context<'_>,
+        username: String,
+    ) -> async_graphql::Result<bool> {
+        let owner = ctx.principal()?.owner()?;
+        ctx.state().admin().remove(owner, &username).await?;
+        Ok(true)
+    }
+
+    /// Changes your own password. Checks `currentPassword` (`FORBIDDEN` if
+    /// wrong; wrong attempts count against the login limits, `RATE_LIMITED`),
+    /// then revokes every token issued to you before, this one included: use
+    /// the token in the answer from now on.
+    async fn change_password(
+        &self,
+        ctx: &Context<'_>,
+        current_password: String,
+        new_password: String,
+    ) -> async_graphql::Result<LoginPayload> {
+        let principal = ctx.principal()?;
+        let new = NewPassword::parse(&new_password, "newPassword")?;
+        let client = ctx.data_opt::<ClientAddr>().and_then(|c| c.0);
+        let token = ctx
+            .state()
+            .admin()
+            .change_password(principal, &current_password, new, client)
+            .await?;
+        Ok(token.into())
     }
 
     /// Creates a value; `ALREADY_EXISTS` if the key holds a live one (an

@@ -3,7 +3,7 @@ use async_graphql::{Context, Object};
 use super::ContextExt;
 use super::types::{
     DateTime, KvObject, KvObjectConnection, KvObjectEdge, Me, ObjectChangeConnection,
-    ObjectChangeEdge, ObjectEvent, PageInfo,
+    ObjectChangeEdge, ObjectEvent, PageInfo, TenantUser,
 };
 use crate::error::ApiError;
 use crate::store::{Cursor, Key, Limit, Prefix, Revision};
@@ -138,6 +138,14 @@ impl Query {
             },
             edges,
         })
+    }
+
+    /// The users of your tenant, by username. Owners only (`FORBIDDEN` for
+    /// writers and readers).
+    async fn users(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<TenantUser>> {
+        let owner = ctx.principal()?.owner()?;
+        let users = ctx.state().admin().list(owner).await?;
+        Ok(users.into_iter().map(TenantUser::from).collect())
     }
 
     /// Who the access token belongs to.

@@ -230,6 +230,16 @@ pub struct LoginPayload {
     pub expires_in: u64,
 }
 
+impl From<crate::auth::IssuedToken> for LoginPayload {
+    fn from(token: crate::auth::IssuedToken) -> Self {
+        LoginPayload {
+            access_token: token.access_token,
+            token_type: "Bearer".into(),
+            expires_in: token.expires_in,
+        }
+    }
+}
+
 /// The outcome of `putObject`.
 #[derive(SimpleObject)]
 pub struct PutObjectPayload {
@@ -366,6 +376,59 @@ impl From<crate::auth::Role> for Role {
             crate::auth::Role::Reader => Role::Reader,
         }
     }
+}
+
+impl From<Role> for crate::auth::Role {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Owner => crate::auth::Role::Owner,
+            Role::Writer => crate::auth::Role::Writer,
+            Role::Reader => crate::auth::Role::Reader,
+        }
+    }
+}
+
+/// A user of your tenant, as its owners see it.
+#[derive(SimpleObject)]
+pub struct TenantUser {
+    /// The name the user logs in with.
+    pub username: String,
+    pub role: Role,
+    /// A disabled user cannot log in (set by the operator's `kvql user`).
+    pub disabled: bool,
+    /// When the user was added.
+    pub created_at: DateTime,
+}
+
+impl From<crate::admin::Member> for TenantUser {
+    fn from(m: crate::admin::Member) -> Self {
+        TenantUser {
+            username: m.username,
+            role: m.role.into(),
+            disabled: m.disabled,
+            created_at: DateTime(m.created_at),
+        }
+    }
+}
+
+/// A user to add to your tenant.
+#[derive(InputObject)]
+pub struct AddUserInput {
+    /// 1 to 64 characters from letters, digits and `._@-`; unique across all
+    /// tenants (`ALREADY_EXISTS` if taken).
+    pub username: String,
+    /// At least 8 characters.
+    pub password: String,
+    pub role: Role,
+}
+
+/// What to change of a user; at least one field.
+#[derive(InputObject)]
+pub struct UpdateUserInput {
+    /// The new role.
+    pub role: Option<Role>,
+    /// A new password (at least 8 characters); it revokes the user's tokens.
+    pub password: Option<String>,
 }
 
 /// The caller, as named by the access token.

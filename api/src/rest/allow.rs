@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use poem::http::Method;
 use poem_openapi::OpenApi;
 
-use super::RestApi;
+use super::Apis;
 
 /// One route: its path split into segments (`None` for a `{param}`) and
 /// the methods it accepts, HEAD included wherever GET is (poem answers HEAD
@@ -50,7 +50,10 @@ static ROUTES: LazyLock<Vec<Route>> = LazyLock::new(|| {
             }
         })
         .collect();
-    for path in RestApi::meta().into_iter().flat_map(|api| api.paths) {
+    for path in <Apis as OpenApi>::meta()
+        .into_iter()
+        .flat_map(|api| api.paths)
+    {
         let segments = path
             .path
             .split('/')
@@ -177,6 +180,6 @@ mod tests {
 
     #[test]
     fn all_methods_lists_each_method_once() {
-        assert_eq!(all_methods(), "GET, HEAD, POST, PUT, DELETE");
+        assert_eq!(all_methods(), "GET, HEAD, POST, PUT, PATCH, DELETE");
     }
 }

@@ -5,6 +5,7 @@ mod allow;
 mod body;
 mod changes;
 mod params;
+mod users;
 
 pub use allow::{all_methods, allowed_methods};
 
@@ -43,6 +44,8 @@ enum Tag {
     Batch,
     /// Revisions, the change feed and key history.
     Changes,
+    /// Administering your tenant's users (owners), and your own password.
+    Users,
     /// Liveness and readiness probes.
     Health,
 }
@@ -150,13 +153,23 @@ impl poem_openapi::types::Example for PutObjectRequest {
 
 /// A bearer token for the `Authorization` header.
 #[derive(Object)]
-struct TokenResponse {
+pub(crate) struct TokenResponse {
     /// The JWT to send as `Authorization: Bearer <access_token>`.
     access_token: String,
     /// Always `Bearer`.
     token_type: String,
     /// Seconds until the token expires.
     expires_in: u64,
+}
+
+impl TokenResponse {
+    fn bearer(token: crate::auth::IssuedToken) -> TokenResponse {
+        TokenResponse {
+            access_token: token.access_token,
+            token_type: "Bearer".into(),
+            expires_in: token.expires_in,
+        }
+    }
 }
 
 /// A value to create.
@@ -517,6 +530,9 @@ enum ReadyResponse {
 
 pub struct RestApi;
 
+/// Every REST route: the values, and tenant administration.
+pub type Apis = (RestApi, users::UsersApi);
+
 /// Declares, per route, the error statuses it can answer with.
 macro_rules! error_statuses {
     ($($(#[$attr:meta])* $name:ident = [$($status:literal),*];)*) => {
@@ -529,6 +545,7 @@ macro_rules! error_statuses {
         )*
     };
 }
+use error_statuses;
 
 // 503 (`TIMEOUT`, the request time budget) everywhere; 400 and 500 everywhere
 // a request carries input or reaches the database; 401
@@ -596,11 +613,7 @@ impl RestApi {
         let token = auth
             .login(&body.0.username, &body.0.password, client)
             .await?;
-        Ok(Json(TokenResponse {
-            access_token: token.access_token,
-            token_type: "Bearer".into(),
-            expires_in: token.expires_in,
-        }))
+        Ok(Json(TokenResponse::bearer(token)))
     }
 
     /// Create a value
@@ -1056,8 +1069,13 @@ impl RestApi {
 }
 
 /// The OpenAPI service for these routes.
-pub fn service() -> poem_openapi::OpenApiService<RestApi, ()> {
-    poem_openapi::OpenApiService::new(RestApi, "kvql", env!("CARGO_PKG_VERSION")).description(
+pub fn service() -> poem_openapi::OpenApiService<Apis, ()> {
+    poem_openapi::OpenApiService::new(
+        (RestApi, users::UsersApi),
+        "kvql",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
         "A multi-tenant JSON key-value store. Log in with `POST /login`, then send \
              `Authorization: Bearer <access_token>`. Every error is JSON \
              `{\"error\": \"...\", \"code\": \"...\"}`.",
