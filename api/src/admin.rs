@@ -24,7 +24,7 @@
 //!   within the auth cache TTL. So do a role change and a removal.
 
 use entity::user;
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseTransaction,
     EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set, Statement, TransactionTrait,
@@ -125,8 +125,13 @@ pub struct Admin<'a> {
     auth: &'a Auth,
 }
 
-fn no_such_user(username: &str) -> ApiError {
-    ApiError::NotFound(format!("no user named {username:?} in your tenant"))
+/// `username` is named only when it is a valid username (then at most 64
+/// harmless characters).
+fn no_such_user(username: Option<&str>) -> ApiError {
+    ApiError::NotFound(match username {
+        Some(name) => format!("no user named {name:?} in your tenant"),
+        None => "no user by that name in your tenant".into(),
+    })
 }
 
 impl<'a> Admin<'a> {
@@ -189,12 +194,15 @@ impl<'a> Admin<'a> {
         .await;
         let inserted = match inserted {
             Ok(u) => u,
-            // Another node added the name since the check.
-            Err(e) if self.find_any(username.as_str()).await?.is_some() => {
-                tracing::debug!(error = %e, "username taken concurrently");
-                return Err(taken());
+            Err(e) => {
+                // Frees the connection (SQLite's administrative writes have
+                // one) before looking: another node may have added the name.
+                txn.rollback().await?;
+                if self.find_any(username.as_str()).await?.is_some() {
+                    return Err(taken());
+                }
+                return Err(e.into());
             }
-            Err(e) => return Err(e.into()),
         };
         txn.commit().await?;
         Member::try_from(inserted)
@@ -229,23 +237,19 @@ impl<'a> Admin<'a> {
         };
         let txn = self.locked(owner).await?;
         let target = self.member_in(&txn, owner.tenant(), username).await?;
-        let mut update = user::Entity::update_many().filter(user::Column::Id.eq(target.id));
+        let mut update = match password_hash {
+            Some(hash) => crate::users::new_password(hash),
+            None => user::Entity::update_many(),
+        }
+        .filter(user::Column::Id.eq(target.id));
         if let Some(role) = change.role {
             update = update.col_expr(user::Column::Role, Expr::value(role.as_str()));
-        }
-        if let Some(hash) = password_hash {
-            update = update
-                .col_expr(user::Column::PasswordHash, Expr::value(hash))
-                .col_expr(
-                    user::Column::TokenGeneration,
-                    Expr::col(user::Column::TokenGeneration).add(1),
-                );
         }
         update.exec(&txn).await?;
         let updated = user::Entity::find_by_id(target.id)
             .one(&txn)
             .await?
-            .ok_or_else(|| no_such_user(username))?;
+            .ok_or_else(|| no_such_user(Some(username)))?;
         txn.commit().await?;
         self.auth.forget_user(target.id);
         Member::try_from(updated)
@@ -279,23 +283,23 @@ impl<'a> Admin<'a> {
         new: NewPassword,
         client: Option<std::net::IpAddr>,
     ) -> Result<IssuedToken, ApiError> {
-        self.auth
+        let checked = self
+            .auth
             .check_current_password(principal, current, client)
             .await?;
         let password_hash = self.auth.hash_new_password(&new.0).await?;
         let txn = self.db.write.begin().await?;
-        let updated = user::Entity::update_many()
-            .col_expr(user::Column::PasswordHash, Expr::value(password_hash))
-            .col_expr(
-                user::Column::TokenGeneration,
-                Expr::col(user::Column::TokenGeneration).add(1),
-            )
+        // Only over the password just checked: an owner's reset (or another
+        // change) made meanwhile wins, and this one is refused.
+        let updated = crate::users::new_password(password_hash)
             .filter(user::Column::Id.eq(principal.user_id))
+            .filter(user::Column::PasswordHash.eq(checked))
             .exec(&txn)
             .await?;
         if updated.rows_affected != 1 {
-            return Err(ApiError::Unauthenticated(
-                "the access token is invalid or has expired; log in again".into(),
+            return Err(ApiError::Forbidden(
+                "your password was changed meanwhile: current_password is no longer your password"
+                    .into(),
             ));
         }
         txn.commit().await?;
@@ -314,9 +318,11 @@ impl<'a> Admin<'a> {
     /// The user `username` of `tenant`, or `NOT_FOUND` (also when another
     /// tenant has that name).
     async fn member_of(&self, tenant: TenantId, username: &str) -> Result<user::Model, ApiError> {
+        let username = Username::parse(username).map_err(|_| no_such_user(None))?;
+        let username = username.as_str();
         match self.find_any(username).await? {
             Some(u) if u.tenant_id == tenant.get() => Ok(u),
-            _ => Err(no_such_user(username)),
+            _ => Err(no_such_user(Some(username))),
         }
     }
 
@@ -331,17 +337,20 @@ impl<'a> Admin<'a> {
             .filter(user::Column::TenantId.eq(tenant.get()))
             .one(txn)
             .await?
-            .ok_or_else(|| no_such_user(username))
+            .ok_or_else(|| no_such_user(Some(username)))
     }
 
-    /// A transaction holding the owner's tenant row (PostgreSQL: `FOR
-    /// UPDATE`; SQLite: a write to it, which takes the database's write
-    /// lock), in which the caller is still an enabled owner of the tenant.
+    /// A transaction holding the owner's tenant's administration lock
+    /// (PostgreSQL: a transaction-scoped advisory lock keyed by the negated
+    /// tenant id, apart from the migrations' positive key and from the row
+    /// that writes update; SQLite: a write to the tenant row, which takes the
+    /// database's write lock), in which the caller is still an enabled owner
+    /// of the tenant.
     async fn locked(&self, owner: Owner<'_>) -> Result<DatabaseTransaction, ApiError> {
         let backend = self.db.backend;
         let txn = self.db.write.begin().await?;
         let lock = match backend {
-            DatabaseBackend::Postgres => "SELECT id FROM tenant WHERE id = $1 FOR UPDATE",
+            DatabaseBackend::Postgres => "SELECT pg_advisory_xact_lock(-($1::bigint))",
             _ => "UPDATE tenant SET created_at = created_at WHERE id = $1",
         };
         txn.execute_raw(Statement::from_sql_and_values(

@@ -33,6 +33,7 @@ struct StateInner {
     config: Config,
     metrics: Metrics,
     sockets: Arc<Sockets>,
+    limiter: crate::ratelimit::TenantLimiter,
 }
 
 impl AppState {
@@ -59,6 +60,11 @@ impl AppState {
     /// Tenant administration (see `admin`).
     pub fn admin(&self) -> crate::admin::Admin<'_> {
         crate::admin::Admin::new(&self.inner.db, self.inner.store.clock(), &self.inner.auth)
+    }
+
+    /// Per-tenant request rates on this node.
+    pub fn limiter(&self) -> &crate::ratelimit::TenantLimiter {
+        &self.inner.limiter
     }
 
     /// The GraphQL WebSockets open on this node.
@@ -99,6 +105,7 @@ impl App {
         let metrics = Metrics::new()?;
         let auth = Auth::init(db.clone(), &config, clock.clone(), metrics.clone()).await?;
         let events = Events::start(&db, config.event_buffer as usize).await?;
+        let clock_for_limits = clock.clone();
         let store = Store::new(
             db.clone(),
             clock,
@@ -126,6 +133,11 @@ impl App {
                 config: config.clone(),
                 metrics,
                 sockets: Arc::default(),
+                limiter: crate::ratelimit::TenantLimiter::new(
+                    config.tenant_rate,
+                    config.tenant_burst,
+                    clock_for_limits,
+                ),
             }),
         };
         Ok(App {

@@ -98,6 +98,8 @@ pub struct Principal {
     pub role: Role,
     /// When the token expires, Unix milliseconds.
     pub expires_at: i64,
+    /// The tenant's own request rate, if it has one (see `ratelimit`).
+    pub rate: crate::ratelimit::TenantRate,
 }
 
 /// Proof that the caller may write to `tenant`.
@@ -196,7 +198,8 @@ struct Claims {
 /// At most one argon2 computation per CPU at a time: each takes ~19 MiB and
 /// tens of milliseconds, so a burst of logins queues here instead of
 /// multiplying memory use. Each node's logins have their own slots
-/// ([`Auth`]); the CLI and user administration share [`GLOBAL_HASHING`].
+/// ([`Auth`]), which tenant administration over the API uses too; the
+/// CLI's user commands share [`GLOBAL_HASHING`].
 pub(crate) struct Hashing {
     permits: Arc<tokio::sync::Semaphore>,
     /// Computations waiting for a permit through [`Hashing::run_or_refuse`].
@@ -260,7 +263,7 @@ impl Hashing {
 }
 
 /// Runs an argon2 computation on the blocking pool, one per CPU at a time,
-/// waiting as long as it takes (the CLI and user administration).
+/// waiting as long as it takes (the CLI's user commands).
 pub async fn hashing<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
@@ -595,18 +598,20 @@ impl Auth {
 
     /// Checks `principal`'s current password as a login would: throttled
     /// per username and client address, the same work whatever the answer.
-    /// A wrong password is `FORBIDDEN` (the token itself is fine).
+    /// A wrong password is `FORBIDDEN` (the token itself is fine). Returns
+    /// the hash it matched, so that a change can apply only while it is
+    /// still the user's.
     pub(crate) async fn check_current_password(
         &self,
         principal: &Principal,
         password: &str,
         client: Option<IpAddr>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<String, ApiError> {
         let attempt = self.inner.throttle.begin(&principal.username, client)?;
         match self.check_password(&principal.username, password).await? {
             Some((u, _)) if u.id == principal.user_id => {
                 attempt.succeeded();
-                Ok(())
+                Ok(u.password_hash)
             }
             _ => {
                 attempt.failed();
@@ -719,6 +724,7 @@ impl Auth {
                     && u.token_generation == claims.r#gen =>
             {
                 Ok(Principal {
+                    rate: crate::ratelimit::TenantRate::from_columns(t.rate_limit, t.rate_burst),
                     tenant: TenantId(t.id),
                     tenant_name: t.name,
                     user_id: u.id,

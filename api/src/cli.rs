@@ -12,6 +12,7 @@ use crate::auth::Role;
 use crate::clock::{Clock, rfc3339};
 use crate::config::{Config, DatabaseArgs, LogFormat, parse_duration};
 use crate::db::Db;
+use crate::ratelimit::{Rate, TenantRate};
 use crate::{auth, graphql, rest, users};
 
 /// kvql: a multi-tenant JSON key-value store over GraphQL and REST.
@@ -119,9 +120,23 @@ enum TenantCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Show one tenant: the same figures, and its users.
+    /// Show one tenant: the same figures, its request rate, and its users.
     Show {
         tenant: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Give a tenant its own request rate per node, instead of the servers'
+    /// `KVQL_TENANT_RATE`: a number of requests per second, `none` for no
+    /// limit, or `default` for the servers' setting again. Running servers
+    /// apply it within the auth cache TTL.
+    SetRate {
+        tenant: String,
+        /// Requests per second, `none` or `default`.
+        rate: String,
+        /// Requests at once above the rate; defaults to the rate.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        burst: Option<u32>,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -267,6 +282,34 @@ async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
                 );
             }
         }
+        TenantCommand::SetRate {
+            tenant,
+            rate,
+            burst,
+            database,
+        } => {
+            let rate = match (rate.as_str(), burst) {
+                ("default", None) => TenantRate::NodeDefault,
+                ("none", None) => TenantRate::Unlimited,
+                ("default" | "none", Some(_)) => {
+                    bail!("--burst goes with a number of requests per second")
+                }
+                (n, burst) => {
+                    let per_second: u32 = n
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .with_context(|| format!("invalid rate {n:?}: use a number of requests per second (1 or more), none or default"))?;
+                    TenantRate::Own(Rate {
+                        per_second,
+                        burst: burst.unwrap_or(per_second),
+                    })
+                }
+            };
+            let db = open(&database).await?;
+            users::set_tenant_rate(&db, &tenant, rate).await?;
+            println!("{tenant}: request rate {}", rate_text(rate));
+        }
         TenantCommand::Show { tenant, database } => {
             let db = open(&database).await?;
             let Some(t) = users::list_tenants(&db, &clock, Some(&tenant))
@@ -281,6 +324,7 @@ async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
             println!("live keys:          {}", t.live_keys);
             println!("latest revision:    {}", t.revision);
             println!("compacted through:  {}", t.compacted_revision);
+            println!("request rate:       {}", rate_text(t.rate));
             println!("users:              {}", t.users);
             for u in users::list_users(&db, Some(&t.name)).await? {
                 let status = if u.disabled { " (disabled)" } else { "" };
@@ -289,6 +333,14 @@ async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn rate_text(rate: TenantRate) -> String {
+    match rate {
+        TenantRate::NodeDefault => "the servers' KVQL_TENANT_RATE".into(),
+        TenantRate::Unlimited => "none".into(),
+        TenantRate::Own(r) => format!("{} per second, {} at once", r.per_second, r.burst),
+    }
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -126,6 +126,19 @@ pub struct Config {
     #[arg(long, env = "KVQL_LOGIN_MAX_FAILURES_PER_ADDRESS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub login_max_failures_per_address: u32,
 
+    /// Requests per second each tenant may make on this node, counting
+    /// every request that carries a valid token (REST, GraphQL over HTTP)
+    /// and every operation started on a GraphQL WebSocket; beyond it 429
+    /// `RATE_LIMITED` with `Retry-After`. Off unless set. `kvql tenant
+    /// set-rate` gives a tenant its own rate (or none).
+    #[arg(long, env = "KVQL_TENANT_RATE", value_parser = clap::value_parser!(u32).range(1..))]
+    pub tenant_rate: Option<u32>,
+
+    /// How many requests a tenant may make at once above its rate (the
+    /// size of its token bucket); defaults to the rate, one second's worth.
+    #[arg(long, env = "KVQL_TENANT_BURST", value_parser = clap::value_parser!(u32).range(1..))]
+    pub tenant_burst: Option<u32>,
+
     /// The window failed logins are counted in, from the first failure.
     #[arg(long, env = "KVQL_LOGIN_FAILURE_WINDOW", default_value = "5m", value_parser = parse_duration)]
     pub login_failure_window: Duration,

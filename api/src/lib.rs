@@ -18,6 +18,7 @@ mod listener;
 pub mod metrics;
 mod middleware;
 pub mod pages;
+pub mod ratelimit;
 pub mod rest;
 pub mod slots;
 pub mod store;

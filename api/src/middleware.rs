@@ -50,6 +50,10 @@ pub async fn around<E: Endpoint>(
             // Only a caller with a valid token may send a large body: anyone
             // else is refused before more than a small body is read.
             let caller = verify_bearer(&state, &req).await;
+            // A tenant over its request rate is refused before any work.
+            let admitted = caller
+                .as_deref()
+                .map_or(Ok(()), |principal| state.limiter().admit(principal));
             let body_limit = match &caller {
                 Some(principal) => {
                     req.extensions_mut().insert(Verified(principal.clone()));
@@ -70,14 +74,17 @@ pub async fn around<E: Endpoint>(
                 limit_body(&mut req, body_limit).await?;
                 ep.call(req).await.map(IntoResponse::into_response)
             };
-            let result = match tokio::time::timeout(budget, work).await {
-                Ok(result) => result,
-                Err(_) => Err(ApiError::Timeout(format!(
-                    "the request took longer than this server's time budget ({}); \
-                     a write may or may not have been applied",
-                    humantime::format_duration(budget)
-                ))
-                .into()),
+            let result = match admitted {
+                Err(refused) => Err(refused.into()),
+                Ok(()) => match tokio::time::timeout(budget, work).await {
+                    Ok(result) => result,
+                    Err(_) => Err(ApiError::Timeout(format!(
+                        "the request took longer than this server's time budget ({}); \
+                         a write may or may not have been applied",
+                        humantime::format_duration(budget)
+                    ))
+                    .into()),
+                },
             };
             let route = match &result {
                 Ok(resp) => resp.data::<PathPattern>(),

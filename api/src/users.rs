@@ -12,6 +12,7 @@ use sea_orm::{
 use crate::auth::{Role, check_password_strength, hash_password, hashing};
 use crate::clock::Clock;
 use crate::db::Db;
+use crate::ratelimit::TenantRate;
 
 /// A user as listed by `kvql user list`.
 #[derive(Clone, Debug)]
@@ -35,6 +36,8 @@ pub struct TenantInfo {
     /// from the change log.
     pub revision: i64,
     pub compacted_revision: i64,
+    /// Its own request rate, if it has one.
+    pub rate: TenantRate,
 }
 
 /// Every tenant, by name, or the one named `only` (none if it does not
@@ -53,7 +56,7 @@ pub async fn list_tenants(
         ""
     };
     let sql = format!(
-        r#"SELECT t.name, t.created_at, t.revision, t.compacted_revision,
+        r#"SELECT t.name, t.created_at, t.revision, t.compacted_revision, t.rate_limit, t.rate_burst,
              (SELECT count(*) FROM "user" u WHERE u.tenant_id = t.id) AS users,
              (SELECT count(*) FROM object o WHERE o.tenant_id = t.id
                 AND (o.expires_at IS NULL OR o.expires_at > $1)) AS live_keys
@@ -76,9 +79,35 @@ pub async fn list_tenants(
                 live_keys: row.try_get("", "live_keys")?,
                 revision: row.try_get("", "revision")?,
                 compacted_revision: row.try_get("", "compacted_revision")?,
+                rate: TenantRate::from_columns(
+                    row.try_get("", "rate_limit")?,
+                    row.try_get("", "rate_burst")?,
+                ),
             })
         })
         .collect()
+}
+
+/// Sets a tenant's own request rate (see `ratelimit`). Servers read it when
+/// they verify a token, so it applies within the auth cache TTL.
+pub async fn set_tenant_rate(db: &Db, tenant_name: &str, rate: TenantRate) -> anyhow::Result<()> {
+    let (limit, burst) = match rate {
+        TenantRate::NodeDefault => (None, None),
+        TenantRate::Unlimited => (Some(0), None),
+        TenantRate::Own(r) => (Some(i64::from(r.per_second)), Some(i64::from(r.burst))),
+    };
+    let txn = db.write.begin().await?;
+    let updated = tenant::Entity::update_many()
+        .col_expr(tenant::Column::RateLimit, Expr::value(limit))
+        .col_expr(tenant::Column::RateBurst, Expr::value(burst))
+        .filter(tenant::Column::Name.eq(tenant_name))
+        .exec(&txn)
+        .await?;
+    if updated.rows_affected != 1 {
+        bail!("no tenant named {tenant_name:?} (see `kvql tenant list`)");
+    }
+    txn.commit().await?;
+    Ok(())
 }
 
 /// Usernames: 1 to 64 characters from letters, digits and `._@-`.
@@ -191,17 +220,18 @@ pub async fn list_users(db: &Db, tenant_name: Option<&str>) -> anyhow::Result<Ve
 pub async fn set_password(db: &Db, username: &str, password: &str) -> anyhow::Result<()> {
     find(db, username).await?;
     let password_hash = hash(password).await?;
-    update_user(
-        db,
-        username,
-        user::Entity::update_many()
-            .col_expr(user::Column::PasswordHash, Expr::value(password_hash))
-            .col_expr(
-                user::Column::TokenGeneration,
-                Expr::col(user::Column::TokenGeneration).add(1),
-            ),
-    )
-    .await
+    update_user(db, username, new_password(password_hash)).await
+}
+
+/// The update that sets a new password hash and bumps the token
+/// generation, revoking every token issued before (to be filtered).
+pub(crate) fn new_password(password_hash: String) -> sea_orm::UpdateMany<user::Entity> {
+    user::Entity::update_many()
+        .col_expr(user::Column::PasswordHash, Expr::value(password_hash))
+        .col_expr(
+            user::Column::TokenGeneration,
+            Expr::col(user::Column::TokenGeneration).add(1),
+        )
 }
 
 /// Changes a user's role. Servers read the role from the database when they

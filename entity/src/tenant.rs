@@ -13,6 +13,11 @@ pub struct Model {
     pub revision: i64,
     /// The last revision removed from the change log by compaction.
     pub compacted_revision: i64,
+    /// Requests per second this tenant may make on each node, overriding
+    /// the node's setting: `None` keeps it, `Some(0)` lifts the limit.
+    pub rate_limit: Option<i64>,
+    /// The burst for `rate_limit`: `None` for as many as the rate.
+    pub rate_burst: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -9,6 +9,7 @@ mod m20261124_000003_create_object;
 mod m20261124_000004_create_signing_key;
 mod m20261125_000005_user_token_generation;
 mod m20261126_000006_revisions;
+mod m20261127_000007_tenant_rate_limit;
 
 pub struct Migrator;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000004_create_signing_key::Migration),
             Box::new(m20261125_000005_user_token_generation::Migration),
             Box::new(m20261126_000006_revisions::Migration),
+            Box::new(m20261127_000007_tenant_rate_limit::Migration),
         ]
     }
 }

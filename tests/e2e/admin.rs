@@ -370,6 +370,55 @@ async fn an_owner_cannot_demote_or_remove_itself_so_the_last_owner_stays() {
 }
 
 #[tokio::test]
+async fn an_owner_demoted_elsewhere_can_change_nothing_though_its_token_is_cached() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let writer = app.user("acme", Role::Writer).await;
+    // The token is verified and cached as an owner's.
+    assert_eq!(app.get("/api/users", Some(&owner.token)).await.status, 200);
+    // The operator demotes it; this node's auth cache is not told.
+    api::users::set_role(app.node.state.db(), &owner.username, Role::Writer)
+        .await
+        .unwrap();
+    let before = members(&app, "acme").await;
+    for body in [json!({"role": "owner"}), json!({"password": NEW_PASSWORD})] {
+        let r = patch(&app, &owner.token, &writer.username, &body).await;
+        r.assert_error(403, "FORBIDDEN");
+        r.assert_mentions("no longer an owner");
+    }
+    app.delete(
+        &format!("/api/users/{}", writer.username),
+        Some(&owner.token),
+    )
+    .await
+    .assert_error(403, "FORBIDDEN");
+    app.post(
+        "/api/users",
+        Some(&owner.token),
+        &json!({"username": "newcomer", "password": PASSWORD, "role": "owner"}),
+    )
+    .await
+    .assert_error(403, "FORBIDDEN");
+    assert_eq!(members(&app, "acme").await, before);
+    assert_eq!(login_status(&app, &writer.username, PASSWORD).await, 200);
+}
+
+#[tokio::test]
+async fn a_path_that_is_no_username_answers_404_without_echoing_it() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let long = "x".repeat(300);
+    for name in ["has%20space", long.as_str(), "%C3%BC"] {
+        let r = patch(&app, &owner.token, name, &json!({"role": "reader"})).await;
+        r.assert_error(404, "NOT_FOUND");
+        assert_eq!(r.body["error"], "no user by that name in your tenant");
+        app.delete(&format!("/api/users/{name}"), Some(&owner.token))
+            .await
+            .assert_error(404, "NOT_FOUND");
+    }
+}
+
+#[tokio::test]
 async fn two_owners_demoting_each_other_at_once_leave_exactly_one_owner() {
     let app = TestApp::spawn().await;
     for round in 0..5 {
@@ -499,14 +548,16 @@ async fn graphql_owners_administer_users_with_the_same_rules() {
     let added = &r.gql_data()["addUser"];
     assert_eq!(added["username"], "gina");
     assert_eq!(added["role"], "READER");
+    let before = members(&app, "acme").await;
     let r = app
         .gql(
             t,
             add,
-            json!({"i": {"username": "gina", "password": PASSWORD, "role": "READER"}}),
+            json!({"i": {"username": "gina", "password": NEW_PASSWORD, "role": "OWNER"}}),
         )
         .await;
     assert_eq!(r.gql_error_code(), "ALREADY_EXISTS");
+    assert_eq!(login_status(&app, "gina", PASSWORD).await, 200);
     let r = app
         .gql(
             t,
@@ -515,6 +566,7 @@ async fn graphql_owners_administer_users_with_the_same_rules() {
         )
         .await;
     assert_eq!(r.gql_error_code(), "INVALID_INPUT");
+    assert_eq!(members(&app, "acme").await, before);
 
     let r = app.gql(t, "{ users { username role } }", json!({})).await;
     assert_eq!(
@@ -527,8 +579,27 @@ async fn graphql_owners_administer_users_with_the_same_rules() {
         .gql(t, update, json!({"u": "gina", "i": {"role": "WRITER"}}))
         .await;
     assert_eq!(r.gql_data()["updateUser"]["role"], "WRITER");
+    let before = members(&app, "acme").await;
     let r = app.gql(t, update, json!({"u": "gina", "i": {}})).await;
     assert_eq!(r.gql_error_code(), "INVALID_INPUT");
+    let r = app
+        .gql(t, update, json!({"u": "gina", "i": {"password": "short"}}))
+        .await;
+    assert_eq!(r.gql_error_code(), "INVALID_INPUT");
+    let outsider = app.user("elsewhere", Role::Writer).await;
+    let r = app
+        .gql(
+            t,
+            update,
+            json!({"u": outsider.username, "i": {"role": "OWNER"}}),
+        )
+        .await;
+    assert_eq!(r.gql_error_code(), "NOT_FOUND");
+    assert_eq!(members(&app, "acme").await, before);
+    assert_eq!(
+        members(&app, "elsewhere").await,
+        vec![(outsider.username.clone(), "writer".into())]
+    );
 
     let gina = app.login("gina", PASSWORD).await;
     let change = "mutation($c: String!, $n: String!) { changePassword(currentPassword: $c, newPassword: $n) { accessToken tokenType } }";
@@ -540,6 +611,7 @@ async fn graphql_owners_administer_users_with_the_same_rules() {
         )
         .await;
     assert_eq!(r.gql_error_code(), "FORBIDDEN");
+    assert_eq!(login_status(&app, "gina", PASSWORD).await, 200);
     let r = app
         .gql(
             Some(&gina),

@@ -410,6 +410,35 @@ async fn tenant_list_and_show_count_users_and_live_keys() {
     assert!(show.contains("users:              2"), "{show}");
     assert!(show.contains(&u.username), "{show}");
 
+    assert!(
+        show.contains("request rate:       the servers' KVQL_TENANT_RATE"),
+        "{show}"
+    );
+    for (args, shown) in [
+        (&["5", "--burst", "9"][..], "5 per second, 9 at once"),
+        (&["7"][..], "7 per second, 7 at once"),
+        (&["none"][..], "none"),
+        (&["default"][..], "the servers' KVQL_TENANT_RATE"),
+    ] {
+        let mut command = vec!["tenant", "set-rate", "tenant-cli"];
+        command.extend_from_slice(args);
+        let set = kvql(&app, &command, None);
+        assert!(set.status.success(), "{}", text(&set.stderr));
+        let show = text(&kvql(&app, &["tenant", "show", "tenant-cli"], None).stdout);
+        assert!(
+            show.contains(&format!("request rate:       {shown}")),
+            "{args:?}: {show}"
+        );
+    }
+    for bad in [&["0"][..], &["fast"][..], &["none", "--burst", "3"][..]] {
+        let mut command = vec!["tenant", "set-rate", "tenant-cli"];
+        command.extend_from_slice(bad);
+        let refused = kvql(&app, &command, None);
+        assert!(!refused.status.success(), "{bad:?} was accepted");
+    }
+    let refused = kvql(&app, &["tenant", "set-rate", "no-such-tenant", "5"], None);
+    assert!(!refused.status.success());
+
     let missing = kvql(&app, &["tenant", "show", "no-such-tenant"], None);
     assert!(!missing.status.success());
     assert!(

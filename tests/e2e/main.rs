@@ -17,6 +17,7 @@ mod graphql_http;
 mod graphql_limits;
 mod hostile;
 mod keys;
+mod limits;
 mod listing;
 mod logs;
 mod metrics;

@@ -122,6 +122,9 @@ struct Connection {
     initialised: bool,
     acknowledged: bool,
     token: Option<String>,
+    /// The caller named by the token at `connection_init`: each operation
+    /// it starts counts against its tenant's request rate.
+    principal: Option<Arc<crate::auth::Principal>>,
     active: HashSet<String>,
 }
 
@@ -163,6 +166,7 @@ pub async fn serve(
         initialised: false,
         acknowledged: false,
         token: None,
+        principal: None,
         active: HashSet::new(),
     };
     let init_deadline = tokio::time::sleep(config.ws_init_timeout);
@@ -293,7 +297,19 @@ impl Connection {
                 }
                 let max = self.state.config().websocket.ws_max_operations;
                 if self.active.len() as u64 >= max {
-                    return self.refuse_operation(&id, max);
+                    return self.refuse_operation(
+                        &id,
+                        format!("too many operations on this connection: at most {max} at once"),
+                        None,
+                    );
+                }
+                if let Some(principal) = &self.principal
+                    && let Err(ApiError::RateLimited {
+                        message,
+                        retry_after,
+                    }) = self.state.limiter().admit(principal)
+                {
+                    return self.refuse_operation(&id, message, Some(retry_after));
                 }
                 self.active.insert(id);
             }
@@ -335,6 +351,7 @@ impl Connection {
                     .as_deref()
                     .and_then(crate::auth::bearer_token)
                     .map(str::to_owned);
+                self.principal = Some(principal.clone());
             }
             Caller::Refused(message) => {
                 return Err(Step::Close(4403, truncate(format!("Forbidden: {message}"))));
@@ -369,11 +386,13 @@ impl Connection {
         }
     }
 
-    fn refuse_operation(&self, id: &str, max: u64) -> Step {
-        let error = serde_json::json!({
-            "message": format!("too many operations on this connection: at most {max} at once"),
-            "extensions": {"code": "RATE_LIMITED"},
-        });
+    /// Refuses operation `id` with `RATE_LIMITED`; the connection stays.
+    fn refuse_operation(&self, id: &str, message: String, retry_after: Option<u64>) -> Step {
+        let mut extensions = serde_json::json!({"code": "RATE_LIMITED"});
+        if let Some(seconds) = retry_after {
+            extensions["retryAfter"] = seconds.into();
+        }
+        let error = serde_json::json!({"message": message, "extensions": extensions});
         Step::Reply(serde_json::json!({"type": "error", "id": id, "payload": [error]}).to_string())
     }
 
@@ -383,7 +402,11 @@ impl Connection {
             return Step::Continue;
         };
         match self.state.auth().authenticate(token).await {
-            Ok(_) => Step::Continue,
+            Ok(principal) => {
+                // Picks up a change of the tenant's request rate.
+                self.principal = Some(principal);
+                Step::Continue
+            }
             Err(ApiError::Unauthenticated(m)) => {
                 Step::Close(4403, truncate(format!("Forbidden: {m}")))
             }

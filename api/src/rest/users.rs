@@ -81,8 +81,10 @@ struct UserList {
 struct AddUserRequest {
     /// 1 to 64 characters from letters, digits and `._@-`; unique across
     /// all tenants (409 `ALREADY_EXISTS` if taken).
+    #[oai(validator(pattern = r"^[A-Za-z0-9._@-]{1,64}$"))]
     username: String,
     /// At least 8 characters.
+    #[oai(validator(min_length = 8))]
     password: String,
     role: RoleName,
 }
@@ -94,6 +96,7 @@ struct UpdateUserRequest {
     /// The new role.
     role: Option<RoleName>,
     /// A new password (at least 8 characters); it revokes the user's tokens.
+    #[oai(validator(min_length = 8))]
     password: Option<String>,
 }
 
@@ -103,6 +106,7 @@ struct UpdateUserRequest {
 struct ChangePasswordRequest {
     current_password: String,
     /// At least 8 characters.
+    #[oai(validator(min_length = 8))]
     new_password: String,
 }
 

@@ -1,0 +1,185 @@
+//! Per-tenant request rates on one node: a token bucket per tenant, refilled
+//! at the tenant's rate up to its burst. The node's setting
+//! (`KVQL_TENANT_RATE`, `KVQL_TENANT_BURST`) applies unless the tenant has
+//! its own (`kvql tenant set-rate`, read with the token's verification and so
+//! applied within the auth cache TTL). Counted per node: with N nodes behind
+//! a balancer a tenant gets up to N times its rate.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::auth::Principal;
+use crate::clock::Clock;
+use crate::error::ApiError;
+
+/// A rate: `per_second` requests per second, `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// A tenant's own setting, as stored on its row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TenantRate {
+    /// The node's setting.
+    #[default]
+    NodeDefault,
+    /// No limit, whatever the node's setting.
+    Unlimited,
+    /// Its own rate.
+    Own(Rate),
+}
+
+impl TenantRate {
+    /// From the tenant row's `rate_limit` and `rate_burst`.
+    pub fn from_columns(limit: Option<i64>, burst: Option<i64>) -> TenantRate {
+        let clamp = |n: i64| u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+        match limit {
+            None => TenantRate::NodeDefault,
+            Some(n) if n <= 0 => TenantRate::Unlimited,
+            Some(n) => TenantRate::Own(Rate {
+                per_second: clamp(n),
+                burst: clamp(burst.unwrap_or(n)),
+            }),
+        }
+    }
+}
+
+/// Buckets kept at most; beyond it, full (idle) buckets are dropped, which
+/// loses nothing: a full bucket is what a new one starts as.
+const MAX_BUCKETS: usize = 100_000;
+
+struct Bucket {
+    rate: Rate,
+    tokens: f64,
+    at_ms: i64,
+}
+
+/// The buckets of one node.
+pub struct TenantLimiter {
+    default: Option<Rate>,
+    clock: Clock,
+    buckets: Mutex<HashMap<i64, Bucket>>,
+}
+
+impl TenantLimiter {
+    pub fn new(per_second: Option<u32>, burst: Option<u32>, clock: Clock) -> TenantLimiter {
+        TenantLimiter {
+            default: per_second.map(|per_second| Rate {
+                per_second,
+                burst: burst.unwrap_or(per_second),
+            }),
+            clock,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Counts one request of `principal`'s tenant; `RATE_LIMITED` with the
+    /// seconds until one more is allowed when its bucket is empty.
+    pub fn admit(&self, principal: &Principal) -> Result<(), ApiError> {
+        let rate = match principal.rate {
+            TenantRate::NodeDefault => self.default,
+            TenantRate::Unlimited => None,
+            TenantRate::Own(rate) => Some(rate),
+        };
+        let Some(rate) = rate else {
+            return Ok(());
+        };
+        let now = self.clock.now_ms();
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
+        let tenant = principal.tenant().get();
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&tenant) {
+            buckets.retain(|_, b| b.refilled(now) < f64::from(b.rate.burst));
+        }
+        let bucket = buckets.entry(tenant).or_insert(Bucket {
+            rate,
+            tokens: f64::from(rate.burst),
+            at_ms: now,
+        });
+        // A changed rate starts over with a full bucket.
+        bucket.tokens = if bucket.rate == rate {
+            bucket.refilled(now)
+        } else {
+            f64::from(rate.burst)
+        };
+        bucket.rate = rate;
+        bucket.at_ms = now.max(bucket.at_ms);
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = (1.0 - bucket.tokens) / f64::from(rate.per_second);
+        Err(ApiError::RateLimited {
+            message: format!(
+                "your tenant is over its request rate on this node ({} per second, {} at once); retry later",
+                rate.per_second, rate.burst
+            ),
+            retry_after: (wait.ceil() as u64).max(1),
+        })
+    }
+}
+
+impl Bucket {
+    /// The tokens at `now`, refilled since `at_ms`, at most the burst.
+    fn refilled(&self, now: i64) -> f64 {
+        let elapsed = (now - self.at_ms).max(0) as f64 / 1000.0;
+        (self.tokens + elapsed * f64::from(self.rate.per_second)).min(f64::from(self.rate.burst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_rates_read_from_their_columns() {
+        assert_eq!(
+            TenantRate::from_columns(None, Some(5)),
+            TenantRate::NodeDefault
+        );
+        assert_eq!(
+            TenantRate::from_columns(Some(0), None),
+            TenantRate::Unlimited
+        );
+        assert_eq!(
+            TenantRate::from_columns(Some(10), None),
+            TenantRate::Own(Rate {
+                per_second: 10,
+                burst: 10
+            })
+        );
+        assert_eq!(
+            TenantRate::from_columns(Some(10), Some(0)),
+            TenantRate::Own(Rate {
+                per_second: 10,
+                burst: 1
+            })
+        );
+        assert_eq!(
+            TenantRate::from_columns(Some(i64::MAX), Some(3)),
+            TenantRate::Own(Rate {
+                per_second: u32::MAX,
+                burst: 3
+            })
+        );
+    }
+
+    #[test]
+    fn a_bucket_refills_at_its_rate_up_to_its_burst() {
+        let b = Bucket {
+            rate: Rate {
+                per_second: 4,
+                burst: 6,
+            },
+            tokens: 0.0,
+            at_ms: 1_000,
+        };
+        assert_eq!(b.refilled(1_000), 0.0);
+        assert_eq!(b.refilled(1_500), 2.0);
+        assert_eq!(b.refilled(500), 0.0);
+        assert_eq!(b.refilled(60_000), 6.0);
+    }
+}
