@@ -99,7 +99,7 @@ impl TryFrom<user::Model> for Member {
     }
 }
 
-/// What `update` changes; at least one of the two.
+/// What `update` changes; what is `None` stays (nothing: a no-op).
 #[derive(Clone, Debug, Default)]
 pub struct MemberChange {
     pub role: Option<Role>,
@@ -208,7 +208,8 @@ impl<'a> Admin<'a> {
         Member::try_from(inserted)
     }
 
-    /// Changes another user's role, password or both. A new password
+    /// Changes another user's role, password or both (neither: answers the
+    /// user unchanged, as a merge patch of `{}` would). A new password
     /// revokes the user's tokens.
     pub async fn update(
         &self,
@@ -216,13 +217,10 @@ impl<'a> Admin<'a> {
         username: &str,
         change: MemberChange,
     ) -> Result<Member, ApiError> {
-        if change.role.is_none() && change.password.is_none() {
-            return Err(ApiError::InvalidInput {
-                field: None,
-                message: "give role, password or both".into(),
-            });
-        }
         let target = self.member_of(owner.tenant(), username).await?;
+        if change.role.is_none() && change.password.is_none() {
+            return Member::try_from(target);
+        }
         if target.id == owner.user_id() {
             return Err(ApiError::Forbidden(if change.password.is_some() {
                 "change your own password with POST /api/me/password (changePassword), which asks for the current one".into()

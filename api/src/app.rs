@@ -131,12 +131,13 @@ impl App {
                 store,
                 auth,
                 config: config.clone(),
-                metrics,
+                metrics: metrics.clone(),
                 sockets: Arc::default(),
                 limiter: crate::ratelimit::TenantLimiter::new(
                     config.tenant_rate,
                     config.tenant_burst,
                     clock_for_limits,
+                    metrics.clone(),
                 ),
             }),
         };

@@ -33,6 +33,55 @@ pub enum Login {
     Throttled,
 }
 
+/// What the store was asked to do, for `kvql_store_operations_total`.
+#[derive(Clone, Copy, Debug)]
+pub enum StoreOp {
+    Get,
+    GetMany,
+    List,
+    Changes,
+    History,
+    Create,
+    Put,
+    Delete,
+    BatchCreate,
+    BatchPut,
+    BatchDelete,
+}
+
+impl StoreOp {
+    const ALL: [StoreOp; 11] = [
+        StoreOp::Get,
+        StoreOp::GetMany,
+        StoreOp::List,
+        StoreOp::Changes,
+        StoreOp::History,
+        StoreOp::Create,
+        StoreOp::Put,
+        StoreOp::Delete,
+        StoreOp::BatchCreate,
+        StoreOp::BatchPut,
+        StoreOp::BatchDelete,
+    ];
+
+    /// Its label; `self as usize` is its index in [`StoreOp::ALL`].
+    fn label(self) -> &'static str {
+        match self {
+            StoreOp::Get => "get",
+            StoreOp::GetMany => "get_many",
+            StoreOp::List => "list",
+            StoreOp::Changes => "changes",
+            StoreOp::History => "history",
+            StoreOp::Create => "create",
+            StoreOp::Put => "put",
+            StoreOp::Delete => "delete",
+            StoreOp::BatchCreate => "batch_create",
+            StoreOp::BatchPut => "batch_put",
+            StoreOp::BatchDelete => "batch_delete",
+        }
+    }
+}
+
 /// The node's instruments.
 #[derive(Clone)]
 pub struct Metrics {
@@ -47,6 +96,10 @@ pub struct Metrics {
     /// on the hottest path.
     cache_hits: IntCounter,
     cache_misses: IntCounter,
+    /// `kvql_store_operations_total`'s series, resolved once, in
+    /// [`StoreOp::ALL`]'s order.
+    store_ops: [IntCounter; 11],
+    tenant_rate_refused: IntCounter,
     group_writes: Histogram,
     expired: IntCounter,
     sweep_lag: prometheus::Gauge,
@@ -94,7 +147,28 @@ impl Metrics {
                 &["type"],
             ),
         )?;
+        let store_ops: IntCounterVec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "kvql_store_operations_total",
+                    "Operations asked of the store (both doors), by op: get, get_many, list, \
+                         changes, history, create, put, delete, batch_create, batch_put, \
+                         batch_delete (a batch counts once), whatever their outcome.",
+                ),
+                &["op"],
+            ),
+        )?;
         Ok(Metrics {
+            store_ops: StoreOp::ALL.map(|op| store_ops.with_label_values(&[op.label()])),
+            tenant_rate_refused: registered(
+                r,
+                IntCounter::new(
+                    "kvql_tenant_rate_limited_total",
+                    "Requests and WebSocket operations refused because their tenant was \
+                     over its request rate on this node (KVQL_TENANT_RATE).",
+                ),
+            )?,
             http: registered(
                 r,
                 HistogramVec::new(
@@ -266,6 +340,14 @@ impl Metrics {
         }
     }
 
+    pub fn store_op(&self, op: StoreOp) {
+        self.store_ops[op as usize].inc();
+    }
+
+    pub fn tenant_rate_refused(&self) {
+        self.tenant_rate_refused.inc();
+    }
+
     pub fn group_commit(&self, writes: usize) {
         self.group_writes.observe(writes as f64);
     }
@@ -360,6 +442,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_ops_index_their_series_in_declaration_order() {
+        for (i, op) in StoreOp::ALL.into_iter().enumerate() {
+            assert_eq!(op as usize, i, "{op:?}");
+        }
+    }
 
     #[test]
     fn tokens_compare_equal_only_when_equal() {

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use crate::auth::Principal;
 use crate::clock::Clock;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 
 /// A rate: `per_second` requests per second, `burst` at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,17 +61,24 @@ struct Bucket {
 pub struct TenantLimiter {
     default: Option<Rate>,
     clock: Clock,
+    metrics: Metrics,
     buckets: Mutex<HashMap<i64, Bucket>>,
 }
 
 impl TenantLimiter {
-    pub fn new(per_second: Option<u32>, burst: Option<u32>, clock: Clock) -> TenantLimiter {
+    pub fn new(
+        per_second: Option<u32>,
+        burst: Option<u32>,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> TenantLimiter {
         TenantLimiter {
             default: per_second.map(|per_second| Rate {
                 per_second,
                 burst: burst.unwrap_or(per_second),
             }),
             clock,
+            metrics,
             buckets: Mutex::default(),
         }
     }
@@ -111,6 +119,7 @@ impl TenantLimiter {
             bucket.tokens -= 1.0;
             return Ok(());
         }
+        self.metrics.tenant_rate_refused();
         let wait = (1.0 - bucket.tokens) / f64::from(rate.per_second);
         Err(ApiError::RateLimited {
             message: format!(

@@ -163,6 +163,10 @@ async fn store_metrics_count_group_commits_cache_lookups_and_swept_values() {
     assert_eq!(value(&scrape, "kvql_sweeper_expired_total", &[]), Some(1.0));
     // Swept: nothing expired waits.
     assert_eq!(value(&scrape, "kvql_sweeper_lag_seconds", &[]), Some(0.0));
+    let op = |name: &str| value(&scrape, "kvql_store_operations_total", &[("op", name)]);
+    assert_eq!(op("create"), Some(3.0));
+    assert_eq!(op("get"), Some(3.0));
+    assert_eq!(op("batch_put"), Some(0.0));
     let hits = value(&scrape, "kvql_cache_lookups_total", &[("result", "hit")]);
     let misses = value(&scrape, "kvql_cache_lookups_total", &[("result", "miss")]);
     let lookups = hits.unwrap_or(0.0) + misses.unwrap_or(0.0);
@@ -261,5 +265,33 @@ fn an_empty_metrics_token_is_refused_at_startup() {
     assert!(
         stderr.contains("KVQL_METRICS_TOKEN") || stderr.contains("--metrics-token"),
         "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn requests_refused_for_the_tenant_rate_are_counted() {
+    let app = TestApp::spawn_with(|c| {
+        c.tenant_rate = Some(1);
+        c.tenant_burst = Some(1);
+    })
+    .await;
+    let u = app.writer().await;
+    let (before, _) = scrape(&app, None).await;
+    assert_eq!(
+        value(&before, "kvql_tenant_rate_limited_total", &[]),
+        Some(0.0)
+    );
+    assert_eq!(app.read(&u, "k").await.status, 404);
+    assert_eq!(app.read(&u, "k").await.status, 429);
+    assert_eq!(app.read(&u, "k").await.status, 429);
+    let (after, _) = scrape(&app, None).await;
+    assert_eq!(
+        value(&after, "kvql_tenant_rate_limited_total", &[]),
+        Some(2.0)
+    );
+    // Refused before the store: one get was asked of it.
+    assert_eq!(
+        value(&after, "kvql_store_operations_total", &[("op", "get")]),
+        Some(1.0)
     );
 }

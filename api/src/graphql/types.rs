@@ -422,7 +422,7 @@ pub struct AddUserInput {
     pub role: Role,
 }
 
-/// What to change of a user; at least one field.
+/// What to change of a user; fields left out stay as they are.
 #[derive(InputObject)]
 pub struct UpdateUserInput {
     /// The new role.

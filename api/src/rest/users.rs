@@ -89,7 +89,8 @@ struct AddUserRequest {
     role: RoleName,
 }
 
-/// What to change of a user; at least one member.
+/// What to change of a user; members left out stay as they are (`{}`
+/// changes nothing).
 #[derive(Object, serde::Deserialize)]
 #[serde(remote = "Self")]
 struct UpdateUserRequest {

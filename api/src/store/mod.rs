@@ -36,7 +36,7 @@ use crate::auth::{Principal, TenantId, Writer};
 use crate::clock::Clock;
 use crate::db::Db;
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOp};
 use cache::{Cache, Lookup};
 use events::{Event, Events};
 pub use feed::{CallerFeed, Feed};
@@ -410,6 +410,7 @@ impl Store {
 
     /// The live value under `key`, if any.
     pub async fn get(&self, tenant: TenantId, key: &Key) -> Result<Option<Object>, ApiError> {
+        self.inner.metrics.store_op(StoreOp::Get);
         let now = self.inner.clock.now_ms();
         let cache = self.inner.cache.as_deref();
         let lookup = cache.map(|c| (c, c.lookup(tenant.get(), key.as_str(), now)));
@@ -435,6 +436,7 @@ impl Store {
         tenant: TenantId,
         keys: &[Key],
     ) -> Result<Vec<Option<Object>>, ApiError> {
+        self.inner.metrics.store_op(StoreOp::GetMany);
         self.check_batch_len(keys.len())?;
         if keys.is_empty() {
             return Ok(Vec::new());
@@ -465,6 +467,7 @@ impl Store {
         limit: Limit,
         cursor: Option<&Cursor>,
     ) -> Result<Page, ApiError> {
+        self.inner.metrics.store_op(StoreOp::List);
         let now = self.inner.clock.now_ms();
         let mut sql = Sql::select_live(self.backend(), tenant, now);
         let lower = sql.next(prefix.as_str());
@@ -505,6 +508,7 @@ impl Store {
         after: Revision,
         limit: Limit,
     ) -> Result<ChangePage, ApiError> {
+        self.inner.metrics.store_op(StoreOp::Changes);
         let db = &self.inner.db.read;
         // Read first: every change up to `latest` has committed, so the
         // reads below see all of them.
@@ -650,6 +654,7 @@ impl Store {
         limit: Limit,
         before: Option<Revision>,
     ) -> Result<HistoryPage, ApiError> {
+        self.inner.metrics.store_op(StoreOp::History);
         let db = &self.inner.db.read;
         let (latest, compacted) = sql::revisions(db, tenant).await?;
         let before = before.map_or(latest + 1, |b| b.get().min(latest + 1));
@@ -714,6 +719,7 @@ impl Store {
     /// Creates a value; `ALREADY_EXISTS` if a live one is stored under the key.
     /// An expired value under the key is replaced as if it were absent.
     pub async fn create(&self, writer: Writer<'_>, item: Item) -> Result<Object, ApiError> {
+        self.inner.metrics.store_op(StoreOp::Create);
         let key = item.key.as_str().to_owned();
         self.run_one(writer, key, Op::Create(item))
             .await?
@@ -729,6 +735,7 @@ impl Store {
         item: Item,
         expect: Expect,
     ) -> Result<Put, ApiError> {
+        self.inner.metrics.store_op(StoreOp::Put);
         let key = item.key.as_str().to_owned();
         self.run_one(writer, key, Op::Put(item, expect))
             .await?
@@ -743,6 +750,7 @@ impl Store {
         key: &Key,
         expected: Option<i64>,
     ) -> Result<i64, ApiError> {
+        self.inner.metrics.store_op(StoreOp::Delete);
         self.run_one(
             writer,
             key.as_str().to_owned(),
@@ -760,6 +768,7 @@ impl Store {
         items: Vec<BatchInput<Item>>,
         atomicity: Atomicity,
     ) -> Result<BatchOutcome<Object>, ApiError> {
+        self.inner.metrics.store_op(StoreOp::BatchCreate);
         let outcome = self.run_batch(writer, items, atomicity, Op::Create).await?;
         Ok(outcome.map(|o| o.into_put().map(|put| put.object)))
     }
@@ -772,6 +781,7 @@ impl Store {
         items: Vec<BatchInput<(Item, Expect)>>,
         atomicity: Atomicity,
     ) -> Result<BatchOutcome<Put>, ApiError> {
+        self.inner.metrics.store_op(StoreOp::BatchPut);
         let outcome = self
             .run_batch(writer, items, atomicity, |(item, expect)| {
                 Op::Put(item, expect)
@@ -788,6 +798,7 @@ impl Store {
         keys: Vec<BatchInput<Key>>,
         atomicity: Atomicity,
     ) -> Result<BatchOutcome<i64>, ApiError> {
+        self.inner.metrics.store_op(StoreOp::BatchDelete);
         let outcome = self
             .run_batch(writer, keys, atomicity, |key| Op::Delete(key, None))
             .await?;
