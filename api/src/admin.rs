@@ -123,6 +123,8 @@ pub struct Admin<'a> {
     db: &'a Db,
     clock: &'a Clock,
     auth: &'a Auth,
+    /// `KVQL_MAX_USERS_PER_TENANT`.
+    max_users: u64,
 }
 
 /// `username` is named only when it is a valid username (then at most 64
@@ -135,8 +137,13 @@ fn no_such_user(username: Option<&str>) -> ApiError {
 }
 
 impl<'a> Admin<'a> {
-    pub fn new(db: &'a Db, clock: &'a Clock, auth: &'a Auth) -> Admin<'a> {
-        Admin { db, clock, auth }
+    pub fn new(db: &'a Db, clock: &'a Clock, auth: &'a Auth, max_users: u64) -> Admin<'a> {
+        Admin {
+            db,
+            clock,
+            auth,
+            max_users,
+        }
     }
 
     /// The users of the owner's tenant, by username.
@@ -153,7 +160,8 @@ impl<'a> Admin<'a> {
 
     /// Adds a user to the owner's tenant. Usernames are unique across
     /// tenants (a login names only the user): a taken one is
-    /// `ALREADY_EXISTS`, whichever tenant has it.
+    /// `ALREADY_EXISTS`, whichever tenant has it. A tenant at
+    /// `KVQL_MAX_USERS_PER_TENANT` users gets `QUOTA_EXCEEDED`.
     pub async fn add(
         &self,
         owner: Owner<'_>,
@@ -179,6 +187,16 @@ impl<'a> Admin<'a> {
             > 0
         {
             return Err(taken());
+        }
+        let users = user::Entity::find()
+            .filter(user::Column::TenantId.eq(owner.tenant().get()))
+            .count(&txn)
+            .await?;
+        if users >= self.max_users {
+            return Err(ApiError::QuotaExceeded(format!(
+                "your tenant has {users} users, its most (KVQL_MAX_USERS_PER_TENANT is {}); remove one first",
+                self.max_users
+            )));
         }
         let inserted = user::ActiveModel {
             tenant_id: Set(owner.tenant().get()),

@@ -59,7 +59,12 @@ impl AppState {
 
     /// Tenant administration (see `admin`).
     pub fn admin(&self) -> crate::admin::Admin<'_> {
-        crate::admin::Admin::new(&self.inner.db, self.inner.store.clock(), &self.inner.auth)
+        crate::admin::Admin::new(
+            &self.inner.db,
+            self.inner.store.clock(),
+            &self.inner.auth,
+            self.inner.config.max_users_per_tenant,
+        )
     }
 
     /// Per-tenant request rates on this node.

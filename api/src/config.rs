@@ -126,6 +126,12 @@ pub struct Config {
     #[arg(long, env = "KVQL_LOGIN_MAX_FAILURES_PER_ADDRESS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub login_max_failures_per_address: u32,
 
+    /// Most users a tenant may have; `POST /api/users` (`addUser`) beyond it
+    /// answers 403 `QUOTA_EXCEEDED`. The operator's `kvql user add` is not
+    /// held to it.
+    #[arg(long, env = "KVQL_MAX_USERS_PER_TENANT", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_users_per_tenant: u64,
+
     /// Requests per second each tenant may make on this node, counting
     /// every request that carries a valid token (REST, GraphQL over HTTP)
     /// and every operation started on a GraphQL WebSocket; beyond it 429

@@ -30,6 +30,11 @@ pub enum ApiError {
     /// 403 `FORBIDDEN`: authenticated, but the role does not allow this.
     #[error("{0}")]
     Forbidden(String),
+    /// 403 `QUOTA_EXCEEDED`: the tenant is at one of its limits (users per
+    /// tenant); nothing was written. Not retried by waiting: remove
+    /// something, or have the operator raise the limit.
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// 404 `NOT_FOUND`: no live value under this key (absent, expired or
     /// another tenant's, all alike), or no such route.
     #[error("{0}")]
@@ -111,7 +116,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::QuotaExceeded(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::AlreadyExists(_) => StatusCode::CONFLICT,
@@ -131,6 +136,7 @@ impl ApiError {
         match self {
             ApiError::Unauthenticated(_) => "UNAUTHENTICATED",
             ApiError::Forbidden(_) => "FORBIDDEN",
+            ApiError::QuotaExceeded(_) => "QUOTA_EXCEEDED",
             ApiError::NotFound(_) => "NOT_FOUND",
             ApiError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             ApiError::AlreadyExists(_) => "ALREADY_EXISTS",
@@ -330,7 +336,9 @@ enum ErrorResponses {
     /// login, wrong credentials).
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>, #[oai(header = "WWW-Authenticate")] String),
-    /// FORBIDDEN: the token's role (`reader`) may not write.
+    /// FORBIDDEN: the token's role does not allow this (a `reader` writing,
+    /// anyone but an owner administering users), or QUOTA_EXCEEDED: the
+    /// tenant is at one of its limits; nothing was written.
     #[oai(status = 403)]
     Forbidden(Json<ErrorBody>),
     /// NOT_FOUND: no live value under the key (absent, expired or another

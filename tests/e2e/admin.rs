@@ -637,3 +637,31 @@ async fn graphql_owners_administer_users_with_the_same_rules() {
         vec![(owner.username.clone(), "owner".into())]
     );
 }
+
+#[tokio::test]
+async fn a_tenant_at_its_user_limit_gets_403_quota_exceeded_and_no_user() {
+    let app = TestApp::spawn_with(|c| c.max_users_per_tenant = 2).await;
+    let owner = app.user("acme", Role::Owner).await;
+    let t = Some(owner.token.as_str());
+    let add = |name: &str| json!({"username": name, "password": PASSWORD, "role": "reader"});
+    assert_eq!(app.post("/api/users", t, &add("second")).await.status, 201);
+    let before = members(&app, "acme").await;
+
+    let refused = app.post("/api/users", t, &add("third")).await;
+    refused.assert_error(403, "QUOTA_EXCEEDED");
+    refused.assert_mentions("KVQL_MAX_USERS_PER_TENANT is 2");
+    let gql = app
+        .gql(
+            t,
+            "mutation { addUser(input: {username: \"third\", password: \"a long password\", role: READER}) { username } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(gql.gql_error_code(), "QUOTA_EXCEEDED");
+    assert_eq!(members(&app, "acme").await, before);
+    assert_eq!(login_status(&app, "third", PASSWORD).await, 401);
+
+    // Removing one makes room.
+    assert_eq!(app.delete("/api/users/second", t).await.status, 204);
+    assert_eq!(app.post("/api/users", t, &add("third")).await.status, 201);
+}
