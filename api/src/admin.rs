@@ -186,6 +186,7 @@ impl<'a> Admin<'a> {
             .await?
             > 0
         {
+            txn.rollback().await?;
             return Err(taken());
         }
         let users = user::Entity::find()
@@ -193,6 +194,7 @@ impl<'a> Admin<'a> {
             .count(&txn)
             .await?;
         if users >= self.max_users {
+            txn.rollback().await?;
             return Err(ApiError::QuotaExceeded(format!(
                 "your tenant has {users} users, its most (KVQL_MAX_USERS_PER_TENANT is {}); remove one first",
                 self.max_users
@@ -314,7 +316,7 @@ impl<'a> Admin<'a> {
             .await?;
         if updated.rows_affected != 1 {
             return Err(ApiError::Forbidden(
-                "your password was changed meanwhile: current_password is no longer your password"
+                "your password was changed (or your user removed) meanwhile: current_password no longer applies"
                     .into(),
             ));
         }

@@ -142,7 +142,7 @@ pub struct Config {
 
     /// How many requests a tenant may make at once above its rate (the
     /// size of its token bucket); defaults to the rate, one second's worth.
-    #[arg(long, env = "KVQL_TENANT_BURST", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "KVQL_TENANT_BURST", requires = "tenant_rate", value_parser = clap::value_parser!(u32).range(1..))]
     pub tenant_burst: Option<u32>,
 
     /// The window failed logins are counted in, from the first failure.

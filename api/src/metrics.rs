@@ -40,6 +40,7 @@ pub enum StoreOp {
     GetMany,
     List,
     Changes,
+    Feed,
     History,
     Create,
     Put,
@@ -50,11 +51,12 @@ pub enum StoreOp {
 }
 
 impl StoreOp {
-    const ALL: [StoreOp; 11] = [
+    const ALL: [StoreOp; 12] = [
         StoreOp::Get,
         StoreOp::GetMany,
         StoreOp::List,
         StoreOp::Changes,
+        StoreOp::Feed,
         StoreOp::History,
         StoreOp::Create,
         StoreOp::Put,
@@ -71,6 +73,7 @@ impl StoreOp {
             StoreOp::GetMany => "get_many",
             StoreOp::List => "list",
             StoreOp::Changes => "changes",
+            StoreOp::Feed => "feed",
             StoreOp::History => "history",
             StoreOp::Create => "create",
             StoreOp::Put => "put",
@@ -98,7 +101,7 @@ pub struct Metrics {
     cache_misses: IntCounter,
     /// `kvql_store_operations_total`'s series, resolved once, in
     /// [`StoreOp::ALL`]'s order.
-    store_ops: [IntCounter; 11],
+    store_ops: [IntCounter; 12],
     tenant_rate_refused: IntCounter,
     group_writes: Histogram,
     expired: IntCounter,
@@ -153,8 +156,9 @@ impl Metrics {
                 Opts::new(
                     "kvql_store_operations_total",
                     "Operations asked of the store (both doors), by op: get, get_many, list, \
-                         changes, history, create, put, delete, batch_create, batch_put, \
-                         batch_delete (a batch counts once), whatever their outcome.",
+                         changes (a page of /api/changes, waiting or not), feed (a feed opened: \
+                         /api/watch, objectEvents), history, create, put, delete, batch_create, \
+                         batch_put, batch_delete (a batch counts once), whatever their outcome.",
                 ),
                 &["op"],
             ),

@@ -47,8 +47,10 @@ impl TenantRate {
     }
 }
 
-/// Buckets kept at most; beyond it, full (idle) buckets are dropped, which
-/// loses nothing: a full bucket is what a new one starts as.
+/// Buckets kept before full (idle) ones are dropped, which loses nothing: a
+/// full bucket is what a new one starts as. Tenants are made only by the
+/// operator, so clients cannot grow the map; this bounds the work of a
+/// node serving very many of them.
 const MAX_BUCKETS: usize = 100_000;
 
 struct Bucket {
@@ -95,9 +97,12 @@ impl TenantLimiter {
             return Ok(());
         };
         let now = self.clock.now_ms();
-        let Ok(mut buckets) = self.buckets.lock() else {
-            return Ok(());
-        };
+        // The buckets are plain numbers: a panic elsewhere while holding
+        // the lock leaves nothing half-done worth refusing everyone over.
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let tenant = principal.tenant().get();
         if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&tenant) {
             buckets.retain(|_, b| b.refilled(now) < f64::from(b.rate.burst));
@@ -107,12 +112,9 @@ impl TenantLimiter {
             tokens: f64::from(rate.burst),
             at_ms: now,
         });
-        // A changed rate starts over with a full bucket.
-        bucket.tokens = if bucket.rate == rate {
-            bucket.refilled(now)
-        } else {
-            f64::from(rate.burst)
-        };
+        // A changed rate keeps what the bucket held (at most the new burst),
+        // so that switching between rates cannot refill it.
+        bucket.tokens = bucket.refilled(now).min(f64::from(rate.burst));
         bucket.rate = rate;
         bucket.at_ms = now.max(bucket.at_ms);
         if bucket.tokens >= 1.0 {

@@ -126,6 +126,15 @@ async fn a_tenants_own_rate_overrides_the_nodes_and_none_lifts_it() {
         .await
         .unwrap();
     app.clock.advance(Duration::from_secs(2));
+    // The change keeps what the bucket held (one token, refilled at the old
+    // rate of 1 per second, at most its burst of 1): switching rates does
+    // not refill it.
+    assert_eq!(app.get("/api/objects", t).await.status, 200);
+    app.get("/api/objects", t)
+        .await
+        .assert_error(429, "RATE_LIMITED");
+    // From there it refills at 2 per second, up to 3.
+    app.clock.advance(Duration::from_secs(2));
     for _ in 0..3 {
         assert_eq!(app.get("/api/objects", t).await.status, 200);
     }

@@ -59,6 +59,8 @@ impl Mutation {
 
     /// Adds a user to your tenant. Owners only (`FORBIDDEN` otherwise). The
     /// new user logs in with `login` and works in your tenant.
+    /// `ALREADY_EXISTS` if the username is taken (in any tenant);
+    /// `QUOTA_EXCEEDED` if the tenant has `KVQL_MAX_USERS_PER_TENANT` users.
     async fn add_user(
         &self,
         ctx: &Context<'_>,

@@ -94,10 +94,12 @@ struct AddUserRequest {
 #[derive(Object, serde::Deserialize)]
 #[serde(remote = "Self")]
 struct UpdateUserRequest {
-    /// The new role.
+    /// The new role; omit it or send null to keep the role.
+    #[oai(nullable)]
     role: Option<RoleName>,
     /// A new password (at least 8 characters); it revokes the user's tokens.
-    #[oai(validator(min_length = 8))]
+    /// Omit it or send null to keep the password.
+    #[oai(nullable, validator(min_length = 8))]
     password: Option<String>,
 }
 

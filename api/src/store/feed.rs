@@ -142,7 +142,7 @@ impl Feed {
             }
             let page = self
                 .store
-                .changes(
+                .read_changes(
                     self.tenant,
                     &self.watch,
                     self.after,

@@ -509,6 +509,18 @@ impl Store {
         limit: Limit,
     ) -> Result<ChangePage, ApiError> {
         self.inner.metrics.store_op(StoreOp::Changes);
+        self.read_changes(tenant, watch, after, limit).await
+    }
+
+    /// [`Store::changes`] for the store's own polls (feeds, long-polls),
+    /// which are not counted as operations asked of it.
+    async fn read_changes(
+        &self,
+        tenant: TenantId,
+        watch: &Watch,
+        after: Revision,
+        limit: Limit,
+    ) -> Result<ChangePage, ApiError> {
         let db = &self.inner.db.read;
         // Read first: every change up to `latest` has committed, so the
         // reads below see all of them.
@@ -568,6 +580,7 @@ impl Store {
         limit: Limit,
         wait: Wait,
     ) -> Result<ChangePage, ApiError> {
+        self.inner.metrics.store_op(StoreOp::Changes);
         let tenant = principal.tenant();
         let deadline = tokio::time::Instant::now() + wait.duration();
         // Subscribed before the first read, so no change can slip between.
@@ -575,7 +588,7 @@ impl Store {
         // Claimed once the request is about to wait, held until it answers.
         let mut place = None;
         loop {
-            let page = self.changes(tenant, watch, after, limit).await?;
+            let page = self.read_changes(tenant, watch, after, limit).await?;
             let now = tokio::time::Instant::now();
             if !page.changes.is_empty() || now >= deadline {
                 return Ok(page);
@@ -599,6 +612,7 @@ impl Store {
         watch: Watch,
         after: Option<Revision>,
     ) -> Result<Feed, ApiError> {
+        self.inner.metrics.store_op(StoreOp::Feed);
         let place = self.claim_feed(principal)?;
         let tenant = principal.tenant();
         let (latest, compacted) = sql::revisions(&self.inner.db.read, tenant).await?;
