@@ -180,15 +180,6 @@ impl<'a> Admin<'a> {
         }
         let password_hash = self.auth.hash_new_password(&password.0).await?;
         let txn = self.locked(owner).await?;
-        if user::Entity::find()
-            .filter(user::Column::Username.eq(username.as_str()))
-            .count(&txn)
-            .await?
-            > 0
-        {
-            txn.rollback().await?;
-            return Err(taken());
-        }
         let users = user::Entity::find()
             .filter(user::Column::TenantId.eq(owner.tenant().get()))
             .count(&txn)
@@ -215,8 +206,9 @@ impl<'a> Admin<'a> {
         let inserted = match inserted {
             Ok(u) => u,
             Err(e) => {
-                // Frees the connection (SQLite's administrative writes have
-                // one) before looking: another node may have added the name.
+                // The username's unique index refused it: another request
+                // took the name since the check above. Frees the connection
+                // (SQLite's administrative writes have one) before looking.
                 txn.rollback().await?;
                 if self.find_any(username.as_str()).await?.is_some() {
                     return Err(taken());

@@ -527,17 +527,29 @@ impl Auth {
         password: &str,
         client: Option<IpAddr>,
     ) -> Result<IssuedToken, ApiError> {
-        let attempt = self.inner.throttle.begin(username, client)?;
-        match self.check_password(username, password).await? {
-            Some((u, t)) => {
-                attempt.succeeded();
-                self.issue(&u, &t).await
-            }
-            None => {
-                attempt.failed();
-                Err(bad_credentials())
-            }
+        match self.throttled_check(username, password, client).await? {
+            Some((u, t)) => self.issue(&u, &t).await,
+            None => Err(bad_credentials()),
         }
+    }
+
+    /// [`Auth::check_password`] counted by the login throttle: refused up
+    /// front when `username` or `client` has too many recent failures, then
+    /// recorded as a success or a failure.
+    async fn throttled_check(
+        &self,
+        username: &str,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Option<(user::Model, tenant::Model)>, ApiError> {
+        let attempt = self.inner.throttle.begin(username, client)?;
+        let found = self.check_password(username, password).await?;
+        if found.is_some() {
+            attempt.succeeded();
+        } else {
+            attempt.failed();
+        }
+        Ok(found)
     }
 
     /// The user and tenant if the password is right and the user enabled.
@@ -607,18 +619,14 @@ impl Auth {
         password: &str,
         client: Option<IpAddr>,
     ) -> Result<String, ApiError> {
-        let attempt = self.inner.throttle.begin(&principal.username, client)?;
-        match self.check_password(&principal.username, password).await? {
-            Some((u, _)) if u.id == principal.user_id => {
-                attempt.succeeded();
-                Ok(u.password_hash)
-            }
-            _ => {
-                attempt.failed();
-                Err(ApiError::Forbidden(
-                    "current_password is not your password".into(),
-                ))
-            }
+        match self
+            .throttled_check(&principal.username, password, client)
+            .await?
+        {
+            Some((u, _)) if u.id == principal.user_id => Ok(u.password_hash),
+            _ => Err(ApiError::Forbidden(
+                "current_password is not your password".into(),
+            )),
         }
     }
 

@@ -45,6 +45,16 @@ impl TenantRate {
             }),
         }
     }
+
+    /// The tenant row's `(rate_limit, rate_burst)` for this setting: the
+    /// inverse of [`TenantRate::from_columns`].
+    pub fn to_columns(self) -> (Option<i64>, Option<i64>) {
+        match self {
+            TenantRate::NodeDefault => (None, None),
+            TenantRate::Unlimited => (Some(0), None),
+            TenantRate::Own(r) => (Some(i64::from(r.per_second)), Some(i64::from(r.burst))),
+        }
+    }
 }
 
 /// Buckets kept before full (idle) ones are dropped, which loses nothing: a
@@ -176,6 +186,21 @@ mod tests {
                 burst: 3
             })
         );
+    }
+
+    #[test]
+    fn tenant_rates_round_trip_through_their_columns() {
+        for rate in [
+            TenantRate::NodeDefault,
+            TenantRate::Unlimited,
+            TenantRate::Own(Rate {
+                per_second: 7,
+                burst: 9,
+            }),
+        ] {
+            let (limit, burst) = rate.to_columns();
+            assert_eq!(TenantRate::from_columns(limit, burst), rate);
+        }
     }
 
     #[test]

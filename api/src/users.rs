@@ -91,23 +91,16 @@ pub async fn list_tenants(
 /// Sets a tenant's own request rate (see `ratelimit`). Servers read it when
 /// they verify a token, so it applies within the auth cache TTL.
 pub async fn set_tenant_rate(db: &Db, tenant_name: &str, rate: TenantRate) -> anyhow::Result<()> {
-    let (limit, burst) = match rate {
-        TenantRate::NodeDefault => (None, None),
-        TenantRate::Unlimited => (Some(0), None),
-        TenantRate::Own(r) => (Some(i64::from(r.per_second)), Some(i64::from(r.burst))),
-    };
-    let txn = db.write.begin().await?;
-    let updated = tenant::Entity::update_many()
-        .col_expr(tenant::Column::RateLimit, Expr::value(limit))
-        .col_expr(tenant::Column::RateBurst, Expr::value(burst))
-        .filter(tenant::Column::Name.eq(tenant_name))
-        .exec(&txn)
-        .await?;
-    if updated.rows_affected != 1 {
-        bail!("no tenant named {tenant_name:?} (see `kvql tenant list`)");
-    }
-    txn.commit().await?;
-    Ok(())
+    let (limit, burst) = rate.to_columns();
+    update_one(
+        db,
+        tenant::Entity::update_many()
+            .col_expr(tenant::Column::RateLimit, Expr::value(limit))
+            .col_expr(tenant::Column::RateBurst, Expr::value(burst))
+            .filter(tenant::Column::Name.eq(tenant_name)),
+        || format!("no tenant named {tenant_name:?} (see `kvql tenant list`)"),
+    )
+    .await
 }
 
 /// Usernames: 1 to 64 characters from letters, digits and `._@-`.
@@ -245,21 +238,31 @@ pub async fn set_role(db: &Db, username: &str, role: Role) -> anyhow::Result<()>
     .await
 }
 
-/// Applies `update` to the user named `username`, in a transaction: outside
-/// one, SQLite reports a failed commit of an UPDATE only after sea-orm has
-/// moved on.
+/// Applies `update` to the user named `username` (see [`update_one`]).
 async fn update_user(
     db: &Db,
     username: &str,
     update: sea_orm::UpdateMany<user::Entity>,
 ) -> anyhow::Result<()> {
+    update_one(
+        db,
+        update.filter(user::Column::Username.eq(username)),
+        || format!("no user named {username:?}"),
+    )
+    .await
+}
+
+/// Applies `update`, which must match exactly one row (else the error
+/// `missing` says), in a transaction: outside one, SQLite reports a failed
+/// commit of an UPDATE only after sea-orm has moved on.
+async fn update_one<E: sea_orm::EntityTrait>(
+    db: &Db,
+    update: sea_orm::UpdateMany<E>,
+    missing: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
     let txn = db.write.begin().await?;
-    let updated = update
-        .filter(user::Column::Username.eq(username))
-        .exec(&txn)
-        .await?;
-    if updated.rows_affected != 1 {
-        bail!("no user named {username:?}");
+    if update.exec(&txn).await?.rows_affected != 1 {
+        bail!("{}", missing());
     }
     txn.commit().await?;
     Ok(())
