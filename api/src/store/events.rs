@@ -18,6 +18,10 @@ use crate::db::Db;
 const CHANNEL: &str = "kvql_events";
 /// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
 const MAX_PAYLOAD: usize = 7500;
+/// The least time between two NOTIFY transactions of one node: under load,
+/// a feed on another node wakes at most this much later, and PostgreSQL
+/// commits a few hundred notifications a second instead of one per group.
+const NOTIFY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
@@ -120,9 +124,16 @@ impl Events {
         tokio::spawn(async move {
             // A connection of its own, whose commits do not wait for fsync:
             // notifications are best effort, and every queued event goes out
-            // in one statement (one transaction) instead of one each.
+            // in one statement (one transaction) instead of one each. Under
+            // load that would still be a transaction per group commit, so a
+            // batch waits until NOTIFY_INTERVAL has passed since the last one
+            // and takes everything queued meanwhile; at a lower rate it goes
+            // at once.
             let mut conn = None;
+            let mut next = tokio::time::Instant::now();
             while let Some(mut batch) = rx.recv().await {
+                tokio::time::sleep_until(next).await;
+                next = tokio::time::Instant::now() + NOTIFY_INTERVAL;
                 while let Ok(more) = rx.try_recv() {
                     batch.extend(more);
                 }
