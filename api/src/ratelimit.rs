@@ -98,14 +98,60 @@ impl TenantLimiter {
     /// Counts one request of `principal`'s tenant; `RATE_LIMITED` with the
     /// seconds until one more is allowed when its bucket is empty.
     pub fn admit(&self, principal: &Principal) -> Result<(), ApiError> {
-        let rate = match principal.rate {
+        let Some(rate) = self.rate_of(principal) else {
+            return Ok(());
+        };
+        let refused = self.with_bucket(principal, rate, |bucket| {
+            if bucket.tokens >= 1.0 {
+                bucket.tokens -= 1.0;
+                None
+            } else {
+                Some((1.0 - bucket.tokens) / f64::from(rate.per_second))
+            }
+        });
+        let Some(wait) = refused else {
+            return Ok(());
+        };
+        self.metrics.tenant_rate_refused();
+        Err(ApiError::RateLimited {
+            message: format!(
+                "your tenant is over its request rate on this node ({} per second, {} at once); retry later",
+                rate.per_second, rate.burst
+            ),
+            retry_after: (wait.ceil() as u64).max(1),
+        })
+    }
+
+    /// Counts `n` more requests of a request already admitted (the other
+    /// operations of a GraphQL batch, whose size is known only once its body
+    /// is read). Never refuses: the bucket may go below empty, and the
+    /// tenant's next requests wait until it has refilled. As a request is
+    /// only admitted from a bucket holding a whole token, what it owes is
+    /// bounded by the largest batch.
+    pub fn charge(&self, principal: &Principal, n: u32) {
+        if n == 0 {
+            return;
+        }
+        if let Some(rate) = self.rate_of(principal) {
+            self.with_bucket(principal, rate, |bucket| bucket.tokens -= f64::from(n));
+        }
+    }
+
+    fn rate_of(&self, principal: &Principal) -> Option<Rate> {
+        match principal.rate {
             TenantRate::NodeDefault => self.default,
             TenantRate::Unlimited => None,
             TenantRate::Own(rate) => Some(rate),
-        };
-        let Some(rate) = rate else {
-            return Ok(());
-        };
+        }
+    }
+
+    /// Runs `f` on the tenant's bucket, refilled to now at `rate`.
+    fn with_bucket<T>(
+        &self,
+        principal: &Principal,
+        rate: Rate,
+        f: impl FnOnce(&mut Bucket) -> T,
+    ) -> T {
         let now = self.clock.now_ms();
         // The buckets are plain numbers: a panic elsewhere while holding
         // the lock leaves nothing half-done worth refusing everyone over.
@@ -127,19 +173,7 @@ impl TenantLimiter {
         bucket.tokens = bucket.refilled(now).min(f64::from(rate.burst));
         bucket.rate = rate;
         bucket.at_ms = now.max(bucket.at_ms);
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            return Ok(());
-        }
-        self.metrics.tenant_rate_refused();
-        let wait = (1.0 - bucket.tokens) / f64::from(rate.per_second);
-        Err(ApiError::RateLimited {
-            message: format!(
-                "your tenant is over its request rate on this node ({} per second, {} at once); retry later",
-                rate.per_second, rate.burst
-            ),
-            retry_after: (wait.ceil() as u64).max(1),
-        })
+        f(bucket)
     }
 }
 

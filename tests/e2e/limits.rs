@@ -60,6 +60,59 @@ async fn a_tenant_over_its_rate_gets_429_with_retry_after_until_its_bucket_refil
 }
 
 #[tokio::test]
+async fn each_operation_of_a_graphql_batch_counts_against_the_tenant_rate() {
+    let app = limited_app().await;
+    let alice = app.user("alpha", Role::Writer).await;
+    let t = Some(alice.token.as_str());
+    let me = json!({"query": "{ me { username } }"});
+
+    // Three operations take the whole burst of three.
+    let answered = app.post("/graphql", t, &json!([me, me, me])).await;
+    assert_eq!(answered.status, 200, "{}", answered.text);
+    assert_eq!(answered.body.as_array().map(Vec::len), Some(3));
+    app.get("/api/objects", t)
+        .await
+        .assert_error(429, "RATE_LIMITED");
+
+    // A batch is admitted when a request would be, and owes the rest: one
+    // token refilled, a batch of five leaves the bucket four below empty,
+    // which takes 2.5 s at two per second to repay.
+    app.clock.advance(Duration::from_millis(500));
+    let create = |key: &str| {
+        json!({
+            "query": "mutation($k: String!) { createObject(input: {key: $k, data: 1}) { key } }",
+            "variables": {"k": key},
+        })
+    };
+    let batch: Vec<_> = (0..5).map(|i| create(&format!("b{i}"))).collect();
+    let answered = app.post("/graphql", t, &json!(batch)).await;
+    assert_eq!(answered.status, 200, "{}", answered.text);
+    let refused = app
+        .post("/graphql", t, &json!([create("late-1"), create("late-2")]))
+        .await;
+    refused.assert_error(429, "RATE_LIMITED");
+    assert_eq!(refused.header("retry-after"), Some("3"));
+    app.clock.advance(Duration::from_secs(2));
+    app.get("/api/objects", t)
+        .await
+        .assert_error(429, "RATE_LIMITED");
+    app.clock.advance(Duration::from_millis(500));
+    let listed = app.get("/api/objects", t).await;
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    let keys: Vec<&str> = listed.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["b0", "b1", "b2", "b3", "b4"],
+        "the refused batch wrote nothing"
+    );
+}
+
+#[tokio::test]
 async fn operations_started_on_a_websocket_count_against_the_tenant_rate() {
     let app = limited_app().await;
     let alice = app.user("alpha", Role::Reader).await;

@@ -159,7 +159,17 @@ async fn run(
     get: bool,
 ) -> poem::Response {
     let caller = match req.extensions().get::<Verified>() {
-        Some(Verified(principal)) => Caller::Authenticated(principal.clone()),
+        Some(Verified(principal)) => {
+            // The middleware counted the request once; each operation of a
+            // batch counts against the tenant's rate.
+            if let BatchRequest::Batch(requests) = &batch {
+                let more = requests.len().saturating_sub(1);
+                state
+                    .limiter()
+                    .charge(principal, u32::try_from(more).unwrap_or(u32::MAX));
+            }
+            Caller::Authenticated(principal.clone())
+        }
         None => Caller::from_authorization(state, req.header("authorization")).await,
     };
     let client = ClientAddr(state.auth().client_addr(req));
