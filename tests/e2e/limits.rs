@@ -8,6 +8,18 @@ use serde_json::json;
 
 use crate::support::{TestApp, WsClient};
 
+/// The keys `GET /api/objects` lists for `token`, which it must answer.
+async fn listed_keys(app: &TestApp, token: Option<&str>) -> Vec<String> {
+    let listed = app.get("/api/objects", token).await;
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    listed.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Two requests per second, three at once.
 async fn limited_app() -> TestApp {
     TestApp::spawn_with(|c| {
@@ -45,14 +57,7 @@ async fn a_tenant_over_its_rate_gets_429_with_retry_after_until_its_bucket_refil
 
     // Half a second refills one request.
     app.clock.advance(Duration::from_millis(500));
-    let listed = app.get("/api/objects", t).await;
-    assert_eq!(listed.status, 200, "{}", listed.text);
-    let keys: Vec<&str> = listed.body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["key"].as_str().unwrap())
-        .collect();
+    let keys = listed_keys(&app, t).await;
     assert_eq!(keys, ["kept"], "the refused create wrote nothing");
     app.get("/api/objects", t)
         .await
@@ -97,14 +102,7 @@ async fn each_operation_of_a_graphql_batch_counts_against_the_tenant_rate() {
         .await
         .assert_error(429, "RATE_LIMITED");
     app.clock.advance(Duration::from_millis(500));
-    let listed = app.get("/api/objects", t).await;
-    assert_eq!(listed.status, 200, "{}", listed.text);
-    let keys: Vec<&str> = listed.body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["key"].as_str().unwrap())
-        .collect();
+    let keys = listed_keys(&app, t).await;
     assert_eq!(
         keys,
         ["b0", "b1", "b2", "b3", "b4"],
