@@ -125,15 +125,18 @@ impl TenantLimiter {
     /// Counts `n` more requests of a request already admitted (the other
     /// operations of a GraphQL batch, whose size is known only once its body
     /// is read). Never refuses: the bucket may go below empty, and the
-    /// tenant's next requests wait until it has refilled. As a request is
-    /// only admitted from a bucket holding a whole token, what it owes is
-    /// bounded by the largest batch.
+    /// tenant's next requests wait until it has refilled. Batches admitted
+    /// together, before any was charged, could owe a burst of batches; the
+    /// debt stops at one burst below empty, so that the wait it causes is at
+    /// most twice the time to fill the bucket.
     pub fn charge(&self, principal: &Principal, n: u32) {
         if n == 0 {
             return;
         }
         if let Some(rate) = self.rate_of(principal) {
-            self.with_bucket(principal, rate, |bucket| bucket.tokens -= f64::from(n));
+            self.with_bucket(principal, rate, |bucket| {
+                bucket.tokens = (bucket.tokens - f64::from(n)).max(-f64::from(rate.burst));
+            });
         }
     }
 

@@ -159,19 +159,24 @@ async fn run(
     get: bool,
 ) -> poem::Response {
     let caller = match req.extensions().get::<Verified>() {
-        Some(Verified(principal)) => {
-            // The middleware counted the request once; each operation of a
-            // batch counts against the tenant's rate.
-            if let BatchRequest::Batch(requests) = &batch {
-                let more = requests.len().saturating_sub(1);
-                state
-                    .limiter()
-                    .charge(principal, u32::try_from(more).unwrap_or(u32::MAX));
+        // The middleware verified the token and counted the request.
+        Some(Verified(principal)) => Caller::Authenticated(principal.clone()),
+        // It could not (a transient failure): verified and counted here.
+        None => {
+            let caller = Caller::from_authorization(state, req.header("authorization")).await;
+            if let Caller::Authenticated(principal) = &caller
+                && let Err(refused) = state.limiter().admit(principal)
+            {
+                return refused.into_response();
             }
-            Caller::Authenticated(principal.clone())
+            caller
         }
-        None => Caller::from_authorization(state, req.header("authorization")).await,
     };
+    // Each further operation of a batch counts against the tenant's rate.
+    if let (Caller::Authenticated(principal), BatchRequest::Batch(requests)) = (&caller, &batch) {
+        let more = u32::try_from(requests.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        state.limiter().charge(principal, more);
+    }
     let client = ClientAddr(state.auth().client_addr(req));
     let prepare = |r: async_graphql::Request| {
         let r = r.data(caller.clone()).data(client);

@@ -18,9 +18,10 @@ use crate::db::Db;
 const CHANNEL: &str = "kvql_events";
 /// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
 const MAX_PAYLOAD: usize = 7500;
-/// The least time between two NOTIFY transactions of one node: under load,
-/// a feed on another node wakes at most this much later, and PostgreSQL
-/// commits a few hundred notifications a second instead of one per group.
+/// The least time between the starts of two NOTIFY transactions of one
+/// node: under load a feed on another node may wake up to this much later,
+/// and PostgreSQL commits at most 200 notification transactions a second per
+/// node (each with many notifications) instead of one per group commit.
 const NOTIFY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
