@@ -195,8 +195,9 @@ def put(port, token, key, data):
 
 def measure(port, token, prefix, rate, seconds, clients):
     """Runs `clients` (coroutine factories taking (on_event, ready)) while the
-    writer PUTs at `rate` for `seconds`; per client, the latencies (ms) of the
-    writes' events, and how many writes were made."""
+    writer PUTs to the server on `port` at `rate` for `seconds`; per client,
+    the latencies (ms) of the writes' events, and how many writes were made.
+    The clients may follow another node of the same database."""
     n = len(clients)
     latencies = [[] for _ in range(n)]
 
@@ -252,7 +253,17 @@ def measure(port, token, prefix, rate, seconds, clients):
         await asyncio.sleep(seconds)
         stop.set()
         await loop.run_in_executor(None, thread.join)
-        await asyncio.sleep(1.0)  # the last events in flight
+        # The last events in flight: until none has come for a second (a
+        # client loop that fell behind, e.g. a thousand sockets in one Python
+        # process, is still reading), at most 30 s.
+        quiet_until = time.monotonic() + 30
+        seen = -1
+        while time.monotonic() < quiet_until:
+            now_seen = sum(len(per) for per in latencies)
+            if now_seen == seen:
+                break
+            seen = now_seen
+            await asyncio.sleep(1.0)
         check()
         for t in tasks:
             t.cancel()
@@ -278,9 +289,17 @@ def summary(latencies, written, subscribers):
     }
 
 
-def scenarios(port, token, seconds, subscribers, rate, fan_rate):
-    """Both scenarios; their summaries."""
+def scenarios(port, token, seconds, subscribers, rate, fan_rate, other_port=None):
+    """The scenarios, and with `other_port` (a second node of the same
+    PostgreSQL database) the latency of an SSE subscriber there to the
+    writes made on `port`; their summaries."""
     results = {}
+    if other_port is not None:
+        latencies, written = measure(
+            port, token, "far/", rate, seconds,
+            [lambda on_event, ready: sse(other_port, token, "far/", on_event, ready)],
+        )
+        results["feed_latency_other_node"] = summary([latencies[0]], written, 1)
     latencies, written = measure(
         port, token, "lat/", rate, seconds,
         [lambda on_event, ready: sse(port, token, "lat/", on_event, ready),
