@@ -62,7 +62,11 @@ async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Arc<Princip
     let state = req
         .data::<AppState>()
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("app state missing")))?;
-    Ok(state.auth().authenticate(&bearer.token).await?)
+    // The middleware could not verify the token (a transient failure):
+    // verified and counted against the tenant's rate here, as GraphQL does.
+    let principal = state.auth().authenticate(&bearer.token).await?;
+    state.limiter().admit(&principal)?;
+    Ok(principal)
 }
 
 /// Any JSON value; unlike `serde_json::Value`, a missing field is an error, not `null`.
