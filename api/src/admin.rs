@@ -23,6 +23,8 @@
 //!   user had (as `kvql user passwd` does); on this node at once, on others
 //!   within the auth cache TTL. So do a role change and a removal.
 
+pub mod keys;
+
 use entity::user;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -293,6 +295,11 @@ impl<'a> Admin<'a> {
         new: NewPassword,
         client: Option<std::net::IpAddr>,
     ) -> Result<IssuedToken, ApiError> {
+        if principal.api_key.is_some() {
+            return Err(ApiError::Forbidden(
+                "an API key has no password; log in as a user to change yours".into(),
+            ));
+        }
         let checked = self
             .auth
             .check_current_password(principal, current, client)

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use entity::{signing_key, tenant, user};
+use entity::{api_key, signing_key, tenant, user};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
 use sea_orm::sea_query::Expr;
@@ -88,6 +88,10 @@ impl std::fmt::Display for Role {
     }
 }
 
+/// The expiry of a credential that does not expire (an API key made without
+/// a `ttl`): 9999-12-31T23:59:59.999Z.
+pub const NEVER: i64 = 253_402_300_799_999;
+
 /// The authenticated caller of one request.
 #[derive(Clone, Debug)]
 pub struct Principal {
@@ -100,6 +104,9 @@ pub struct Principal {
     pub expires_at: i64,
     /// The tenant's own request rate, if it has one (see `ratelimit`).
     pub rate: crate::ratelimit::TenantRate,
+    /// The API key the request came with, if it did not come with an access
+    /// token (see `admin::keys`); `user_id` is then its id, negated.
+    pub api_key: Option<i64>,
 }
 
 /// Proof that the caller may write to `tenant`.
@@ -148,6 +155,10 @@ impl Owner<'_> {
 
     pub fn user_id(&self) -> i64 {
         self.principal.user_id
+    }
+
+    pub fn username(&self) -> &str {
+        &self.principal.username
     }
 }
 
@@ -652,6 +663,13 @@ impl Auth {
         }
     }
 
+    /// Drops the cached verifications of the API key `id` (revoked).
+    pub(crate) fn forget_api_key(&self, id: i64) {
+        if let Ok(mut cache) = self.inner.verified.write() {
+            cache.retain(|_, v| v.principal.api_key != Some(id));
+        }
+    }
+
     /// A token for the user `user_id`, as a login would issue it.
     pub(crate) async fn issue_for(&self, user_id: i64) -> Result<IssuedToken, ApiError> {
         let found = user::Entity::find_by_id(user_id)
@@ -702,6 +720,9 @@ impl Auth {
     }
 
     async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        if let Some((id, secret)) = crate::admin::keys::split_token(token) {
+            return self.verify_api_key(id, secret).await;
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| bad_token())?;
         if header.alg != ALGORITHM {
             return Err(bad_token());
@@ -740,10 +761,53 @@ impl Auth {
                         .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?,
                     username: u.username,
                     expires_at: claims.exp * 1000,
+                    api_key: None,
                 })
             }
             _ => Err(bad_token()),
         }
+    }
+
+    /// Verifies an API key (see `admin::keys`): it exists, its secret
+    /// matches, it has not expired. Notes its use at most once a minute.
+    async fn verify_api_key(&self, id: i64, secret: &str) -> Result<Principal, ApiError> {
+        let found = api_key::Entity::find_by_id(id)
+            .find_also_related(tenant::Entity)
+            .one(&self.inner.db.read)
+            .await?;
+        let now = self.inner.clock.now_ms();
+        let Some((key, Some(t))) = found else {
+            return Err(bad_token());
+        };
+        if !crate::admin::keys::secret_matches(secret, &key.secret_hash)
+            || key.expires_at.is_some_and(|at| at <= now)
+        {
+            return Err(bad_token());
+        }
+        let scope = crate::admin::keys::KeyScope::from_column(&key.scope)?;
+        if key.last_used_at.is_none_or(|at| at <= now - 60_000) {
+            let db = self.inner.db.write.clone();
+            tokio::spawn(async move {
+                let noted = api_key::Entity::update_many()
+                    .col_expr(api_key::Column::LastUsedAt, Expr::value(now))
+                    .filter(api_key::Column::Id.eq(id))
+                    .exec(&db)
+                    .await;
+                if let Err(e) = noted {
+                    tracing::debug!(error = %e, "cannot note an API key's use");
+                }
+            });
+        }
+        Ok(Principal {
+            rate: crate::ratelimit::TenantRate::from_columns(t.rate_limit, t.rate_burst),
+            tenant: TenantId(t.id),
+            tenant_name: t.name,
+            user_id: -key.id,
+            username: format!("apikey:{}", key.name),
+            role: scope.role(),
+            expires_at: key.expires_at.unwrap_or(NEVER),
+            api_key: Some(key.id),
+        })
     }
 
     /// The key for `kid` if it still verifies at `now`: a retired key's end

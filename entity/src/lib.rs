@@ -5,12 +5,14 @@
 //! the server. All timestamps are Unix epoch milliseconds (`i64`), which both
 //! SQLite and PostgreSQL compare exactly.
 
+pub mod api_key;
 pub mod object;
 pub mod signing_key;
 pub mod tenant;
 pub mod user;
 
 pub mod prelude {
+    pub use super::api_key::Entity as ApiKey;
     pub use super::object::Entity as Object;
     pub use super::signing_key::Entity as SigningKey;
     pub use super::tenant::Entity as Tenant;

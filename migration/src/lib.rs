@@ -10,6 +10,7 @@ mod m20261124_000004_create_signing_key;
 mod m20261125_000005_user_token_generation;
 mod m20261126_000006_revisions;
 mod m20261127_000007_tenant_rate_limit;
+mod m20261127_000008_api_key;
 
 pub struct Migrator;
 
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000005_user_token_generation::Migration),
             Box::new(m20261126_000006_revisions::Migration),
             Box::new(m20261127_000007_tenant_rate_limit::Migration),
+            Box::new(m20261127_000008_api_key::Migration),
         ]
     }
 }

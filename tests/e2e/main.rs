@@ -5,6 +5,7 @@
 mod support;
 
 mod admin;
+mod api_keys;
 mod auth;
 mod batch;
 mod changes;

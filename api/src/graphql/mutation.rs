@@ -2,9 +2,11 @@ use async_graphql::{Context, Object};
 
 use super::ContextExt;
 use super::types::{
-    AddUserInput, BatchPayload, CreateObjectInput, KvObject, LoginPayload, PutObjectInput,
-    PutObjectPayload, TenantUser, UpdateUserInput, Version, input_data,
+    AddUserInput, BatchPayload, CreateApiKeyInput, CreateObjectInput, CreatedApiKey, KvObject,
+    LoginPayload, PutObjectInput, PutObjectPayload, TenantUser, UpdateUserInput, Version,
+    input_data,
 };
+use crate::admin::keys::NewApiKey;
 use crate::admin::{MemberChange, NewPassword, Username};
 use crate::auth::ClientAddr;
 use crate::error::ApiError;
@@ -125,6 +127,44 @@ impl Mutation {
             .change_password(principal, &current_password, new, client)
             .await?;
         Ok(token.into())
+    }
+
+    /// Makes an API key for an app. Owners only. The answer's `token` works
+    /// as a bearer token on every door, with role `READER` (scope `READ`)
+    /// or `WRITER` (`READ_WRITE`), until it expires or is revoked; it is
+    /// shown only here. `ALREADY_EXISTS` for a name the tenant has;
+    /// `QUOTA_EXCEEDED` when it holds 100 keys.
+    async fn create_api_key(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateApiKeyInput,
+    ) -> async_graphql::Result<CreatedApiKey> {
+        let owner = ctx.principal()?.owner()?;
+        let new = NewApiKey::parse(
+            &input.name,
+            input.scope.into(),
+            input.prefix.as_deref(),
+            input.ttl,
+        )?;
+        let minted = ctx.state().admin().create_api_key(owner, new).await?;
+        Ok(CreatedApiKey {
+            token: minted.token,
+            key: minted.key.into(),
+        })
+    }
+
+    /// Revokes an API key of your tenant: it stops working at once on this
+    /// node, within `KVQL_AUTH_CACHE_TTL` on others. Owners only.
+    /// `NOT_FOUND` for another tenant's key, as for an id nobody has.
+    /// Always true.
+    async fn revoke_api_key(
+        &self,
+        ctx: &Context<'_>,
+        id: async_graphql::ID,
+    ) -> async_graphql::Result<bool> {
+        let owner = ctx.principal()?.owner()?;
+        ctx.state().admin().revoke_api_key(owner, &id).await?;
+        Ok(true)
     }
 
     /// Creates a value; `ALREADY_EXISTS` if the key holds a live one (an

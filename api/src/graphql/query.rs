@@ -2,7 +2,7 @@ use async_graphql::{Context, Object};
 
 use super::ContextExt;
 use super::types::{
-    DateTime, KvObject, KvObjectConnection, KvObjectEdge, Me, ObjectChangeConnection,
+    ApiKey, DateTime, KvObject, KvObjectConnection, KvObjectEdge, Me, ObjectChangeConnection,
     ObjectChangeEdge, ObjectEvent, PageInfo, TenantUser,
 };
 use crate::error::ApiError;
@@ -146,6 +146,13 @@ impl Query {
         let owner = ctx.principal()?.owner()?;
         let users = ctx.state().admin().list(owner).await?;
         Ok(users.into_iter().map(TenantUser::from).collect())
+    }
+
+    /// Your tenant's API keys, oldest first; never their tokens. Owners only.
+    async fn api_keys(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ApiKey>> {
+        let owner = ctx.principal()?.owner()?;
+        let keys = ctx.state().admin().api_keys(owner).await?;
+        Ok(keys.into_iter().map(ApiKey::from).collect())
     }
 
     /// Who the access token belongs to.

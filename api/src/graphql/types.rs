@@ -431,6 +431,90 @@ pub struct UpdateUserInput {
     pub password: Option<String>,
 }
 
+/// What an API key may do.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+pub enum ApiKeyScope {
+    /// Read values and follow changes (as a `READER`).
+    Read,
+    /// Also write them (as a `WRITER`).
+    ReadWrite,
+}
+
+impl From<ApiKeyScope> for crate::admin::keys::KeyScope {
+    fn from(s: ApiKeyScope) -> Self {
+        match s {
+            ApiKeyScope::Read => crate::admin::keys::KeyScope::Read,
+            ApiKeyScope::ReadWrite => crate::admin::keys::KeyScope::ReadWrite,
+        }
+    }
+}
+
+impl From<crate::admin::keys::KeyScope> for ApiKeyScope {
+    fn from(s: crate::admin::keys::KeyScope) -> Self {
+        match s {
+            crate::admin::keys::KeyScope::Read => ApiKeyScope::Read,
+            crate::admin::keys::KeyScope::ReadWrite => ApiKeyScope::ReadWrite,
+        }
+    }
+}
+
+/// An API key of your tenant (its token is shown only by `createApiKey`).
+#[derive(SimpleObject)]
+pub struct ApiKey {
+    /// What `revokeApiKey` takes.
+    pub id: ID,
+    pub name: String,
+    pub scope: ApiKeyScope,
+    /// Always null: keys restricted to a prefix are not supported yet.
+    pub prefix: Option<String>,
+    /// The owner who made it.
+    pub created_by: String,
+    pub created_at: DateTime,
+    /// When it stops working; null: never.
+    pub expires_at: Option<DateTime>,
+    /// When a request last used it, to within a minute; null: never.
+    pub last_used_at: Option<DateTime>,
+}
+
+impl From<crate::admin::keys::ApiKeyInfo> for ApiKey {
+    fn from(k: crate::admin::keys::ApiKeyInfo) -> Self {
+        ApiKey {
+            id: ID(k.id.to_string()),
+            name: k.name,
+            scope: k.scope.into(),
+            prefix: k.prefix,
+            created_by: k.created_by,
+            created_at: DateTime(k.created_at),
+            expires_at: k.expires_at.map(DateTime),
+            last_used_at: k.last_used_at.map(DateTime),
+        }
+    }
+}
+
+/// A key just made, with its token.
+#[derive(SimpleObject)]
+pub struct CreatedApiKey {
+    /// Send it as `Authorization: Bearer <token>` (or in `connection_init`).
+    /// Shown this once: store it now.
+    pub token: String,
+    pub key: ApiKey,
+}
+
+/// A key to make.
+#[derive(InputObject)]
+pub struct CreateApiKeyInput {
+    /// 1 to 100 characters, unique within your tenant (`ALREADY_EXISTS`).
+    pub name: String,
+    pub scope: ApiKeyScope,
+    /// Keys restricted to a key prefix are not supported yet: null or `""`
+    /// (every key of the tenant); any other prefix is refused
+    /// (`INVALID_INPUT`) rather than ignored.
+    pub prefix: Option<String>,
+    /// Seconds until the key stops working (1 to ten years); null for a key
+    /// that does not expire.
+    pub ttl: Option<i64>,
+}
+
 /// The caller, as named by the access token.
 #[derive(SimpleObject)]
 #[graphql(complex)]

@@ -4,6 +4,7 @@
 mod allow;
 mod body;
 mod changes;
+mod keys;
 mod params;
 mod users;
 
@@ -46,11 +47,14 @@ enum Tag {
     Changes,
     /// Administering your tenant's users (owners), and your own password.
     Users,
+    /// API keys for apps (owners).
+    Keys,
     /// Liveness and readiness probes.
     Health,
 }
 
-/// A bearer token from `POST /login`: `Authorization: Bearer <access_token>`.
+/// A bearer token from `POST /login`, or an API key from `POST /api/keys`:
+/// `Authorization: Bearer <token>`.
 #[derive(SecurityScheme)]
 #[oai(ty = "bearer", bearer_format = "JWT", checker = "check_bearer")]
 pub struct BearerAuth(Arc<Principal>);
@@ -535,7 +539,7 @@ enum ReadyResponse {
 pub struct RestApi;
 
 /// Every REST route: the values, and tenant administration.
-pub type Apis = (RestApi, users::UsersApi);
+pub type Apis = (RestApi, users::UsersApi, keys::KeysApi);
 
 /// Declares, per route, the error statuses it can answer with.
 macro_rules! error_statuses {
@@ -1075,7 +1079,7 @@ impl RestApi {
 /// The OpenAPI service for these routes.
 pub fn service() -> poem_openapi::OpenApiService<Apis, ()> {
     poem_openapi::OpenApiService::new(
-        (RestApi, users::UsersApi),
+        (RestApi, users::UsersApi, keys::KeysApi),
         "kvql",
         env!("CARGO_PKG_VERSION"),
     )

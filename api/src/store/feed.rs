@@ -172,6 +172,8 @@ impl Feed {
     }
 }
 
+const CENTURY_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
+
 /// A feed held open for one caller: it ends when the caller's access token
 /// expires and, given the token, as soon as the token is refused (the user
 /// removed, the token revoked), checked (cached) before each change.
@@ -185,7 +187,10 @@ pub struct CallerFeed {
 impl Feed {
     /// This feed for `principal`, rechecking `token` with `auth` if given.
     pub fn for_caller(self, principal: &Principal, recheck: Option<(Auth, String)>) -> CallerFeed {
-        let left_ms = (principal.expires_at - self.store.clock().now_ms()).max(0) as u64;
+        // An API key without expiry ends at `auth::NEVER`; a century is
+        // forever enough, and keeps the `Instant` from overflowing.
+        let left_ms =
+            (principal.expires_at - self.store.clock().now_ms()).clamp(0, CENTURY_MS) as u64;
         CallerFeed {
             deadline: Instant::now() + Duration::from_millis(left_ms),
             feed: self,

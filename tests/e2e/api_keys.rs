@@ -1,0 +1,459 @@
+//! API keys: owners mint, list and revoke long-lived bearer tokens for
+//! apps; a key reads (and with `read_write` writes) its tenant's values on
+//! every door, and administers nothing.
+
+use std::time::Duration;
+
+use api::auth::Role;
+use serde_json::{Value, json};
+
+use crate::support::{PASSWORD, TestApp, User, WsClient};
+
+/// Makes a key as `owner`; asserts the 201.
+async fn mint(app: &TestApp, owner: &User, body: Value) -> Value {
+    let r = app.post("/api/keys", Some(&owner.token), &body).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    r.body
+}
+
+/// A key of `owner`'s tenant as a `User`, to send requests with.
+async fn key_user(app: &TestApp, owner: &User, name: &str, scope: &str) -> (String, User) {
+    let made = mint(app, owner, json!({"name": name, "scope": scope})).await;
+    let id = made["id"].as_str().expect("id").to_owned();
+    let token = made["token"].as_str().expect("token").to_owned();
+    (
+        id,
+        User {
+            username: format!("apikey:{name}"),
+            token,
+        },
+    )
+}
+
+/// The names of `owner`'s tenant's keys, as listed.
+async fn key_names(app: &TestApp, owner: &User) -> Vec<String> {
+    let r = app.get("/api/keys", Some(&owner.token)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| k["name"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_owner_makes_lists_uses_and_revokes_an_api_key() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let made = mint(
+        &app,
+        &owner,
+        json!({"name": "deploy bot", "scope": "read_write", "ttl": 3600}),
+    )
+    .await;
+    let token = made["token"].as_str().expect("token");
+    assert!(token.starts_with(&format!("kvql_{}_", made["id"].as_str().unwrap())));
+    assert_eq!(made["name"], "deploy bot");
+    assert_eq!(made["scope"], "read_write");
+    assert_eq!(made["prefix"], Value::Null);
+    assert_eq!(made["created_by"], owner.username.as_str());
+    assert!(
+        made["expires_at"]
+            .as_str()
+            .is_some_and(|s| s.ends_with('Z'))
+    );
+
+    let listed = app.get("/api/keys", Some(&owner.token)).await;
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    let keys = listed.body["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["id"], made["id"]);
+    assert_eq!(keys[0]["last_used_at"], Value::Null);
+    assert!(
+        !listed.text.contains(token),
+        "a listing never shows a token"
+    );
+
+    let bot = User {
+        username: "apikey:deploy bot".into(),
+        token: token.to_owned(),
+    };
+    assert_eq!(app.create(&bot, "k", json!(1), None).await.status, 201);
+    assert_eq!(app.read(&owner, "k").await.body["data"], 1);
+    let me = app
+        .gql(
+            Some(token),
+            "{ me { username tenant role canWrite } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        me.gql_data()["me"],
+        json!({"username": "apikey:deploy bot", "tenant": "acme", "role": "WRITER", "canWrite": true})
+    );
+    // Its use is noted (by a task of its own, so the listing may lag).
+    let mut noted = Value::Null;
+    for _ in 0..500 {
+        noted =
+            app.get("/api/keys", Some(&owner.token)).await.body["keys"][0]["last_used_at"].clone();
+        if !noted.is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(noted.as_str().is_some_and(|s| s.ends_with('Z')), "{noted}");
+
+    let id = made["id"].as_str().unwrap();
+    let revoked = app
+        .delete(&format!("/api/keys/{id}"), Some(&owner.token))
+        .await;
+    assert_eq!(revoked.status, 204, "{}", revoked.text);
+    // On the node that revoked it, at once.
+    app.read(&bot, "k")
+        .await
+        .assert_error(401, "UNAUTHENTICATED");
+    assert!(key_names(&app, &owner).await.is_empty());
+    app.delete(&format!("/api/keys/{id}"), Some(&owner.token))
+        .await
+        .assert_error(404, "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn a_read_key_reads_and_is_refused_every_write_with_nothing_written() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    app.create(&owner, "k", json!("v"), None).await;
+    let (_, reader) = key_user(&app, &owner, "dashboard", "read").await;
+    assert_eq!(app.read(&reader, "k").await.body["data"], "v");
+    let before = app.snapshot().await;
+    app.create(&reader, "new", json!(1), None)
+        .await
+        .assert_error(403, "FORBIDDEN");
+    app.put("/api/object/k", Some(&reader.token), &json!({"data": 2}))
+        .await
+        .assert_error(403, "FORBIDDEN");
+    app.delete("/api/object/k", Some(&reader.token))
+        .await
+        .assert_error(403, "FORBIDDEN");
+    let gql = app
+        .gql(
+            Some(&reader.token),
+            "mutation { putObject(input: {key: \"k\", data: 3}) { created } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(gql.gql_error_code(), "FORBIDDEN");
+    assert_eq!(app.snapshot().await, before);
+}
+
+#[tokio::test]
+async fn a_key_administers_nothing_and_has_no_password() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let (_, key) = key_user(&app, &owner, "app", "read_write").await;
+    let t = Some(key.token.as_str());
+    app.get("/api/users", t)
+        .await
+        .assert_error(403, "FORBIDDEN");
+    app.post(
+        "/api/users",
+        t,
+        &json!({"username": "mallory", "password": PASSWORD, "role": "owner"}),
+    )
+    .await
+    .assert_error(403, "FORBIDDEN");
+    app.get("/api/keys", t).await.assert_error(403, "FORBIDDEN");
+    app.post(
+        "/api/keys",
+        t,
+        &json!({"name": "more", "scope": "read_write"}),
+    )
+    .await
+    .assert_error(403, "FORBIDDEN");
+    app.post(
+        "/api/me/password",
+        t,
+        &json!({"current_password": PASSWORD, "new_password": "a brand new password"}),
+    )
+    .await
+    .assert_error(403, "FORBIDDEN");
+    assert_eq!(key_names(&app, &owner).await, ["app"]);
+    let users = api::users::list_users(app.node.state.db(), Some("acme"))
+        .await
+        .unwrap();
+    assert_eq!(users.len(), 1, "no user was added");
+    app.login(&owner.username, PASSWORD).await;
+}
+
+#[tokio::test]
+async fn writers_and_readers_cannot_make_list_or_revoke_keys() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let (id, _) = key_user(&app, &owner, "app", "read").await;
+    for role in [Role::Writer, Role::Reader] {
+        let u = app.user("acme", role).await;
+        let t = Some(u.token.as_str());
+        app.get("/api/keys", t).await.assert_error(403, "FORBIDDEN");
+        app.post("/api/keys", t, &json!({"name": "mine", "scope": "read"}))
+            .await
+            .assert_error(403, "FORBIDDEN");
+        app.delete(&format!("/api/keys/{id}"), t)
+            .await
+            .assert_error(403, "FORBIDDEN");
+        let gql = app
+            .gql(
+                t,
+                "mutation { createApiKey(input: {name: \"mine\", scope: READ}) { token } }",
+                json!({}),
+            )
+            .await;
+        assert_eq!(gql.gql_error_code(), "FORBIDDEN");
+    }
+    assert_eq!(key_names(&app, &owner).await, ["app"]);
+}
+
+#[tokio::test]
+async fn another_tenants_key_looks_missing_and_a_key_sees_only_its_tenant() {
+    let app = TestApp::spawn().await;
+    let acme = app.user("acme", Role::Owner).await;
+    let globex = app.user("globex", Role::Owner).await;
+    app.create(&globex, "secret", json!("globex only"), None)
+        .await;
+    let (id, key) = key_user(&app, &acme, "app", "read_write").await;
+    for path in [
+        format!("/api/keys/{id}"),
+        "/api/keys/nope".into(),
+        "/api/keys/99999".into(),
+    ] {
+        app.delete(&path, Some(&globex.token))
+            .await
+            .assert_error(404, "NOT_FOUND");
+    }
+    assert!(key_names(&app, &globex).await.is_empty());
+    assert_eq!(key_names(&app, &acme).await, ["app"]);
+    // acme's key still works, and only on acme's data.
+    app.read(&key, "secret")
+        .await
+        .assert_error(404, "NOT_FOUND");
+    assert_eq!(
+        app.create(&key, "secret", json!("acme's"), None)
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        app.read(&globex, "secret").await.body["data"],
+        "globex only"
+    );
+}
+
+#[tokio::test]
+async fn bad_key_requests_are_400_and_make_nothing() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    for body in [
+        json!({"scope": "read"}),
+        json!({"name": "", "scope": "read"}),
+        json!({"name": "   ", "scope": "read"}),
+        json!({"name": "tab\there", "scope": "read"}),
+        json!({"name": "n".repeat(101), "scope": "read"}),
+        json!({"name": "k", "scope": "admin"}),
+        json!({"name": "k"}),
+        json!({"name": "k", "scope": "read", "prefix": "app/"}),
+        json!({"name": "k", "scope": "read", "ttl": 0}),
+        json!({"name": "k", "scope": "read", "ttl": 316_224_001}),
+        json!({"name": "k", "scope": "read", "ttl": "soon"}),
+        json!(["k"]),
+    ] {
+        app.post("/api/keys", Some(&owner.token), &body)
+            .await
+            .assert_error(400, "INVALID_INPUT");
+    }
+    let gql = app
+        .gql(
+            Some(&owner.token),
+            "mutation { createApiKey(input: {name: \"k\", scope: READ, prefix: \"app/\"}) { token } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(gql.gql_error_code(), "INVALID_INPUT");
+    assert!(key_names(&app, &owner).await.is_empty());
+    // An empty prefix is every key: the same as none.
+    let made = mint(
+        &app,
+        &owner,
+        json!({"name": "k", "scope": "read", "prefix": ""}),
+    )
+    .await;
+    assert_eq!(made["prefix"], Value::Null);
+}
+
+#[tokio::test]
+async fn a_name_taken_in_the_tenant_is_409_and_one_key_too_many_is_quota_exceeded() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    mint(&app, &owner, json!({"name": "app", "scope": "read"})).await;
+    app.post(
+        "/api/keys",
+        Some(&owner.token),
+        &json!({"name": "app", "scope": "read_write"}),
+    )
+    .await
+    .assert_error(409, "ALREADY_EXISTS");
+    // Another tenant may use the name.
+    let other = app.user("globex", Role::Owner).await;
+    mint(&app, &other, json!({"name": "app", "scope": "read"})).await;
+
+    for n in 1..api::admin::keys::MAX_API_KEYS_PER_TENANT {
+        mint(
+            &app,
+            &owner,
+            json!({"name": format!("app {n}"), "scope": "read"}),
+        )
+        .await;
+    }
+    app.post(
+        "/api/keys",
+        Some(&owner.token),
+        &json!({"name": "one too many", "scope": "read"}),
+    )
+    .await
+    .assert_error(403, "QUOTA_EXCEEDED");
+    let names = key_names(&app, &owner).await;
+    assert_eq!(
+        names.len() as u64,
+        api::admin::keys::MAX_API_KEYS_PER_TENANT
+    );
+    assert!(!names.iter().any(|n| n == "one too many"));
+}
+
+#[tokio::test]
+async fn an_expired_key_is_refused_and_a_forged_secret_never_works() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let made = mint(
+        &app,
+        &owner,
+        json!({"name": "short", "scope": "read", "ttl": 60}),
+    )
+    .await;
+    let token = made["token"].as_str().unwrap();
+    assert_eq!(app.get("/api/objects", Some(token)).await.status, 200);
+
+    // The right id with another secret, a secret cut short, and the prefix alone.
+    let (head, secret) = token.rsplit_once('_').unwrap();
+    let flipped: String = secret
+        .chars()
+        .map(|c| if c == 'A' { 'B' } else { 'A' })
+        .collect();
+    for forged in [
+        format!("{head}_{flipped}"),
+        format!("{head}_{}", &secret[1..]),
+        "kvql_".to_owned(),
+    ] {
+        app.get("/api/objects", Some(&forged))
+            .await
+            .assert_error(401, "UNAUTHENTICATED");
+    }
+
+    app.clock.advance(Duration::from_secs(61));
+    app.get("/api/objects", Some(token))
+        .await
+        .assert_error(401, "UNAUTHENTICATED");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(kvql_test_postgres),
+    ignore = "several nodes need PostgreSQL: set KVQL_TEST_DATABASE_URL"
+)]
+async fn a_key_revoked_on_one_node_stops_on_another_within_the_auth_cache_ttl() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let (id, key) = key_user(&app, &owner, "app", "read").await;
+    let second = app.second_node().await;
+    let on_second = |token: &str| {
+        app.client
+            .get(format!("{}/api/objects", second.base))
+            .bearer_auth(token.to_owned())
+    };
+    assert_eq!(app.send(on_second(&key.token)).await.status, 200);
+    let revoked = app
+        .delete(&format!("/api/keys/{id}"), Some(&owner.token))
+        .await;
+    assert_eq!(revoked.status, 204, "{}", revoked.text);
+    app.get("/api/objects", Some(&key.token))
+        .await
+        .assert_error(401, "UNAUTHENTICATED");
+    app.clock.advance(app.config.auth_cache_ttl);
+    app.send(on_second(&key.token))
+        .await
+        .assert_error(401, "UNAUTHENTICATED");
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn graphql_makes_lists_and_revokes_keys_and_a_key_subscribes_over_a_websocket() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let t = Some(owner.token.as_str());
+    let made = app
+        .gql(
+            t,
+            "mutation { createApiKey(input: {name: \"feed\", scope: READ, ttl: 3600}) \
+             { token key { id name scope prefix createdBy expiresAt lastUsedAt } } }",
+            json!({}),
+        )
+        .await;
+    let created = made.gql_data()["createApiKey"].clone();
+    assert_eq!(created["key"]["name"], "feed");
+    assert_eq!(created["key"]["scope"], "READ");
+    assert_eq!(created["key"]["prefix"], Value::Null);
+    assert_eq!(created["key"]["createdBy"], owner.username.as_str());
+    let listed = app.gql(t, "{ apiKeys { id name } }", json!({})).await;
+    assert_eq!(
+        listed.gql_data()["apiKeys"],
+        json!([{"id": created["key"]["id"], "name": "feed"}])
+    );
+
+    app.create(&owner, "news/1", json!("hello"), None).await;
+    let key = User {
+        username: "apikey:feed".into(),
+        token: created["token"].as_str().unwrap().to_owned(),
+    };
+    let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", key.ws_auth()).await;
+    ws.subscribe(
+        "1",
+        "subscription { objectEvents(prefix: \"news/\", afterRevision: \"0\") { kind key } }",
+        json!({}),
+    )
+    .await;
+    let event = ws.next().await;
+    assert_eq!(
+        event["payload"]["data"]["objectEvents"],
+        json!({"kind": "PUT", "key": "news/1"}),
+        "{event}"
+    );
+
+    let revoked = app
+        .gql(
+            t,
+            "mutation($id: ID!) { revokeApiKey(id: $id) }",
+            json!({"id": created["key"]["id"]}),
+        )
+        .await;
+    assert_eq!(revoked.gql_data()["revokeApiKey"], true);
+    let again = app
+        .gql(
+            t,
+            "mutation($id: ID!) { revokeApiKey(id: $id) }",
+            json!({"id": created["key"]["id"]}),
+        )
+        .await;
+    assert_eq!(again.gql_error_code(), "NOT_FOUND");
+    let refused = app
+        .gql(Some(&key.token), "{ me { username } }", json!({}))
+        .await;
+    assert_eq!(refused.gql_error_code(), "UNAUTHENTICATED");
+}
