@@ -88,6 +88,9 @@ impl std::fmt::Display for Role {
     }
 }
 
+/// How often a node notes an API key's use, at most (ms).
+const KEY_USE_EVERY_MS: i64 = 60_000;
+
 /// The expiry of a credential that does not expire (an API key made without
 /// a `ttl`): 9999-12-31T23:59:59.999Z.
 pub const NEVER: i64 = 253_402_300_799_999;
@@ -408,6 +411,9 @@ struct AuthInner {
     /// a hash lookup instead of a signature check and a database query.
     verified: RwLock<HashMap<Box<str>, Verified, foldhash::fast::RandomState>>,
     cache_ttl_ms: i64,
+    /// When this node last noted each API key's use (`last_used_at`), so
+    /// that it writes one at most once a minute, whatever the cache does.
+    key_uses: std::sync::Mutex<HashMap<i64, i64>>,
     validation: Validation,
     issuer: String,
     audience: String,
@@ -483,6 +489,7 @@ impl Auth {
                 max_hashing_queue: config.login_max_queued as usize,
                 hashing: Hashing::per_cpu(),
                 verified: RwLock::new(HashMap::default()),
+                key_uses: std::sync::Mutex::new(HashMap::new()),
                 cache_ttl_ms: config.auth_cache_ttl.as_millis() as i64,
                 validation,
                 issuer: config.token_issuer.clone(),
@@ -785,12 +792,21 @@ impl Auth {
             return Err(bad_token());
         }
         let scope = crate::admin::keys::KeyScope::from_column(&key.scope)?;
-        if key.last_used_at.is_none_or(|at| at <= now - 60_000) {
+        if key
+            .last_used_at
+            .is_none_or(|at| at <= now - KEY_USE_EVERY_MS)
+            && self.note_key_use(id, now)
+        {
             let db = self.inner.db.write.clone();
             tokio::spawn(async move {
                 let noted = api_key::Entity::update_many()
                     .col_expr(api_key::Column::LastUsedAt, Expr::value(now))
                     .filter(api_key::Column::Id.eq(id))
+                    .filter(
+                        Condition::any()
+                            .add(api_key::Column::LastUsedAt.is_null())
+                            .add(api_key::Column::LastUsedAt.lte(now - KEY_USE_EVERY_MS)),
+                    )
                     .exec(&db)
                     .await;
                 if let Err(e) = noted {
@@ -808,6 +824,22 @@ impl Auth {
             expires_at: key.expires_at.unwrap_or(NEVER),
             api_key: Some(key.id),
         })
+    }
+
+    /// Whether this node should note a use of key `id` at `now`: not if it
+    /// did less than a minute ago (the map holds keys that verified, at most
+    /// a tenant's 100 each).
+    fn note_key_use(&self, id: i64, now: i64) -> bool {
+        let Ok(mut uses) = self.inner.key_uses.lock() else {
+            return false;
+        };
+        match uses.get(&id) {
+            Some(&at) if at > now - KEY_USE_EVERY_MS => false,
+            _ => {
+                uses.insert(id, now);
+                true
+            }
+        }
     }
 
     /// The key for `kid` if it still verifies at `now`: a retired key's end

@@ -357,6 +357,13 @@ async fn an_expired_key_is_refused_and_a_forged_secret_never_works() {
             .assert_error(401, "UNAUTHENTICATED");
     }
 
+    // Another key's id with this key's secret.
+    let other = mint(&app, &owner, json!({"name": "other", "scope": "read"})).await;
+    let swapped = format!("kvql_{}_{secret}", other["id"].as_str().unwrap());
+    app.get("/api/objects", Some(&swapped))
+        .await
+        .assert_error(401, "UNAUTHENTICATED");
+
     app.clock.advance(Duration::from_secs(61));
     app.get("/api/objects", Some(token))
         .await
@@ -456,4 +463,67 @@ async fn graphql_makes_lists_and_revokes_keys_and_a_key_subscribes_over_a_websoc
         .gql(Some(&key.token), "{ me { username } }", json!({}))
         .await;
     assert_eq!(refused.gql_error_code(), "UNAUTHENTICATED");
+}
+
+#[tokio::test]
+async fn an_idle_feed_opened_with_a_key_that_never_expires_ends_when_the_key_is_revoked() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let (id, key) = key_user(&app, &owner, "watcher", "read").await;
+    let me = app
+        .gql(Some(&key.token), "{ me { tokenExpiresAt } }", json!({}))
+        .await;
+    assert_eq!(
+        me.gql_data()["me"]["tokenExpiresAt"],
+        "9999-12-31T23:59:59.999Z"
+    );
+    let mut resp = app
+        .client
+        .get(app.url("/api/watch"))
+        .bearer_auth(&key.token)
+        .send()
+        .await
+        .expect("watch");
+    assert_eq!(resp.status(), 200);
+    let revoked = app
+        .delete(&format!("/api/keys/{id}"), Some(&owner.token))
+        .await;
+    assert_eq!(revoked.status, 204, "{}", revoked.text);
+    // Nothing is written: the feed notices on its own (every 5 s).
+    let mut seen = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(chunk) = resp.chunk().await.expect("stream") {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("event: error") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ended, Ok(true), "{seen}");
+    assert!(seen.contains("UNAUTHENTICATED"), "{seen}");
+}
+
+#[tokio::test]
+async fn a_key_is_refused_every_administration_field_over_graphql() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let (_, key) = key_user(&app, &owner, "app", "read_write").await;
+    for query in [
+        "{ apiKeys { id } }",
+        "{ users { username } }",
+        "mutation { createApiKey(input: {name: \"more\", scope: READ_WRITE}) { token } }",
+        "mutation { revokeApiKey(id: \"1\") }",
+        "mutation { addUser(input: {username: \"mallory\", password: \"long enough pw\", role: OWNER}) { username } }",
+        "mutation { changePassword(currentPassword: \"x\", newPassword: \"long enough pw\") { accessToken } }",
+    ] {
+        let r = app.gql(Some(&key.token), query, json!({})).await;
+        assert_eq!(r.gql_error_code(), "FORBIDDEN", "{query}: {}", r.text);
+    }
+    assert_eq!(key_names(&app, &owner).await, ["app"]);
+    let users = api::users::list_users(app.node.state.db(), Some("acme"))
+        .await
+        .unwrap();
+    assert_eq!(users.len(), 1, "no user was added");
 }

@@ -176,6 +176,7 @@ pub struct MintedKey {
 pub(crate) fn split_token(token: &str) -> Option<(i64, &str)> {
     let (id, secret) = token.strip_prefix(TOKEN_PREFIX)?.split_once('_')?;
     let well_formed = (1..=18).contains(&id.len())
+        && !id.starts_with('0')
         && id.bytes().all(|b| b.is_ascii_digit())
         && secret.len() == SECRET_CHARS
         && secret
@@ -317,6 +318,8 @@ mod tests {
             "eyJhbGciOiJIUzI1NiJ9.e30.x".to_owned(),
             format!("kvql__{secret}"),
             format!("kvql_4x_{secret}"),
+            format!("kvql_042_{secret}"),
+            format!("kvql_0_{secret}"),
             format!("kvql_42_{}", "a".repeat(42)),
             format!("kvql_42_{}", "a".repeat(44)),
             format!("kvql_42_{}!", "a".repeat(42)),

@@ -49,14 +49,17 @@ struct ApiKeyView {
     name: String,
     scope: ScopeName,
     /// Always null: keys restricted to a prefix are not supported yet.
+    #[oai(nullable)]
     prefix: Option<String>,
     /// The owner who made it.
     created_by: String,
     /// RFC 3339, UTC.
     created_at: String,
     /// When it stops working (RFC 3339, UTC); null: never.
+    #[oai(nullable)]
     expires_at: Option<String>,
     /// When a request last used it, to within a minute; null: never.
+    #[oai(nullable)]
     last_used_at: Option<String>,
 }
 
@@ -84,9 +87,11 @@ struct CreatedApiKey {
     token: String,
     name: String,
     scope: ScopeName,
+    #[oai(nullable)]
     prefix: Option<String>,
     created_by: String,
     created_at: String,
+    #[oai(nullable)]
     expires_at: Option<String>,
 }
 

@@ -202,24 +202,55 @@ impl Feed {
 
 impl CallerFeed {
     /// The next change, or the error that ends the feed; `None` once it has.
+    /// With a token to recheck, an idle feed also rechecks it every
+    /// `IDLE_RECHECK`, so that a revoked credential that never expires (an
+    /// API key) does not hold a quiet feed open.
     pub async fn next(&mut self) -> Option<Result<Change, ApiError>> {
         if self.done {
             return None;
         }
-        let next = tokio::select! {
-            _ = tokio::time::sleep_until(self.deadline) => Err(ApiError::Unauthenticated(
-                "the access token expired; reconnect with a new token and resume after the \
-                 last revision received"
-                    .into(),
-            )),
-            next = self.feed.next() => next,
+        let CallerFeed {
+            feed,
+            deadline,
+            recheck,
+            ..
+        } = self;
+        // The error that ends the feed if the token is now refused.
+        let refused = |auth: &Auth, token: &str| {
+            let (auth, token) = (auth.clone(), token.to_owned());
+            async move {
+                match auth.authenticate(&token).await {
+                    Err(e @ ApiError::Unauthenticated(_)) => Some(e),
+                    _ => None,
+                }
+            }
+        };
+        let next_change = feed.next();
+        tokio::pin!(next_change);
+        let mut idle = tokio::time::interval_at(Instant::now() + IDLE_RECHECK, IDLE_RECHECK);
+        let next = loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(*deadline) => break Err(ApiError::Unauthenticated(
+                    "the access token expired; reconnect with a new token and resume after the \
+                     last revision received"
+                        .into(),
+                )),
+                next = &mut next_change => break next,
+                _ = idle.tick(), if recheck.is_some() => {
+                    if let Some((auth, token)) = recheck.as_ref()
+                        && let Some(e) = refused(auth, token).await
+                    {
+                        break Err(e);
+                    }
+                }
+            }
         };
         // Only a refused token ends the feed; a failed check (the database
         // away for a moment) delivers as before.
-        let next = match (next, &self.recheck) {
-            (Ok(change), Some((auth, token))) => match auth.authenticate(token).await {
-                Err(e @ ApiError::Unauthenticated(_)) => Err(e),
-                _ => Ok(change),
+        let next = match (next, recheck.as_ref()) {
+            (Ok(change), Some((auth, token))) => match refused(auth, token).await {
+                Some(e) => Err(e),
+                None => Ok(change),
             },
             (next, _) => next,
         };
@@ -227,3 +258,6 @@ impl CallerFeed {
         Some(next)
     }
 }
+
+/// How often an idle feed rechecks its caller's token.
+const IDLE_RECHECK: Duration = Duration::from_secs(5);
