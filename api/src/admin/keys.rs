@@ -278,7 +278,7 @@ impl Admin<'_> {
         api_key::Entity::find()
             .filter(api_key::Column::TenantId.eq(owner.tenant().get()))
             .order_by_asc(api_key::Column::Id)
-            .all(&self.db.write)
+            .all(&self.db.read)
             .await?
             .into_iter()
             .map(ApiKeyInfo::try_from)

@@ -176,7 +176,8 @@ const CENTURY_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
 
 /// A feed held open for one caller: it ends when the caller's access token
 /// expires and, given the token, as soon as the token is refused (the user
-/// removed, the token revoked), checked (cached) before each change.
+/// removed, the token revoked), checked (cached) before each change and every
+/// `IDLE_RECHECK` while none comes.
 pub struct CallerFeed {
     feed: Feed,
     deadline: Instant,
@@ -215,16 +216,6 @@ impl CallerFeed {
             recheck,
             ..
         } = self;
-        // The error that ends the feed if the token is now refused.
-        let refused = |auth: &Auth, token: &str| {
-            let (auth, token) = (auth.clone(), token.to_owned());
-            async move {
-                match auth.authenticate(&token).await {
-                    Err(e @ ApiError::Unauthenticated(_)) => Some(e),
-                    _ => None,
-                }
-            }
-        };
         let next_change = feed.next();
         tokio::pin!(next_change);
         let mut idle = tokio::time::interval_at(Instant::now() + IDLE_RECHECK, IDLE_RECHECK);
@@ -237,25 +228,32 @@ impl CallerFeed {
                 )),
                 next = &mut next_change => break next,
                 _ = idle.tick(), if recheck.is_some() => {
-                    if let Some((auth, token)) = recheck.as_ref()
-                        && let Some(e) = refused(auth, token).await
-                    {
+                    if let Some(e) = refused(recheck.as_ref()).await {
                         break Err(e);
                     }
                 }
             }
         };
-        // Only a refused token ends the feed; a failed check (the database
-        // away for a moment) delivers as before.
-        let next = match (next, recheck.as_ref()) {
-            (Ok(change), Some((auth, token))) => match refused(auth, token).await {
+        let next = match next {
+            Ok(change) => match refused(recheck.as_ref()).await {
                 Some(e) => Err(e),
                 None => Ok(change),
             },
-            (next, _) => next,
+            failed => failed,
         };
         self.done = next.is_err();
         Some(next)
+    }
+}
+
+/// The error that ends a feed whose caller's token (`recheck`, if any) is now
+/// refused. Only a refusal does: a failed check (the database away for a
+/// moment) lets the feed go on.
+async fn refused(recheck: Option<&(Auth, String)>) -> Option<ApiError> {
+    let (auth, token) = recheck?;
+    match auth.authenticate(token).await {
+        Err(e @ ApiError::Unauthenticated(_)) => Some(e),
+        _ => None,
     }
 }
 
