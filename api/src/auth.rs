@@ -1,8 +1,9 @@
 //! Passwords, tokens and the [`Principal`].
 //!
-//! A [`TenantId`] can only be made here, from a verified token, and every store
-//! function takes one: code that has not authenticated cannot name a tenant.
-//! Writes take a [`Writer`], which only [`Principal::writer`] hands out.
+//! A [`TenantId`] can only be made here, from a verified token: code that has
+//! not authenticated cannot name a tenant. Store reads take a [`ReadScope`]
+//! ([`Principal::read_scope`]) and writes a [`Writer`] ([`Principal::writer`]),
+//! which also carry the key prefix an API key is restricted to.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,6 +29,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::error::ApiError;
 use crate::metrics::{Login, Metrics};
+use crate::store::{Prefix, Watch};
 use crate::throttle::{Limits, LoginThrottle, TrustedProxies};
 
 /// A tenant, as named by a verified token. Not constructible outside `auth`.
@@ -110,17 +112,90 @@ pub struct Principal {
     /// The API key the request came with, if it did not come with an access
     /// token (see `admin::keys`); `user_id` is then its id, negated.
     pub api_key: Option<i64>,
+    /// The key prefix that API key is restricted to; `None` for every key
+    /// of the tenant (users, unrestricted keys).
+    within: Option<Prefix>,
 }
 
-/// Proof that the caller may write to `tenant`.
+/// Proof that the caller may read its tenant's keys: all of them, or those
+/// under the prefix its API key is restricted to. Every store read takes
+/// one and answers keys outside it as if they did not exist.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadScope<'a> {
+    tenant: TenantId,
+    within: Option<&'a Prefix>,
+}
+
+impl<'a> ReadScope<'a> {
+    pub fn tenant(&self) -> TenantId {
+        self.tenant
+    }
+
+    /// Whether the caller may see `key`.
+    pub fn sees(&self, key: &str) -> bool {
+        sees(self.within, key)
+    }
+
+    /// The keys under `prefix` the caller may see, as one prefix (the
+    /// longer of the two when one starts with the other); `None` when it
+    /// may see none of them.
+    pub fn narrow(&self, prefix: &Prefix) -> Option<Prefix> {
+        let Some(within) = self.within else {
+            return Some(prefix.clone());
+        };
+        if prefix.as_str().starts_with(within.as_str()) {
+            Some(prefix.clone())
+        } else if within.as_str().starts_with(prefix.as_str()) {
+            Some(within.clone())
+        } else {
+            None
+        }
+    }
+
+    /// What of `watch` the caller may see: [`Watch::Nothing`] when none of it.
+    pub fn narrow_watch(&self, watch: Watch) -> Watch {
+        match watch {
+            Watch::Key(k) if self.sees(k.as_str()) => Watch::Key(k),
+            Watch::Prefix(p) => self.narrow(&p).map_or(Watch::Nothing, Watch::Prefix),
+            Watch::Key(_) | Watch::Nothing => Watch::Nothing,
+        }
+    }
+
+    /// For the store's own tests, which have no tokens.
+    #[cfg(test)]
+    pub(crate) fn for_store_tests(tenant: TenantId, within: Option<&'a Prefix>) -> Self {
+        ReadScope { tenant, within }
+    }
+}
+
+fn sees(within: Option<&Prefix>, key: &str) -> bool {
+    within.is_none_or(|p| key.starts_with(p.as_str()))
+}
+
+/// Proof that the caller may write to `tenant`: the keys under `within`, or
+/// all of them.
 #[derive(Clone, Copy, Debug)]
 pub struct Writer<'a> {
     tenant: &'a TenantId,
+    within: Option<&'a Prefix>,
 }
 
 impl Writer<'_> {
     pub fn tenant(&self) -> TenantId {
         *self.tenant
+    }
+
+    /// `FORBIDDEN` for a key outside the prefix the caller's API key is
+    /// restricted to. (A deletion there answers `NOT_FOUND` instead, as for
+    /// a key without a value: see `Store`.)
+    pub fn may_write(&self, key: &str) -> Result<(), ApiError> {
+        match self.within {
+            Some(p) if !sees(Some(p), key) => Err(ApiError::Forbidden(format!(
+                "this API key writes only keys that start with {:?}",
+                p.as_str()
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -129,11 +204,26 @@ impl Principal {
         self.tenant
     }
 
+    /// The read permission: every caller has one, scoped to its API key's
+    /// prefix if any.
+    pub fn read_scope(&self) -> ReadScope<'_> {
+        ReadScope {
+            tenant: self.tenant,
+            within: self.within.as_ref(),
+        }
+    }
+
+    /// The key prefix the caller's API key is restricted to, if any.
+    pub fn key_prefix(&self) -> Option<&Prefix> {
+        self.within.as_ref()
+    }
+
     /// The write permission, or `FORBIDDEN` for a reader. The one place roles are checked.
     pub fn writer(&self) -> Result<Writer<'_>, ApiError> {
         if self.role.can_write() {
             Ok(Writer {
                 tenant: &self.tenant,
+                within: self.within.as_ref(),
             })
         } else {
             Err(ApiError::Forbidden(format!(
@@ -769,6 +859,7 @@ impl Auth {
                     username: u.username,
                     expires_at: claims.exp * 1000,
                     api_key: None,
+                    within: None,
                 })
             }
             _ => Err(bad_token()),
@@ -823,6 +914,11 @@ impl Auth {
             role: scope.role(),
             expires_at: key.expires_at.unwrap_or(NEVER),
             api_key: Some(key.id),
+            within: key
+                .prefix
+                .filter(|p| !p.is_empty())
+                .map(|p| Prefix::parse(Some(p)))
+                .transpose()?,
         })
     }
 
@@ -1018,4 +1114,77 @@ async fn load_or_create_keys(db: &Db, clock: &Clock) -> anyhow::Result<SigningKe
     load_keys(db, clock)
         .await?
         .context("the signing key just stored is missing")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Key;
+
+    fn prefix(p: &str) -> Prefix {
+        Prefix::parse(Some(p.to_owned())).unwrap()
+    }
+
+    fn narrowed(within: Option<&str>, asked: &str) -> Option<String> {
+        let within = within.map(prefix);
+        let scope = ReadScope::for_store_tests(TenantId(1), within.as_ref());
+        scope.narrow(&prefix(asked)).map(|p| p.as_str().to_owned())
+    }
+
+    #[test]
+    fn a_scope_narrows_a_prefix_to_what_both_allow() {
+        assert_eq!(narrowed(None, "x/").as_deref(), Some("x/"));
+        assert_eq!(narrowed(Some("app/"), "").as_deref(), Some("app/"));
+        assert_eq!(narrowed(Some("app/"), "ap").as_deref(), Some("app/"));
+        assert_eq!(
+            narrowed(Some("app/"), "app/users/").as_deref(),
+            Some("app/users/")
+        );
+        assert_eq!(narrowed(Some("app/"), "apq"), None);
+        assert_eq!(narrowed(Some("app/"), "other/"), None);
+    }
+
+    #[test]
+    fn a_scope_sees_and_watches_only_keys_under_its_prefix() {
+        let app = prefix("app/");
+        let scope = ReadScope::for_store_tests(TenantId(1), Some(&app));
+        assert!(scope.sees("app/a"));
+        assert!(scope.sees("app/"));
+        assert!(!scope.sees("app"));
+        assert!(!scope.sees("other/a"));
+        let key = |k: &str| Watch::Key(Key::parse(k.to_owned()).unwrap());
+        assert_eq!(scope.narrow_watch(key("app/a")), key("app/a"));
+        assert_eq!(scope.narrow_watch(key("apx")), Watch::Nothing);
+        assert_eq!(
+            scope.narrow_watch(Watch::Prefix(prefix(""))),
+            Watch::Prefix(prefix("app/"))
+        );
+        assert_eq!(
+            scope.narrow_watch(Watch::Prefix(prefix("z"))),
+            Watch::Nothing
+        );
+        let everything = ReadScope::for_store_tests(TenantId(1), None);
+        assert!(everything.sees("anything"));
+        assert_eq!(everything.narrow_watch(key("k")), key("k"));
+    }
+
+    #[test]
+    fn a_restricted_writer_may_write_only_under_its_prefix() {
+        let app = prefix("app/");
+        let tenant = TenantId(1);
+        let writer = Writer {
+            tenant: &tenant,
+            within: Some(&app),
+        };
+        assert!(writer.may_write("app/x").is_ok());
+        assert!(matches!(
+            writer.may_write("other"),
+            Err(ApiError::Forbidden(_))
+        ));
+        let anywhere = Writer {
+            tenant: &tenant,
+            within: None,
+        };
+        assert!(anywhere.may_write("other").is_ok());
+    }
 }

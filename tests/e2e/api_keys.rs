@@ -1,6 +1,6 @@
 //! API keys: owners mint, list and revoke long-lived bearer tokens for
 //! apps; a key reads (and with `read_write` writes) its tenant's values on
-//! every door, and administers nothing.
+//! every door, or only those under its prefix, and administers nothing.
 
 use std::time::Duration;
 
@@ -260,7 +260,9 @@ async fn bad_key_requests_are_400_and_make_nothing() {
         json!({"name": "n".repeat(101), "scope": "read"}),
         json!({"name": "k", "scope": "admin"}),
         json!({"name": "k"}),
-        json!({"name": "k", "scope": "read", "prefix": "app/"}),
+        json!({"name": "k", "scope": "read", "prefix": "a\u{1}b"}),
+        json!({"name": "k", "scope": "read", "prefix": "p".repeat(513)}),
+        json!({"name": "k", "scope": "read", "prefix": 7}),
         json!({"name": "k", "scope": "read", "ttl": 0}),
         json!({"name": "k", "scope": "read", "ttl": 316_224_001}),
         json!({"name": "k", "scope": "read", "ttl": "soon"}),
@@ -273,7 +275,7 @@ async fn bad_key_requests_are_400_and_make_nothing() {
     let gql = app
         .gql(
             Some(&owner.token),
-            "mutation { createApiKey(input: {name: \"k\", scope: READ, prefix: \"app/\"}) { token } }",
+            "mutation { createApiKey(input: {name: \"k\", scope: READ, prefix: \"a\\nb\"}) { token } }",
             json!({}),
         )
         .await;
@@ -526,4 +528,306 @@ async fn a_key_is_refused_every_administration_field_over_graphql() {
         .await
         .unwrap();
     assert_eq!(users.len(), 1, "no user was added");
+}
+
+/// A `read_write` key of `owner`'s tenant restricted to `prefix`.
+async fn prefix_key(app: &TestApp, owner: &User, name: &str, prefix: &str) -> User {
+    let made = mint(
+        app,
+        owner,
+        json!({"name": name, "scope": "read_write", "prefix": prefix}),
+    )
+    .await;
+    assert_eq!(made["prefix"], prefix);
+    User {
+        username: format!("apikey:{name}"),
+        token: made["token"].as_str().expect("token").to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn a_prefix_key_reads_lists_and_follows_only_keys_under_its_prefix_over_rest() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    for k in ["app", "app/a", "app/b", "apq", "other/x"] {
+        assert_eq!(app.create(&owner, k, json!(k), None).await.status, 201);
+    }
+    let key = prefix_key(&app, &owner, "app", "app/").await;
+    let listed = app.get("/api/keys", Some(&owner.token)).await;
+    assert_eq!(listed.body["keys"][0]["prefix"], "app/");
+
+    assert_eq!(app.read(&key, "app/a").await.body["data"], "app/a");
+    // Outside the prefix, a stored value answers as a missing one does.
+    let outside = app.read(&key, "other/x").await;
+    outside.assert_error(404, "NOT_FOUND");
+    assert_eq!(outside.body, app.read(&key, "app/none").await.body);
+    app.read(&key, "app").await.assert_error(404, "NOT_FOUND");
+
+    let keys_of = |r: &crate::support::Resp| -> Vec<String> {
+        r.body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|o| o["key"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for (asked, seen) in [
+        ("", vec!["app/a", "app/b"]),
+        ("ap", vec!["app/a", "app/b"]),
+        ("app/b", vec!["app/b"]),
+        ("apq", vec![]),
+        ("other/", vec![]),
+    ] {
+        let r = app
+            .get(&format!("/api/objects?prefix={asked}"), Some(&key.token))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(keys_of(&r), seen, "prefix {asked:?}");
+    }
+    // Pages of a narrowed listing still end.
+    let first = app.get("/api/objects?limit=1", Some(&key.token)).await;
+    assert_eq!(keys_of(&first), ["app/a"]);
+    let cursor = first.body["next_cursor"].as_str().expect("a next page");
+    let second = app
+        .get(
+            &format!("/api/objects?limit=1&cursor={cursor}"),
+            Some(&key.token),
+        )
+        .await;
+    assert_eq!(keys_of(&second), ["app/b"]);
+    assert_eq!(second.body["next_cursor"], Value::Null);
+
+    // The change log: every change of the tenant is logged, the key sees its own.
+    let changed = |r: &crate::support::Resp| -> Vec<String> {
+        r.body["changes"]
+            .as_array()
+            .expect("changes")
+            .iter()
+            .map(|c| c["key"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = app.get("/api/changes?after=0", Some(&key.token)).await;
+    assert_eq!(all.status, 200, "{}", all.text);
+    assert_eq!(changed(&all), ["app/a", "app/b"]);
+    let other = app
+        .get("/api/changes?after=0&key=other/x", Some(&key.token))
+        .await;
+    assert_eq!(changed(&other), Vec::<String>::new());
+    let history = app
+        .get("/api/object/other%2Fx/history", Some(&key.token))
+        .await;
+    assert_eq!(history.status, 200, "{}", history.text);
+    assert_eq!(history.body["changes"], json!([]));
+    let own = app
+        .get("/api/object/app%2Fa/history", Some(&key.token))
+        .await;
+    assert_eq!(own.body["changes"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn a_prefix_key_writes_only_under_its_prefix_and_nothing_changes_outside() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    app.create(&owner, "other/x", json!("keep"), None).await;
+    app.create(&owner, "app/old", json!("old"), None).await;
+    let key = prefix_key(&app, &owner, "app", "app/").await;
+    let before = app.snapshot().await;
+
+    app.create(&key, "other/new", json!(1), None)
+        .await
+        .assert_error(403, "FORBIDDEN");
+    app.put(
+        "/api/object/other%2Fx",
+        Some(&key.token),
+        &json!({"data": 2}),
+    )
+    .await
+    .assert_error(403, "FORBIDDEN");
+    app.put(
+        "/api/object/other%2Fnew",
+        Some(&key.token),
+        &json!({"data": 2}),
+    )
+    .await
+    .assert_error(403, "FORBIDDEN");
+    // Deleting outside answers as deleting a missing key does, stored or not.
+    app.delete("/api/object/other%2Fx", Some(&key.token))
+        .await
+        .assert_error(404, "NOT_FOUND");
+    app.delete("/api/object/other%2Fnone", Some(&key.token))
+        .await
+        .assert_error(404, "NOT_FOUND");
+    // Conditional writes outside are refused before their conditions are read.
+    let both = app
+        .send(
+            app.request(
+                reqwest::Method::PUT,
+                "/api/object/other%2Fx",
+                Some(&key.token),
+            )
+            .header("If-Match", "\"1\"")
+            .header("If-None-Match", "*")
+            .json(&json!({"data": 3})),
+        )
+        .await;
+    both.assert_error(403, "FORBIDDEN");
+    // An atomic batch with one item outside writes nothing.
+    let atomic = app
+        .post(
+            "/api/batch/object?atomic=true",
+            Some(&key.token),
+            &json!([{"key": "app/1", "data": 1}, {"key": "other/1", "data": 1}]),
+        )
+        .await;
+    atomic.assert_error(403, "FORBIDDEN");
+    assert_eq!(atomic.body["index"], 1);
+    let atomic_delete = app
+        .post(
+            "/api/batch/delete?atomic=true",
+            Some(&key.token),
+            &json!(["app/old", "other/x"]),
+        )
+        .await;
+    atomic_delete.assert_error(404, "NOT_FOUND");
+    assert_eq!(app.snapshot().await, before);
+
+    // Per item: the items inside are written, those outside fail alone.
+    let mixed = app
+        .put(
+            "/api/batch/object",
+            Some(&key.token),
+            &json!([{"key": "app/1", "data": 1}, {"key": "other/x", "data": 9}]),
+        )
+        .await;
+    assert_eq!(mixed.status, 200, "{}", mixed.text);
+    assert_eq!(mixed.body["succeeded"], 1);
+    assert_eq!(mixed.body["results"][1]["status"], 403);
+    assert_eq!(mixed.body["results"][1]["code"], "FORBIDDEN");
+    let deleted = app
+        .post(
+            "/api/batch/delete",
+            Some(&key.token),
+            &json!(["app/old", "other/x"]),
+        )
+        .await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text);
+    assert_eq!(deleted.body["results"][0]["status"], 200);
+    assert_eq!(deleted.body["results"][1]["status"], 404);
+    assert_eq!(app.read(&owner, "other/x").await.body["data"], "keep");
+    assert_eq!(app.read(&owner, "app/1").await.body["data"], 1);
+    app.read(&owner, "app/old")
+        .await
+        .assert_error(404, "NOT_FOUND");
+    // Inside, everything a writer may do works.
+    assert_eq!(app.create(&key, "app/2", json!(2), None).await.status, 201);
+    let r = app
+        .put("/api/object/app%2F2", Some(&key.token), &json!({"data": 3}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = app.delete("/api/object/app%2F2", Some(&key.token)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
+#[tokio::test]
+async fn a_prefix_key_sees_only_its_prefix_over_graphql_and_its_subscriptions() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    app.create(&owner, "app/a", json!(1), None).await;
+    app.create(&owner, "other/x", json!(2), None).await;
+    let made = app
+        .gql(
+            Some(&owner.token),
+            "mutation { createApiKey(input: {name: \"g\", scope: READ_WRITE, prefix: \"app/\"}) \
+             { token key { prefix } } }",
+            json!({}),
+        )
+        .await;
+    let created = &made.gql_data()["createApiKey"];
+    assert_eq!(created["key"]["prefix"], "app/");
+    let token = created["token"].as_str().unwrap().to_owned();
+    let t = Some(token.as_str());
+
+    let read = app
+        .gql(
+            t,
+            "{ a: object(key: \"app/a\") { data } x: object(key: \"other/x\") { data } \
+             objects(keys: [\"other/x\", \"app/a\"]) { key } \
+             listObjects { edges { node { key } } } \
+             objectHistory(key: \"other/x\") { edges { cursor } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        read.gql_data(),
+        &json!({
+            "a": {"data": 1},
+            "x": null,
+            "objects": [null, {"key": "app/a"}],
+            "listObjects": {"edges": [{"node": {"key": "app/a"}}]},
+            "objectHistory": {"edges": []},
+        })
+    );
+
+    let before = app.snapshot().await;
+    for mutation in [
+        "mutation { createObject(input: {key: \"other/n\", data: 1}) { key } }",
+        "mutation { putObject(input: {key: \"other/x\", data: 1}) { created } }",
+        "mutation { batchPut(items: [{key: \"app/n\", data: 1}, {key: \"other/n\", data: 1}]) { succeeded } }",
+    ] {
+        let r = app.gql(t, mutation, json!({})).await;
+        assert_eq!(r.gql_error_code(), "FORBIDDEN", "{mutation}: {}", r.text);
+    }
+    let deleted = app
+        .gql(t, "mutation { deleteObject(key: \"other/x\") }", json!({}))
+        .await;
+    assert_eq!(deleted.gql_error_code(), "NOT_FOUND");
+    assert_eq!(app.snapshot().await, before);
+
+    // A subscription to every key gets the changes under the prefix only,
+    // from the log and live.
+    let key = User {
+        username: "apikey:g".into(),
+        token: token.clone(),
+    };
+    let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", key.ws_auth()).await;
+    ws.subscribe(
+        "1",
+        "subscription { objectEvents(afterRevision: \"0\") { kind key } }",
+        json!({}),
+    )
+    .await;
+    let first = ws.next().await;
+    assert_eq!(
+        first["payload"]["data"]["objectEvents"],
+        json!({"kind": "PUT", "key": "app/a"}),
+        "{first}"
+    );
+    app.create(&owner, "other/live", json!(3), None).await;
+    app.create(&owner, "app/live", json!(4), None).await;
+    let live = ws.next().await;
+    assert_eq!(
+        live["payload"]["data"]["objectEvents"],
+        json!({"kind": "PUT", "key": "app/live"}),
+        "{live}"
+    );
+    // One outside the prefix gets nothing, ever; it ends like any other.
+    ws.subscribe(
+        "2",
+        "subscription { objectEvents(key: \"other/x\", afterRevision: \"0\") { key } }",
+        json!({}),
+    )
+    .await;
+    app.put(
+        "/api/object/other%2Fx",
+        Some(&owner.token),
+        &json!({"data": 5}),
+    )
+    .await;
+    app.create(&owner, "app/last", json!(6), None).await;
+    let next = ws.next().await;
+    assert_eq!(next["id"], "1", "{next}");
+    assert_eq!(
+        next["payload"]["data"]["objectEvents"],
+        json!({"kind": "PUT", "key": "app/last"})
+    );
 }

@@ -14,8 +14,8 @@
 //!   elsewhere within `KVQL_AUTH_CACHE_TTL`.
 //! - Names are unique within a tenant; a tenant holds at most
 //!   `MAX_API_KEYS_PER_TENANT` keys (403 `QUOTA_EXCEEDED` beyond).
-//! - Keys restricted to a key prefix are not built yet: a request for one
-//!   is refused (400), never answered with a key that sees everything.
+//! - A key may be restricted to a key prefix: its requests see and write
+//!   only keys that start with it (`auth::ReadScope`, `auth::Writer`).
 
 use base64::Engine;
 use entity::api_key;
@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use super::Admin;
 use crate::auth::{Owner, Role};
 use crate::error::ApiError;
+use crate::store::Prefix;
 
 /// Most API keys a tenant may hold.
 pub const MAX_API_KEYS_PER_TENANT: u64 = 100;
@@ -76,12 +77,13 @@ impl KeyScope {
 }
 
 /// A valid request for a new key: a name of 1 to 100 characters without
-/// control characters and not blank, and an optional lifetime of 1 s to ten
-/// years.
+/// control characters and not blank, an optional key prefix (empty: none)
+/// and an optional lifetime of 1 s to ten years.
 #[derive(Clone, Debug)]
 pub struct NewApiKey {
     name: String,
     scope: KeyScope,
+    prefix: Option<Prefix>,
     ttl_seconds: Option<i64>,
 }
 
@@ -108,12 +110,7 @@ impl NewApiKey {
                 "a key's name has no control characters".into(),
             ));
         }
-        if prefix.is_some_and(|p| !p.is_empty()) {
-            return Err(invalid(
-                "prefix",
-                "keys restricted to a key prefix are not supported yet; leave prefix out for a key that reaches every key of the tenant".into(),
-            ));
-        }
+        let prefix = Prefix::parse(prefix.map(str::to_owned))?;
         if let Some(ttl) = ttl_seconds
             && !(1..=MAX_KEY_TTL_SECONDS).contains(&ttl)
         {
@@ -127,6 +124,7 @@ impl NewApiKey {
         Ok(NewApiKey {
             name: name.to_owned(),
             scope,
+            prefix: (!prefix.as_str().is_empty()).then_some(prefix),
             ttl_seconds,
         })
     }
@@ -255,7 +253,7 @@ impl Admin<'_> {
             tenant_id: Set(tenant),
             name: Set(new.name),
             scope: Set(new.scope.as_str().to_owned()),
-            prefix: Set(None),
+            prefix: Set(new.prefix.map(|p| p.as_str().to_owned())),
             secret_hash: Set(secret_hash(&secret)),
             created_by: Set(owner.username().to_owned()),
             created_at: Set(now),
@@ -342,24 +340,29 @@ mod tests {
     }
 
     #[test]
-    fn new_keys_need_a_name_a_sane_ttl_and_no_prefix_yet() {
+    fn new_keys_need_a_name_a_sane_ttl_and_a_valid_prefix() {
         let field = |r: Result<NewApiKey, ApiError>| match r {
             Err(ApiError::InvalidInput { field, .. }) => field,
             other => panic!("{other:?}"),
         };
         assert!(NewApiKey::parse("ci deploy", KeyScope::Read, None, Some(60)).is_ok());
         assert!(NewApiKey::parse("x", KeyScope::ReadWrite, None, None).is_ok());
-        assert!(NewApiKey::parse("x", KeyScope::ReadWrite, Some(""), None).is_ok());
+        let no_prefix = NewApiKey::parse("x", KeyScope::ReadWrite, Some(""), None).unwrap();
+        assert!(no_prefix.prefix.is_none());
+        let app = NewApiKey::parse("k", KeyScope::Read, Some("app/"), None).unwrap();
+        assert_eq!(app.prefix.as_ref().map(Prefix::as_str), Some("app/"));
         for bad in ["", "   ", "a\nb", &"n".repeat(101)] {
             assert_eq!(
                 field(NewApiKey::parse(bad, KeyScope::Read, None, None)).as_deref(),
                 Some("name")
             );
         }
-        assert_eq!(
-            field(NewApiKey::parse("k", KeyScope::Read, Some("app/"), None)).as_deref(),
-            Some("prefix")
-        );
+        for bad in ["a\u{0}b", "tab\there", &"p".repeat(513)] {
+            assert_eq!(
+                field(NewApiKey::parse("k", KeyScope::Read, Some(bad), None)).as_deref(),
+                Some("prefix")
+            );
+        }
         for ttl in [0, -1, MAX_KEY_TTL_SECONDS + 1] {
             assert_eq!(
                 field(NewApiKey::parse("k", KeyScope::Read, None, Some(ttl))).as_deref(),

@@ -21,7 +21,11 @@ impl Query {
     ) -> async_graphql::Result<Option<KvObject>> {
         let principal = ctx.principal()?;
         let key = Key::parse(key)?;
-        let found = ctx.state().store().get(principal.tenant(), &key).await?;
+        let found = ctx
+            .state()
+            .store()
+            .get(principal.read_scope(), &key)
+            .await?;
         Ok(found.map(KvObject))
     }
 
@@ -47,7 +51,7 @@ impl Query {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let found = store.get_many(principal.tenant(), &keys).await?;
+        let found = store.get_many(principal.read_scope(), &keys).await?;
         Ok(found.into_iter().map(|o| o.map(KvObject)).collect())
     }
 
@@ -68,7 +72,7 @@ impl Query {
         let page = ctx
             .state()
             .store()
-            .list(principal.tenant(), &prefix, limit, after.as_ref())
+            .list(principal.read_scope(), &prefix, limit, after.as_ref())
             .await?;
         let edges: Vec<KvObjectEdge> = page
             .objects
@@ -113,7 +117,7 @@ impl Query {
             .transpose()?;
         let store = ctx.state().store();
         let page = store
-            .history(principal.tenant(), &key, limit, before)
+            .history(principal.read_scope(), &key, limit, before)
             .await?;
         let now = store.clock().now_ms();
         let edges: Vec<ObjectChangeEdge> = page

@@ -465,7 +465,8 @@ pub struct ApiKey {
     pub id: ID,
     pub name: String,
     pub scope: ApiKeyScope,
-    /// Always null: keys restricted to a prefix are not supported yet.
+    /// The key prefix the key is restricted to; null for every key of the
+    /// tenant.
     pub prefix: Option<String>,
     /// The owner who made it.
     pub created_by: String,
@@ -506,9 +507,11 @@ pub struct CreateApiKeyInput {
     /// 1 to 100 characters, unique within your tenant (`ALREADY_EXISTS`).
     pub name: String,
     pub scope: ApiKeyScope,
-    /// Keys restricted to a key prefix are not supported yet: null or `""`
-    /// (every key of the tenant); any other prefix is refused
-    /// (`INVALID_INPUT`) rather than ignored.
+    /// Restricts the key to the keys that start with this prefix (at most
+    /// 512 bytes, no control characters): requests made with it see and
+    /// write nothing else. Reads, lists, batches and subscriptions answer
+    /// keys outside it as absent; deleting one answers `NOT_FOUND` and
+    /// writing one `FORBIDDEN`. Null or `""`: every key of the tenant.
     pub prefix: Option<String>,
     /// Seconds until the key stops working (1 to ten years); null for a key
     /// that does not expire.

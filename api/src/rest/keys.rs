@@ -48,7 +48,8 @@ struct ApiKeyView {
     id: String,
     name: String,
     scope: ScopeName,
-    /// Always null: keys restricted to a prefix are not supported yet.
+    /// The key prefix the key is restricted to; null for every key of the
+    /// tenant.
     #[oai(nullable)]
     prefix: Option<String>,
     /// The owner who made it.
@@ -130,10 +131,15 @@ struct CreateApiKeyRequest {
     ))]
     name: String,
     scope: ScopeName,
-    /// Keys restricted to a key prefix are not supported yet: omit it, or
-    /// send null or `""` (every key of the tenant); any other prefix is
-    /// refused (400) rather than ignored.
-    #[oai(nullable, validator(max_length = 0))]
+    /// Restricts the key to the keys that start with this prefix (at most
+    /// 512 bytes, no control characters): requests made with it see and
+    /// write nothing else. Reads, lists, batches and change feeds answer
+    /// keys outside it as absent; deleting one answers 404 and writing one
+    /// 403. Omit it, or send null or `""`, for every key of the tenant.
+    #[oai(
+        nullable,
+        validator(max_length = 512, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$")
+    )]
     prefix: Option<String>,
     /// Seconds until the key stops working (1 to 316224000, ten years);
     /// omit it or send null for a key that does not expire.

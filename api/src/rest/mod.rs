@@ -663,7 +663,7 @@ impl RestApi {
         let key = key.0.parse()?;
         let object = state
             .store()
-            .get(auth.0.tenant(), &key)
+            .get(auth.0.read_scope(), &key)
             .await?
             .ok_or_else(ApiError::not_found)?;
         let etag = object.etag();
@@ -714,7 +714,8 @@ impl RestApi {
             // nothing is written: answer with the first condition that fails,
             // in RFC 9110's order (If-Match first).
             (Some(expect), Some(_)) => {
-                let current = store.get(auth.0.tenant(), &item.key).await?;
+                writer.may_write(item.key.as_str())?;
+                let current = store.get(auth.0.read_scope(), &item.key).await?;
                 return Err(match (expect, current) {
                     (_, None) => ApiError::not_found(),
                     (Expect::Version(v), Some(o)) if o.version != v => ApiError::VersionMismatch(
@@ -784,7 +785,7 @@ impl RestApi {
         let cursor = cursor.0.map(|c| Cursor::parse(&c.0)).transpose()?;
         let page = state
             .store()
-            .list(auth.0.tenant(), &prefix, limit, cursor.as_ref())
+            .list(auth.0.read_scope(), &prefix, limit, cursor.as_ref())
             .await?;
         Ok(Json(ObjectPage {
             items: page.objects.into_iter().map(ObjectView::from).collect(),
@@ -831,7 +832,7 @@ impl RestApi {
             None => store.oldest_revision(tenant).await?,
         };
         let page = store
-            .wait_for_changes(&auth.0, &watch, after, limit, wait)
+            .wait_for_changes(&auth.0, watch, after, limit, wait)
             .await?;
         Ok(ChangesResponse::Ok(RawJson::new(
             changes::change_page_json(&page),
@@ -927,7 +928,7 @@ impl RestApi {
             .transpose()?;
         let page = state
             .store()
-            .history(auth.0.tenant(), &key, limit, before)
+            .history(auth.0.read_scope(), &key, limit, before)
             .await?;
         Ok(HistoryResponse::Ok(RawJson::new(
             changes::history_page_json(&page),

@@ -1,9 +1,12 @@
 //! The domain: the only code that reads or writes objects.
 //!
-//! Every function takes the tenant as a [`TenantId`] (reads) or a [`Writer`]
-//! (writes), which only verified authentication can produce. Inputs arrive
-//! parsed ([`Key`], [`Data`], [`Ttl`], ...). Both REST and GraphQL call these
-//! functions; no rule about objects lives anywhere else.
+//! Every function takes the caller as a [`ReadScope`] (reads) or a [`Writer`]
+//! (writes), which only verified authentication can produce. Both name the
+//! tenant and, for an API key restricted to a key prefix, that prefix: keys
+//! outside it read as absent, deleting one answers `NOT_FOUND` and writing
+//! one `FORBIDDEN`, here and nowhere else. Inputs arrive parsed ([`Key`],
+//! [`Data`], [`Ttl`], ...). Both REST and GraphQL call these functions; no
+//! rule about objects lives anywhere else.
 //!
 //! Time is the server clock in Unix milliseconds, so expiry is exact to the
 //! millisecond. Writes go through committer tasks (group commit, see
@@ -32,7 +35,7 @@ pub use types::{
 
 use sea_orm::{ConnectionTrait, DatabaseBackend};
 
-use crate::auth::{Principal, TenantId, Writer};
+use crate::auth::{Principal, ReadScope, TenantId, Writer};
 use crate::clock::Clock;
 use crate::db::Db;
 use crate::error::ApiError;
@@ -291,6 +294,21 @@ fn resumable(after: Revision, latest: i64, compacted: i64) -> Result<(), ApiErro
     Ok(())
 }
 
+/// `op` if `writer` may make it: outside the prefix its API key is
+/// restricted to, a deletion answers `NOT_FOUND` (as for a key without a
+/// value, which it reads as) and any other write `FORBIDDEN`.
+fn within(writer: Writer<'_>, op: Op) -> Result<Op, ApiError> {
+    let key = match &op {
+        Op::Create(item) | Op::Put(item, _) => &item.key,
+        Op::Delete(key, _) => key,
+    };
+    match writer.may_write(key.as_str()) {
+        Ok(()) => Ok(op),
+        Err(_) if matches!(op, Op::Delete(..)) => Err(ApiError::not_found()),
+        Err(e) => Err(e),
+    }
+}
+
 fn unexpected() -> ApiError {
     ApiError::internal(anyhow::anyhow!("a write returned an unexpected outcome"))
 }
@@ -409,8 +427,12 @@ impl Store {
     }
 
     /// The live value under `key`, if any.
-    pub async fn get(&self, tenant: TenantId, key: &Key) -> Result<Option<Object>, ApiError> {
+    pub async fn get(&self, scope: ReadScope<'_>, key: &Key) -> Result<Option<Object>, ApiError> {
         self.inner.metrics.store_op(StoreOp::Get);
+        if !scope.sees(key.as_str()) {
+            return Ok(None);
+        }
+        let tenant = scope.tenant();
         let now = self.inner.clock.now_ms();
         let cache = self.inner.cache.as_deref();
         let lookup = cache.map(|c| (c, c.lookup(tenant.get(), key.as_str(), now)));
@@ -433,17 +455,16 @@ impl Store {
     /// The live values under `keys`, in the same order, `None` where missing.
     pub async fn get_many(
         &self,
-        tenant: TenantId,
+        scope: ReadScope<'_>,
         keys: &[Key],
     ) -> Result<Vec<Option<Object>>, ApiError> {
         self.inner.metrics.store_op(StoreOp::GetMany);
         self.check_batch_len(keys.len())?;
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
+        let tenant = scope.tenant();
+        let seen: Vec<&Key> = keys.iter().filter(|k| scope.sees(k.as_str())).collect();
         let now = self.inner.clock.now_ms();
-        let mut found = std::collections::HashMap::with_capacity(keys.len());
-        for chunk in keys.chunks(sql::max_rows_per_statement(self.backend())) {
+        let mut found = std::collections::HashMap::with_capacity(seen.len());
+        for chunk in seen.chunks(sql::max_rows_per_statement(self.backend())) {
             let mut sql = Sql::select_live(self.backend(), tenant, now);
             let placeholders: Vec<String> = chunk.iter().map(|k| sql.next(k.as_str())).collect();
             sql.push(&format!(r#" AND "key" IN ({})"#, placeholders.join(", ")));
@@ -462,12 +483,19 @@ impl Store {
     /// after `cursor`, at most `limit` of them.
     pub async fn list(
         &self,
-        tenant: TenantId,
+        scope: ReadScope<'_>,
         prefix: &Prefix,
         limit: Limit,
         cursor: Option<&Cursor>,
     ) -> Result<Page, ApiError> {
         self.inner.metrics.store_op(StoreOp::List);
+        let Some(prefix) = scope.narrow(prefix) else {
+            return Ok(Page {
+                objects: Vec::new(),
+                next: None,
+            });
+        };
+        let tenant = scope.tenant();
         let now = self.inner.clock.now_ms();
         let mut sql = Sql::select_live(self.backend(), tenant, now);
         let lower = sql.next(prefix.as_str());
@@ -503,13 +531,15 @@ impl Store {
     /// `INVALID_INPUT` if `after` is past the tenant's latest revision.
     pub async fn changes(
         &self,
-        tenant: TenantId,
-        watch: &Watch,
+        scope: ReadScope<'_>,
+        watch: Watch,
         after: Revision,
         limit: Limit,
     ) -> Result<ChangePage, ApiError> {
         self.inner.metrics.store_op(StoreOp::Changes);
-        self.read_changes(tenant, watch, after, limit).await
+        let watch = scope.narrow_watch(watch);
+        self.read_changes(scope.tenant(), &watch, after, limit)
+            .await
     }
 
     /// [`Store::changes`] for the store's own polls (feeds, long-polls),
@@ -575,12 +605,13 @@ impl Store {
     pub async fn wait_for_changes(
         &self,
         principal: &Principal,
-        watch: &Watch,
+        watch: Watch,
         mut after: Revision,
         limit: Limit,
         wait: Wait,
     ) -> Result<ChangePage, ApiError> {
         self.inner.metrics.store_op(StoreOp::Changes);
+        let watch = &principal.read_scope().narrow_watch(watch);
         let tenant = principal.tenant();
         let deadline = tokio::time::Instant::now() + wait.duration();
         // Subscribed before the first read, so no change can slip between.
@@ -613,6 +644,7 @@ impl Store {
         after: Option<Revision>,
     ) -> Result<Feed, ApiError> {
         self.inner.metrics.store_op(StoreOp::Feed);
+        let watch = principal.read_scope().narrow_watch(watch);
         let place = self.claim_feed(principal)?;
         let tenant = principal.tenant();
         let (latest, compacted) = sql::revisions(&self.inner.db.read, tenant).await?;
@@ -663,12 +695,19 @@ impl Store {
     /// fewer than `limit` changes (even none) and still have a next page.
     pub async fn history(
         &self,
-        tenant: TenantId,
+        scope: ReadScope<'_>,
         key: &Key,
         limit: Limit,
         before: Option<Revision>,
     ) -> Result<HistoryPage, ApiError> {
         self.inner.metrics.store_op(StoreOp::History);
+        if !scope.sees(key.as_str()) {
+            return Ok(HistoryPage {
+                changes: Vec::new(),
+                next: None,
+            });
+        }
+        let tenant = scope.tenant();
         let db = &self.inner.db.read;
         let (latest, compacted) = sql::revisions(db, tenant).await?;
         let before = before.map_or(latest + 1, |b| b.get().min(latest + 1));
@@ -698,6 +737,7 @@ impl Store {
 
     /// Runs one operation; its outcome or error.
     async fn run_one(&self, writer: Writer<'_>, key: String, op: Op) -> Result<Outcome, ApiError> {
+        let op = within(writer, op)?;
         let job = Job {
             tenant: writer.tenant(),
             ops: vec![(key, Ok(op))],
@@ -723,7 +763,7 @@ impl Store {
             tenant: writer.tenant(),
             ops: items
                 .into_iter()
-                .map(|(key, parsed)| (key, parsed.map(&op)))
+                .map(|(key, parsed)| (key, parsed.map(&op).and_then(|op| within(writer, op))))
                 .collect(),
             atomic: atomicity == Atomicity::Atomic,
         };

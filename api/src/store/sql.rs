@@ -1116,6 +1116,9 @@ fn push_watch(sql: &mut Sql, watch: &Watch) {
             sql.push(&format!(r#" AND "key" = {k}"#));
         }
         Watch::Prefix(p) if p.as_str().is_empty() => {}
+        Watch::Nothing => {
+            sql.push(" AND 1 = 0");
+        }
         Watch::Prefix(p) => {
             let l = sql.arg(p.as_str());
             sql.push(&format!(r#" AND "key" >= {l}"#));

@@ -240,6 +240,9 @@ impl Revision {
 pub enum Watch {
     Key(Key),
     Prefix(Prefix),
+    /// No key: what a caller follows of keys outside the prefix its API
+    /// key is restricted to (see `auth::ReadScope::narrow_watch`).
+    Nothing,
 }
 
 impl Watch {
@@ -259,6 +262,7 @@ impl Watch {
         match self {
             Watch::Key(k) => k.as_str() == key,
             Watch::Prefix(p) => key.starts_with(p.as_str()),
+            Watch::Nothing => false,
         }
     }
 }
