@@ -500,6 +500,10 @@ struct AuthInner {
     /// Tokens verified recently, so that a request with a known token costs
     /// a hash lookup instead of a signature check and a database query.
     verified: RwLock<HashMap<Box<str>, Verified, foldhash::fast::RandomState>>,
+    /// Bumped (under `verified`'s lock) each time verifications are
+    /// forgotten: a verification that began before is not cached, since it
+    /// may have read the user or key before the change.
+    forgotten: std::sync::atomic::AtomicU64,
     cache_ttl_ms: i64,
     /// When this node last noted each API key's use (`last_used_at`), so
     /// that it writes one at most once a minute, whatever the cache does.
@@ -579,6 +583,7 @@ impl Auth {
                 max_hashing_queue: config.login_max_queued as usize,
                 hashing: Hashing::per_cpu(),
                 verified: RwLock::new(HashMap::default()),
+                forgotten: std::sync::atomic::AtomicU64::new(0),
                 key_uses: std::sync::Mutex::new(HashMap::new()),
                 cache_ttl_ms: config.auth_cache_ttl.as_millis() as i64,
                 validation,
@@ -755,16 +760,28 @@ impl Auth {
     /// change to the user (role, password, removal) applies here at once;
     /// other nodes see it within the auth cache TTL.
     pub(crate) fn forget_user(&self, user_id: i64) {
-        if let Ok(mut cache) = self.inner.verified.write() {
-            cache.retain(|_, v| v.principal.user_id != user_id);
-        }
+        self.forget(|p| p.user_id == user_id);
     }
 
     /// Drops the cached verifications of the API key `id` (revoked).
     pub(crate) fn forget_api_key(&self, id: i64) {
-        if let Ok(mut cache) = self.inner.verified.write() {
-            cache.retain(|_, v| v.principal.api_key != Some(id));
-        }
+        self.forget(|p| p.api_key == Some(id));
+    }
+
+    /// Drops the cached verifications of the principals `gone` picks, and
+    /// keeps verifications still in flight from being cached. A poisoned
+    /// lock empties the cache instead.
+    fn forget(&self, gone: impl Fn(&Principal) -> bool) {
+        let mut cache = match self.inner.verified.write() {
+            Ok(cache) => cache,
+            Err(poisoned) => {
+                let mut cache = poisoned.into_inner();
+                cache.clear();
+                cache
+            }
+        };
+        self.inner.forgotten.fetch_add(1, Ordering::AcqRel);
+        cache.retain(|_, v| !gone(&v.principal));
     }
 
     /// A token for the user `user_id`, as a login would issue it.
@@ -795,10 +812,16 @@ impl Auth {
         {
             return Ok(hit.principal.clone());
         }
+        let forgotten = self.inner.forgotten.load(Ordering::Acquire);
         let principal = Arc::new(self.verify(token).await?);
         if self.inner.cache_ttl_ms > 0 {
             let valid_until = principal.expires_at.min(now + self.inner.cache_ttl_ms);
             let mut cache = self.inner.verified.write().map_err(|_| poisoned())?;
+            if self.inner.forgotten.load(Ordering::Acquire) != forgotten {
+                // A user or key changed while this verification ran; the
+                // next request verifies again.
+                return Ok(principal);
+            }
             if cache.len() >= MAX_CACHED_TOKENS {
                 cache.retain(|_, v| now < v.valid_until);
                 if cache.len() >= MAX_CACHED_TOKENS {

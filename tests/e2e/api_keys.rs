@@ -831,3 +831,37 @@ async fn a_prefix_key_sees_only_its_prefix_over_graphql_and_its_subscriptions() 
         json!({"kind": "PUT", "key": "app/last"})
     );
 }
+
+#[tokio::test]
+async fn a_long_poll_waiting_when_its_key_is_revoked_answers_401_not_the_change() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let (id, key) = key_user(&app, &owner, "poller", "read").await;
+    let poll = {
+        let req = app
+            .request(
+                reqwest::Method::GET,
+                "/api/changes?after=0&wait=30",
+                Some(&key.token),
+            )
+            .send();
+        tokio::spawn(req)
+    };
+    let store = app.node.state.store().clone();
+    for _ in 0..1000 {
+        if store.open_feeds() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.open_feeds(), 1, "the long-poll is waiting");
+    let revoked = app
+        .delete(&format!("/api/keys/{id}"), Some(&owner.token))
+        .await;
+    assert_eq!(revoked.status, 204, "{}", revoked.text);
+    app.create(&owner, "news", json!("secret"), None).await;
+    let answer = poll.await.expect("task").expect("response");
+    assert_eq!(answer.status(), 401);
+    let body: Value = answer.json().await.expect("json");
+    assert_eq!(body["code"], "UNAUTHENTICATED");
+}

@@ -813,6 +813,7 @@ impl RestApi {
     #[allow(clippy::too_many_arguments)]
     async fn changes(
         &self,
+        req: &Request,
         state: Data<&AppState>,
         auth: BearerAuth,
         prefix: Query<Option<PrefixText>>,
@@ -834,6 +835,11 @@ impl RestApi {
         let page = store
             .wait_for_changes(&auth.0, watch, after, limit, wait)
             .await?;
+        // A removed user or a revoked key that waited gets nothing: the
+        // token is verified again (cached) before the answer.
+        if !wait.duration().is_zero() {
+            state.auth().authenticate(&bearer_token(req)).await?;
+        }
         Ok(ChangesResponse::Ok(RawJson::new(
             changes::change_page_json(&page),
         )))
@@ -876,15 +882,10 @@ impl RestApi {
         let principal = auth.0.clone();
         // The token, verified again (cached) before each change, so that a
         // removed user or a revoked token receives nothing more.
-        let token = req
-            .header(poem::http::header::AUTHORIZATION)
-            .and_then(|h| h.split_once(' '))
-            .map(|(_, t)| t.trim().to_owned())
-            .unwrap_or_default();
         let feed = store
             .feed(&principal, watch, after)
             .await?
-            .for_caller(&principal, Some((state.auth().clone(), token)));
+            .for_caller(&principal, Some((state.auth().clone(), bearer_token(req))));
         let stream = futures_util::stream::unfold(feed, |mut feed| async move {
             let item = match feed.next().await? {
                 Ok(change) => WatchItem::Change(change),
@@ -1094,6 +1095,15 @@ pub fn service() -> poem_openapi::OpenApiService<Apis, ()> {
 /// The OpenAPI document as checked in at `openapi.json`.
 pub fn openapi_json() -> String {
     service().spec()
+}
+
+/// The bearer token of a request that `BearerAuth` accepted, to verify again
+/// later (feeds, long-polls).
+fn bearer_token(req: &Request) -> String {
+    req.header(poem::http::header::AUTHORIZATION)
+        .and_then(|h| h.split_once(' '))
+        .map(|(_, t)| t.trim().to_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
