@@ -33,7 +33,7 @@ pub use types::{
     parse_version,
 };
 
-use sea_orm::{ConnectionTrait, DatabaseBackend};
+use sea_orm::DatabaseBackend;
 
 use crate::auth::{Principal, ReadScope, TenantId, Writer};
 use crate::clock::Clock;
@@ -43,7 +43,6 @@ use crate::metrics::{Metrics, StoreOp};
 use cache::{Cache, Lookup};
 use events::{Event, Events};
 pub use feed::{CallerFeed, Feed};
-use sql::{Sql, object_from_row};
 use write::{Committer, Job, JobResult, Op, Outcome, Upkeep, Upkept};
 
 /// Reader tasks (see `read`): each holds a read connection while its
@@ -465,11 +464,7 @@ impl Store {
         let now = self.inner.clock.now_ms();
         let mut found = std::collections::HashMap::with_capacity(seen.len());
         for chunk in seen.chunks(sql::max_rows_per_statement(self.backend())) {
-            let mut sql = Sql::select_live(self.backend(), tenant, now);
-            let placeholders: Vec<String> = chunk.iter().map(|k| sql.next(k.as_str())).collect();
-            sql.push(&format!(r#" AND "key" IN ({})"#, placeholders.join(", ")));
-            for row in self.inner.db.read.query_all_raw(sql.build()).await? {
-                let o = object_from_row(&row, now)?;
+            for o in sql::select_live_keys(&self.inner.db.read, tenant, chunk, now).await? {
                 found.insert(o.key.clone(), o);
             }
         }
@@ -495,26 +490,16 @@ impl Store {
                 next: None,
             });
         };
-        let tenant = scope.tenant();
         let now = self.inner.clock.now_ms();
-        let mut sql = Sql::select_live(self.backend(), tenant, now);
-        let lower = sql.next(prefix.as_str());
-        sql.push(&format!(r#" AND "key" >= {lower}"#));
-        if let Some(upper) = prefix.upper_bound() {
-            let u = sql.next(upper);
-            sql.push(&format!(r#" AND "key" < {u}"#));
-        }
-        if let Some(c) = cursor {
-            let a = sql.next(c.key());
-            sql.push(&format!(r#" AND "key" > {a}"#));
-        }
-        let fetch = sql.next(i64::from(limit.get()) + 1);
-        sql.push(&format!(r#" ORDER BY "key" LIMIT {fetch}"#));
-        let rows = self.inner.db.read.query_all_raw(sql.build()).await?;
-        let mut objects = rows
-            .iter()
-            .map(|r| object_from_row(r, now))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut objects = sql::list_live(
+            &self.inner.db.read,
+            scope.tenant(),
+            &prefix,
+            cursor.map(Cursor::key),
+            limit.get() + 1,
+            now,
+        )
+        .await?;
         let next = if objects.len() > limit.get() as usize {
             objects.truncate(limit.get() as usize);
             objects.last().map(|o| Cursor::after(&o.key))

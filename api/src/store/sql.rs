@@ -8,7 +8,7 @@ use sea_orm::prelude::async_trait::async_trait;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, QueryResult, Statement, Value};
 
 use super::events::EventKind;
-use super::types::{Change, Data, Expect, Key, Watch};
+use super::types::{Change, Data, Expect, Key, Prefix, Watch};
 use super::{Item, Object};
 use crate::auth::TenantId;
 use crate::db::Db;
@@ -187,6 +187,53 @@ fn sqlx_failure(e: sea_orm::sqlx::Error) -> ApiError {
     ApiError::internal(anyhow::Error::new(DbErr::Query(
         sea_orm::RuntimeErr::SqlxError(e.into()),
     )))
+}
+
+/// The live objects of `tenant` under `keys` (at most
+/// [`max_rows_per_statement`]), in no particular order.
+pub(super) async fn select_live_keys(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    keys: &[&Key],
+    now: i64,
+) -> Result<Vec<Object>, ApiError> {
+    let mut sql = Sql::select_live(conn.get_database_backend(), tenant, now);
+    let placeholders: Vec<String> = keys.iter().map(|k| sql.next(k.as_str())).collect();
+    sql.push(&format!(r#" AND "key" IN ({})"#, placeholders.join(", ")));
+    rows_to_objects(conn.query_all_raw(sql.build()).await?, now)
+}
+
+/// At most `fetch` live objects of `tenant` whose keys start with `prefix`,
+/// in byte order of keys, after the key `after` if given.
+pub(super) async fn list_live(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    prefix: &Prefix,
+    after: Option<&str>,
+    fetch: u32,
+    now: i64,
+) -> Result<Vec<Object>, ApiError> {
+    let mut sql = Sql::select_live(conn.get_database_backend(), tenant, now);
+    let lower = sql.next(prefix.as_str());
+    sql.push(&format!(r#" AND "key" >= {lower}"#));
+    if let Some(upper) = prefix.upper_bound() {
+        let u = sql.next(upper);
+        sql.push(&format!(r#" AND "key" < {u}"#));
+    }
+    if let Some(after) = after {
+        let a = sql.next(after);
+        sql.push(&format!(r#" AND "key" > {a}"#));
+    }
+    let f = sql.next(i64::from(fetch));
+    sql.push(&format!(r#" ORDER BY "key" LIMIT {f}"#));
+    rows_to_objects(conn.query_all_raw(sql.build()).await?, now)
+}
+
+fn rows_to_objects(rows: Vec<QueryResult>, now: i64) -> Result<Vec<Object>, ApiError> {
+    Ok(rows
+        .iter()
+        .map(|r| object_from_row(r, now))
+        .collect::<Result<Vec<_>, DbErr>>()?)
 }
 
 /// The live objects of `tenant` under `keys` (distinct), in one statement,
