@@ -7,6 +7,7 @@ use std::time::Duration;
 use api::auth::Role;
 use serde_json::{Value, json};
 
+use crate::changes::Sse;
 use crate::support::{PASSWORD, TestApp, User, WsClient};
 
 /// Makes a key as `owner`; asserts the 201.
@@ -689,6 +690,7 @@ async fn a_prefix_key_writes_only_under_its_prefix_and_nothing_changes_outside()
         )
         .await;
     atomic_delete.assert_error(404, "NOT_FOUND");
+    assert_eq!(atomic_delete.body["index"], 1);
     assert_eq!(app.snapshot().await, before);
 
     // Per item: the items inside are written, those outside fail alone.
@@ -810,7 +812,7 @@ async fn a_prefix_key_sees_only_its_prefix_over_graphql_and_its_subscriptions() 
         json!({"kind": "PUT", "key": "app/live"}),
         "{live}"
     );
-    // One outside the prefix gets nothing, ever; it ends like any other.
+    // One outside the prefix gets nothing, ever.
     ws.subscribe(
         "2",
         "subscription { objectEvents(key: \"other/x\", afterRevision: \"0\") { key } }",
@@ -864,4 +866,67 @@ async fn a_long_poll_waiting_when_its_key_is_revoked_answers_401_not_the_change(
     assert_eq!(answer.status(), 401);
     let body: Value = answer.json().await.expect("json");
     assert_eq!(body["code"], "UNAUTHENTICATED");
+}
+
+#[tokio::test]
+async fn a_read_prefix_key_follows_only_its_prefix_over_sse_and_long_polls() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    // Prefixes compare as UTF-8 bytes: "é/" is neither "e/" nor "ê/".
+    for k in ["e/1", "é/1", "ê/1"] {
+        app.create(&owner, k, json!(k), None).await;
+    }
+    let made = mint(
+        &app,
+        &owner,
+        json!({"name": "accents", "scope": "read", "prefix": "é/"}),
+    )
+    .await;
+    let key = User {
+        username: "apikey:accents".into(),
+        token: made["token"].as_str().unwrap().to_owned(),
+    };
+    app.create(&key, "é/mine", json!(0), None)
+        .await
+        .assert_error(403, "FORBIDDEN");
+
+    let mut sse = Sse::open(&app, &key, "after=0", None).await;
+    assert_eq!(sse.next().await.data["key"], "é/1");
+    app.create(&owner, "ê/2", json!(2), None).await;
+    let inside = app.create(&owner, "é/2", json!(2), None).await;
+    let e = sse.next().await;
+    assert_eq!(e.data["key"], "é/2");
+    assert_eq!(e.id, Some(inside.body["revision"].to_string()));
+
+    // A long-poll wakes for changes outside the prefix but answers only
+    // with one inside it.
+    let after = inside.body["revision"].to_string();
+    let poll = tokio::spawn(
+        app.request(
+            reqwest::Method::GET,
+            &format!("/api/changes?after={after}&wait=30"),
+            Some(&key.token),
+        )
+        .send(),
+    );
+    let store = app.node.state.store().clone();
+    for _ in 0..1000 {
+        if store.open_feeds() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.open_feeds(), 2, "the SSE stream and the long-poll");
+    app.create(&owner, "ê/3", json!(3), None).await;
+    app.create(&owner, "é/3", json!(3), None).await;
+    let answer = poll.await.expect("task").expect("response");
+    assert_eq!(answer.status(), 200);
+    let page: Value = answer.json().await.expect("json");
+    let keys: Vec<&str> = page["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| c["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["é/3"]);
 }

@@ -408,20 +408,25 @@ async fn history_lists_a_keys_changes_newest_first_over_rest_and_graphql() {
 }
 
 /// A minimal Server-Sent Events reader.
-struct Sse {
+pub(crate) struct Sse {
     resp: reqwest::Response,
     buf: String,
 }
 
 #[derive(Debug)]
-struct SseEvent {
-    id: Option<String>,
-    event: String,
-    data: Value,
+pub(crate) struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: Value,
 }
 
 impl Sse {
-    async fn open(app: &TestApp, u: &User, query: &str, last_event_id: Option<&str>) -> Sse {
+    pub(crate) async fn open(
+        app: &TestApp,
+        u: &User,
+        query: &str,
+        last_event_id: Option<&str>,
+    ) -> Sse {
         let mut req = app
             .client
             .get(app.url(&format!("/api/watch?{query}")))
@@ -444,7 +449,7 @@ impl Sse {
     }
 
     /// The next event (comments and heartbeats skipped), within 10 seconds.
-    async fn next(&mut self) -> SseEvent {
+    pub(crate) async fn next(&mut self) -> SseEvent {
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 if let Some(end) = self.buf.find("\n\n") {

@@ -1,6 +1,7 @@
 //! GraphQL over HTTP: media types and status codes, GET, batches and
 //! Apollo's Automatic Persisted Queries.
 
+use api::auth::Role;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -655,4 +656,69 @@ async fn persisted_queries_are_kept_per_tenant_and_never_for_anonymous_callers()
             .await;
         assert_request_error(&r, "PERSISTED_QUERY_NOT_FOUND");
     }
+}
+
+#[tokio::test]
+async fn a_prefix_keys_persisted_queries_are_its_own() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let mint = |prefix: &'static str, name: &'static str| {
+        let app = &app;
+        let owner = &owner;
+        async move {
+            let r = app
+                .post(
+                    "/api/keys",
+                    Some(&owner.token),
+                    &json!({"name": name, "scope": "read_write", "prefix": prefix}),
+                )
+                .await;
+            assert_eq!(r.status, 201, "{}", r.text);
+            r.body["token"].as_str().unwrap().to_owned()
+        }
+    };
+    let app_key = mint("app/", "one").await;
+    let same_prefix = mint("app/", "two").await;
+    // A mutation whose text holds a value outside the key's prefix.
+    let secret = "mutation { putObject(input: {key: \"secret/pin\", data: \"4821\"}) { created } }";
+    let hash = sha256_hex(secret);
+    let sent = app
+        .gql_accept(
+            Some(&owner.token),
+            APOLLO_ACCEPT,
+            &json!({"query": secret, "extensions": persisted(&hash)}),
+        )
+        .await;
+    assert_eq!(sent.status, 200, "{}", sent.text);
+    let before = app.snapshot().await;
+    let guessed = app
+        .gql_accept(
+            Some(&app_key),
+            APOLLO_ACCEPT,
+            &json!({"extensions": persisted(&hash)}),
+        )
+        .await;
+    assert_request_error(&guessed, "PERSISTED_QUERY_NOT_FOUND");
+    assert_eq!(app.snapshot().await, before);
+
+    // Keys of one prefix share their queries.
+    let own = "{ listObjects { edges { node { key } } } }";
+    let own_hash = sha256_hex(own);
+    let r = app
+        .gql_accept(
+            Some(&app_key),
+            APOLLO_ACCEPT,
+            &json!({"query": own, "extensions": persisted(&own_hash)}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let shared = app
+        .gql_accept(
+            Some(&same_prefix),
+            APOLLO_ACCEPT,
+            &json!({"extensions": persisted(&own_hash)}),
+        )
+        .await;
+    assert_eq!(shared.status, 200, "{}", shared.text);
+    assert_eq!(shared.body["data"]["listObjects"]["edges"], json!([]));
 }

@@ -526,15 +526,22 @@ impl PolicyExtension {
             }
             _ => return Err(invalid("`sha256Hash` must be 64 hexadecimal digits")),
         };
-        let tenant = request
+        // Queries are shared by the callers who see the same keys: a tenant's
+        // users and unrestricted API keys, or the keys restricted to one
+        // prefix, so that a hash answered tells nothing of another's queries
+        // (restricted prefixes are never empty).
+        let key = request
             .data
             .get(&TypeId::of::<Caller>())
             .and_then(|d| d.downcast_ref::<Caller>())
             .and_then(|c| match c {
-                Caller::Authenticated(p) => Some(p.tenant().get()),
+                Caller::Authenticated(p) => Some(Arc::<str>::from(format!(
+                    "{}:{}:{hash}",
+                    p.tenant().get(),
+                    p.key_prefix().map_or("", |p| p.as_str())
+                ))),
                 _ => None,
             });
-        let key = tenant.map(|t| Arc::<str>::from(format!("{t}:{hash}")));
         if request.query.is_empty() {
             return match key.and_then(|k| cache.get(&k)) {
                 Some(query) => {

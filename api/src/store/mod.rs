@@ -686,20 +686,18 @@ impl Store {
         before: Option<Revision>,
     ) -> Result<HistoryPage, ApiError> {
         self.inner.metrics.store_op(StoreOp::History);
-        if !scope.sees(key.as_str()) {
-            return Ok(HistoryPage {
-                changes: Vec::new(),
-                next: None,
-            });
-        }
         let tenant = scope.tenant();
         let db = &self.inner.db.read;
         let (latest, compacted) = sql::revisions(db, tenant).await?;
         let before = before.map_or(latest + 1, |b| b.get().min(latest + 1));
         let from = before.saturating_sub(HISTORY_WINDOW).max(compacted + 1);
         let limit = limit.get();
-        let mut changes =
-            sql::key_history(db, tenant, key.as_str(), from, before, limit + 1).await?;
+        // A key the caller may not see pages like one never written.
+        let mut changes = if scope.sees(key.as_str()) {
+            sql::key_history(db, tenant, key.as_str(), from, before, limit + 1).await?
+        } else {
+            Vec::new()
+        };
         let next = if changes.len() > limit as usize {
             changes.truncate(limit as usize);
             changes.last().map(|c| c.revision)
