@@ -242,23 +242,34 @@ fn init_logging(
             }
         }
     });
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match format {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, fmt};
+    // The log filter applies to the log layer only: the pool wait metric
+    // sees sqlx's acquisitions whatever the filter.
+    let logs = match format {
         // Colours only for a person at a terminal, not in files and collectors.
-        LogFormat::Text => logs
+        LogFormat::Text => fmt::layer()
+            .with_writer(writer)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+            .with_filter(filter)
+            .boxed(),
         // An event's fields at the top level; the request's (its id) under
         // `span`.
-        LogFormat::Json => logs
+        LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .init(),
-    }
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(crate::metrics::pool_wait_layer())
+        .try_init()
+        .context("cannot install the log subscriber")?;
     Ok(guard)
 }
 

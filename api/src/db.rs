@@ -102,7 +102,8 @@ impl Db {
                 .acquire_timeout(Duration::from_secs(10))
                 .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
                 .sqlx_logging(false)
-                .map_sqlx_postgres_opts(|o| o.statement_cache_capacity(STATEMENT_CACHE));
+                .map_sqlx_postgres_opts(|o| o.statement_cache_capacity(STATEMENT_CACHE))
+                .map_sqlx_postgres_pool_opts(|o| o.acquire_time_level(ACQUIRE_EVENTS));
             let pool = Database::connect(opts)
                 .await
                 .with_context(|| format!("cannot connect to {}", args.redacted_url()))?;
@@ -254,6 +255,11 @@ pub fn lock_for_server(args: &DatabaseArgs) -> anyhow::Result<Option<std::fs::Fi
     }
 }
 
+/// The level of the event sqlx emits for each connection its pools hand
+/// out, which `metrics::pool_wait_layer` turns into
+/// `kvql_db_pool_acquire_seconds` (logs show it only at `trace`).
+const ACQUIRE_EVENTS: log::LevelFilter = log::LevelFilter::Trace;
+
 fn sqlite_options(
     url: &str,
     max_connections: u32,
@@ -267,6 +273,7 @@ fn sqlite_options(
         .acquire_timeout(Duration::from_secs(30))
         .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
         .sqlx_logging(false)
+        .map_sqlx_sqlite_pool_opts(|o| o.acquire_time_level(ACQUIRE_EVENTS))
         .map_sqlx_sqlite_opts(move |o| {
             o.journal_mode(SqliteJournalMode::Wal)
                 .synchronous(match sync {

@@ -5,6 +5,10 @@
 //! Labels never carry a tenant, a user or a key: routes are templates
 //! (`/api/object/*`), so the number of series stays bounded whatever
 //! clients send.
+//!
+//! One instrument is the process's, not the node's: the time spent waiting
+//! for a database connection, which sqlx reports as tracing events that name
+//! no pool (see [`pool_wait_layer`]). A server is one node per process.
 
 use std::time::Duration;
 
@@ -113,6 +117,62 @@ pub struct Metrics {
     pool: IntGaugeVec,
 }
 
+/// The target of the event sqlx's pools emit for each connection handed
+/// out (at the level set by `PoolOptions::acquire_time_level`, see `db`).
+pub const SQLX_ACQUIRE_TARGET: &str = "sqlx::pool::acquire";
+
+static POOL_WAITS: std::sync::LazyLock<Histogram> = std::sync::LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new(
+            "kvql_db_pool_acquire_seconds",
+            "Time each database statement or transaction waited for a connection from the \
+             pool (PostgreSQL: the node's pool; SQLite: the pool for listings and \
+             administration), for every server of this process. A `_sum` that grows \
+             faster than `_count` by more than milliseconds means the pool is too small \
+             for the load (KVQL_DATABASE_MAX_CONNECTIONS).",
+        )
+        .buckets(vec![
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5,
+            10.0, 30.0,
+        ]),
+    )
+    .unwrap_or_else(|e| panic!("the pool wait histogram's options are valid: {e}"))
+});
+
+/// A tracing layer that observes sqlx's connection acquisitions into
+/// `kvql_db_pool_acquire_seconds`, whatever the log filter lets through:
+/// install it beside the log layer (the server does; tests install it alone).
+pub fn pool_wait_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer;
+    PoolWaits.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+        m.target() == SQLX_ACQUIRE_TARGET
+    }))
+}
+
+struct PoolWaits;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PoolWaits {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Waited(Option<f64>);
+        impl tracing::field::Visit for Waited {
+            fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+                if field.name() == "acquired_after_secs" {
+                    self.0 = Some(value);
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let mut waited = Waited(None);
+        event.record(&mut waited);
+        if let Some(secs) = waited.0.filter(|s| s.is_finite() && *s >= 0.0) {
+            POOL_WAITS.observe(secs);
+        }
+    }
+}
+
 fn registered<C: prometheus::core::Collector + Clone + 'static>(
     registry: &Registry,
     collector: prometheus::Result<C>,
@@ -163,6 +223,7 @@ impl Metrics {
                 &["op"],
             ),
         )?;
+        registered(r, Ok(POOL_WAITS.clone()))?;
         Ok(Metrics {
             store_ops: StoreOp::ALL.map(|op| store_ops.with_label_values(&[op.label()])),
             tenant_rate_refused: registered(

@@ -72,10 +72,28 @@ async fn json_logs_have_one_access_line_per_request_without_keys_or_tokens() {
         .await
         .expect("get");
     assert_eq!(missing.status(), 404);
-    // Lines are written by a thread of their own: wait for the three
+    // The login and the token's verification took connections from the
+    // pool: the server's subscriber counts them whatever the log filter.
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let acquired: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kvql_db_pool_acquire_seconds_count "))
+        .expect("kvql_db_pool_acquire_seconds_count")
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(acquired >= 1.0, "{acquired}");
+    // Lines are written by a thread of their own: wait for the four
     // requests' lines before stopping the server.
     let is_access = |l: &str| l.contains(r#""target":"kvql::access""#);
-    while lines.iter().filter(|l| is_access(l)).count() < 3 {
+    while lines.iter().filter(|l| is_access(l)).count() < 4 {
         match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(line) => lines.push(line),
             Err(e) => panic!("{e}: only these lines arrived:\n{}", lines.join("\n")),
@@ -92,7 +110,11 @@ async fn json_logs_have_one_access_line_per_request_without_keys_or_tokens() {
         .iter()
         .filter(|e| e["target"] == "kvql::access")
         .collect();
-    assert_eq!(access.len(), 3, "one line per request: {access:?}");
+    assert_eq!(access.len(), 4, "one line per request: {access:?}");
+    assert!(
+        !lines.iter().any(|l| l.contains("sqlx::pool")),
+        "the pool's events are not logged at info"
+    );
     let put_line = access
         .iter()
         .find(|e| e["span"]["request_id"] == put_id.as_str())
