@@ -777,6 +777,7 @@ impl Auth {
             Err(poisoned) => {
                 let mut cache = poisoned.into_inner();
                 cache.clear();
+                self.inner.verified.clear_poison();
                 cache
             }
         };

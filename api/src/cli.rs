@@ -224,6 +224,7 @@ fn init_logging(
 ) -> anyhow::Result<tracing_appender::non_blocking::WorkerGuard> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .with_context(|| format!("invalid log filter {filter:?}"))?;
+    let log_level = filter.max_level_hint();
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .thread_name("kvql-logs")
         .finish(std::io::stderr());
@@ -270,6 +271,18 @@ fn init_logging(
         .with(crate::metrics::pool_wait_layer())
         .try_init()
         .context("cannot install the log subscriber")?;
+    // The pool wait layer lifts tracing's global level to `trace`, and the
+    // bridge for the `log` crate follows it: keep `log` records (tungstenite
+    // makes several per WebSocket frame) at the log filter's level, so that
+    // the ones it would drop cost nothing.
+    log::set_max_level(match log_level {
+        Some(l) if l == tracing::level_filters::LevelFilter::OFF => log::LevelFilter::Off,
+        Some(l) if l == tracing::level_filters::LevelFilter::ERROR => log::LevelFilter::Error,
+        Some(l) if l == tracing::level_filters::LevelFilter::WARN => log::LevelFilter::Warn,
+        Some(l) if l == tracing::level_filters::LevelFilter::INFO => log::LevelFilter::Info,
+        Some(l) if l == tracing::level_filters::LevelFilter::DEBUG => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    });
     Ok(guard)
 }
 

@@ -246,6 +246,7 @@ fn tidy_framework_message(message: &str) -> String {
 
 impl From<sea_orm::DbErr> for ApiError {
     fn from(err: sea_orm::DbErr) -> Self {
+        crate::metrics::db_error(&err);
         ApiError::internal(err)
     }
 }

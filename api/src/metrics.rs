@@ -139,6 +139,35 @@ static POOL_WAITS: std::sync::LazyLock<Histogram> = std::sync::LazyLock::new(|| 
     .unwrap_or_else(|e| panic!("the pool wait histogram's options are valid: {e}"))
 });
 
+static POOL_TIMEOUTS: std::sync::LazyLock<IntCounter> = std::sync::LazyLock::new(|| {
+    IntCounter::new(
+        "kvql_db_pool_acquire_timeouts_total",
+        "Statements or transactions that gave up waiting for a pooled database \
+         connection (after 10 s on PostgreSQL, 30 s on SQLite) and failed with INTERNAL, \
+         for every server of this process. Not in kvql_db_pool_acquire_seconds, which \
+         counts connections handed out.",
+    )
+    .unwrap_or_else(|e| panic!("the pool timeout counter's options are valid: {e}"))
+});
+
+/// Counts a database error if it is a wait for a pooled connection that
+/// timed out (sqlx's `PoolTimedOut`, as sea-orm or sqlx reports it).
+pub fn db_error(err: &sea_orm::DbErr) {
+    use sea_orm::{ConnAcquireErr, DbErr, RuntimeErr};
+    let timed_out = match err {
+        DbErr::ConnectionAcquire(ConnAcquireErr::Timeout) => true,
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            matches!(**e, sea_orm::sqlx::Error::PoolTimedOut)
+        }
+        _ => false,
+    };
+    if timed_out {
+        POOL_TIMEOUTS.inc();
+    }
+}
+
 /// A tracing layer that observes sqlx's connection acquisitions into
 /// `kvql_db_pool_acquire_seconds`, whatever the log filter lets through:
 /// install it beside the log layer (the server does; tests install it alone).
@@ -224,6 +253,7 @@ impl Metrics {
             ),
         )?;
         registered(r, Ok(POOL_WAITS.clone()))?;
+        registered(r, Ok(POOL_TIMEOUTS.clone()))?;
         Ok(Metrics {
             store_ops: StoreOp::ALL.map(|op| store_ops.with_label_values(&[op.label()])),
             tenant_rate_refused: registered(

@@ -659,7 +659,7 @@ async fn persisted_queries_are_kept_per_tenant_and_never_for_anonymous_callers()
 }
 
 #[tokio::test]
-async fn a_prefix_keys_persisted_queries_are_its_own() {
+async fn persisted_queries_are_each_callers_own() {
     let app = TestApp::spawn().await;
     let owner = app.user("acme", Role::Owner).await;
     let mint = |prefix: &'static str, name: &'static str| {
@@ -701,7 +701,21 @@ async fn a_prefix_keys_persisted_queries_are_its_own() {
     assert_request_error(&guessed, "PERSISTED_QUERY_NOT_FOUND");
     assert_eq!(app.snapshot().await, before);
 
-    // Keys of one prefix share their queries.
+    // Nor can another user of the tenant, who sees every key: the text of
+    // a password change is no one else's to confirm.
+    let writer = app.user("acme", Role::Writer).await;
+    let guessed = app
+        .gql_accept(
+            Some(&writer.token),
+            APOLLO_ACCEPT,
+            &json!({"extensions": persisted(&hash)}),
+        )
+        .await;
+    assert_request_error(&guessed, "PERSISTED_QUERY_NOT_FOUND");
+    assert_eq!(app.snapshot().await, before);
+
+    // A caller's own queries run by hash; even a key with the same prefix
+    // must send the text once.
     let own = "{ listObjects { edges { node { key } } } }";
     let own_hash = sha256_hex(own);
     let r = app
@@ -712,13 +726,21 @@ async fn a_prefix_keys_persisted_queries_are_its_own() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let shared = app
+    let again = app
+        .gql_accept(
+            Some(&app_key),
+            APOLLO_ACCEPT,
+            &json!({"extensions": persisted(&own_hash)}),
+        )
+        .await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(again.body["data"]["listObjects"]["edges"], json!([]));
+    let other_key = app
         .gql_accept(
             Some(&same_prefix),
             APOLLO_ACCEPT,
             &json!({"extensions": persisted(&own_hash)}),
         )
         .await;
-    assert_eq!(shared.status, 200, "{}", shared.text);
-    assert_eq!(shared.body["data"]["listObjects"]["edges"], json!([]));
+    assert_request_error(&other_key, "PERSISTED_QUERY_NOT_FOUND");
 }

@@ -92,6 +92,15 @@ async fn metrics_count_requests_by_route_and_logins_by_outcome_and_move_with_the
     assert!(value(&before, "kvql_logins_total", &[("outcome", "succeeded")]) >= Some(1.0));
     assert_eq!(value(&before, "kvql_websockets_open", &[]), Some(1.0));
     assert!(value(&before, "kvql_db_pool_connections", &[("state", "idle")]).is_some());
+    for process_wide in [
+        "kvql_db_pool_acquire_seconds_count",
+        "kvql_db_pool_acquire_timeouts_total",
+    ] {
+        assert!(
+            value(&before, process_wide, &[]).is_some(),
+            "{process_wide}"
+        );
+    }
     for private in ["metrics-private-key", u.username.as_str(), "metrics-tenant"] {
         assert!(!text.contains(private), "{private:?} in /metrics");
     }

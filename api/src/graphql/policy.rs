@@ -526,10 +526,9 @@ impl PolicyExtension {
             }
             _ => return Err(invalid("`sha256Hash` must be 64 hexadecimal digits")),
         };
-        // Queries are shared by the callers who see the same keys: a tenant's
-        // users and unrestricted API keys, or the keys restricted to one
-        // prefix, so that a hash answered tells nothing of another's queries
-        // (restricted prefixes are never empty).
+        // Each caller (a user, or an API key: its id negated) has queries of
+        // its own, so that a hash answered tells nothing of what anyone
+        // else sent, such as a literal password in a mutation.
         let key = request
             .data
             .get(&TypeId::of::<Caller>())
@@ -538,7 +537,7 @@ impl PolicyExtension {
                 Caller::Authenticated(p) => Some(Arc::<str>::from(format!(
                     "{}:{}:{hash}",
                     p.tenant().get(),
-                    p.key_prefix().map_or("", |p| p.as_str())
+                    p.user_id
                 ))),
                 _ => None,
             });

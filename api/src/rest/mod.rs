@@ -837,8 +837,13 @@ impl RestApi {
             .await?;
         // A removed user or a revoked key that waited gets nothing: the
         // token is verified again (cached) before the answer.
-        if !wait.duration().is_zero() {
-            state.auth().authenticate(&bearer_token(req)).await?;
+        // Only a refusal counts: a failed check (the database away for a
+        // moment) still answers with the page, as feeds go on.
+        if !wait.duration().is_zero()
+            && let Err(refused @ ApiError::Unauthenticated(_)) =
+                state.auth().authenticate(&bearer_token(req)).await
+        {
+            return Err(refused.into());
         }
         Ok(ChangesResponse::Ok(RawJson::new(
             changes::change_page_json(&page),
@@ -1101,9 +1106,9 @@ pub fn openapi_json() -> String {
 /// later (feeds, long-polls).
 fn bearer_token(req: &Request) -> String {
     req.header(poem::http::header::AUTHORIZATION)
-        .and_then(|h| h.split_once(' '))
-        .map(|(_, t)| t.trim().to_owned())
+        .and_then(crate::auth::bearer_token)
         .unwrap_or_default()
+        .to_owned()
 }
 
 #[cfg(test)]

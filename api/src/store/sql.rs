@@ -184,9 +184,9 @@ macro_rules! object_from_columns {
 /// A failure of a statement run on sqlx directly, as sea-orm reports one
 /// (so that `write::is_transient` and the commit checks read its code).
 fn sqlx_failure(e: sea_orm::sqlx::Error) -> ApiError {
-    ApiError::internal(anyhow::Error::new(DbErr::Query(
-        sea_orm::RuntimeErr::SqlxError(e.into()),
-    )))
+    let err = DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into()));
+    crate::metrics::db_error(&err);
+    ApiError::internal(anyhow::Error::new(err))
 }
 
 /// The live objects of `tenant` under `keys` (at most
