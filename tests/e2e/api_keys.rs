@@ -31,6 +31,19 @@ async fn key_user(app: &TestApp, owner: &User, name: &str, scope: &str) -> (Stri
     )
 }
 
+/// Waits (up to 5 s) until the node holds `n` change feeds open: a
+/// long-poll is then waiting.
+async fn wait_for_feeds(app: &TestApp, n: u64, what: &str) {
+    let store = app.node.state.store();
+    for _ in 0..1000 {
+        if store.open_feeds() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.open_feeds(), n, "{what}");
+}
+
 /// The names of `owner`'s tenant's keys, as listed.
 async fn key_names(app: &TestApp, owner: &User) -> Vec<String> {
     let r = app.get("/api/keys", Some(&owner.token)).await;
@@ -849,14 +862,7 @@ async fn a_long_poll_waiting_when_its_key_is_revoked_answers_401_not_the_change(
             .send();
         tokio::spawn(req)
     };
-    let store = app.node.state.store().clone();
-    for _ in 0..1000 {
-        if store.open_feeds() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(store.open_feeds(), 1, "the long-poll is waiting");
+    wait_for_feeds(&app, 1, "the long-poll is waiting").await;
     let revoked = app
         .delete(&format!("/api/keys/{id}"), Some(&owner.token))
         .await;
@@ -909,14 +915,7 @@ async fn a_read_prefix_key_follows_only_its_prefix_over_sse_and_long_polls() {
         )
         .send(),
     );
-    let store = app.node.state.store().clone();
-    for _ in 0..1000 {
-        if store.open_feeds() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(store.open_feeds(), 2, "the SSE stream and the long-poll");
+    wait_for_feeds(&app, 2, "the SSE stream and the long-poll").await;
     app.create(&owner, "ê/3", json!(3), None).await;
     app.create(&owner, "é/3", json!(3), None).await;
     let answer = poll.await.expect("task").expect("response");
