@@ -262,8 +262,9 @@ impl<'a> Admin<'a> {
             .one(&txn)
             .await?
             .ok_or_else(|| no_such_user(Some(username)))?;
+        let forget = self.auth.forget_user_when_done(target.id);
         txn.commit().await?;
-        self.auth.forget_user(target.id);
+        drop(forget);
         Member::try_from(updated)
     }
 
@@ -280,8 +281,9 @@ impl<'a> Admin<'a> {
         let txn = self.locked(owner).await?;
         let target = self.member_in(&txn, owner.tenant(), username).await?;
         user::Entity::delete_by_id(target.id).exec(&txn).await?;
+        let forget = self.auth.forget_user_when_done(target.id);
         txn.commit().await?;
-        self.auth.forget_user(target.id);
+        drop(forget);
         Ok(())
     }
 
@@ -319,8 +321,9 @@ impl<'a> Admin<'a> {
                     .into(),
             ));
         }
+        let forget = self.auth.forget_user_when_done(principal.user_id);
         txn.commit().await?;
-        self.auth.forget_user(principal.user_id);
+        drop(forget);
         self.auth.issue_for(principal.user_id).await
     }
 

@@ -271,6 +271,26 @@ impl Principal {
     }
 }
 
+/// Forgets a user's or an API key's verifications on this node when dropped.
+pub(crate) struct ForgetWhenDone<'a> {
+    auth: &'a Auth,
+    who: Forgotten,
+}
+
+enum Forgotten {
+    User(i64),
+    ApiKey(i64),
+}
+
+impl Drop for ForgetWhenDone<'_> {
+    fn drop(&mut self) {
+        match self.who {
+            Forgotten::User(id) => self.auth.forget_user(id),
+            Forgotten::ApiKey(id) => self.auth.forget_api_key(id),
+        }
+    }
+}
+
 /// An access token as returned by login.
 #[derive(Clone, Debug)]
 pub struct IssuedToken {
@@ -761,6 +781,25 @@ impl Auth {
     /// other nodes see it within the auth cache TTL.
     pub(crate) fn forget_user(&self, user_id: i64) {
         self.forget(|p| p.user_id == user_id);
+    }
+
+    /// [`Auth::forget_user`] when the guard drops: armed before the change
+    /// commits, it forgets even if the request is dropped while the commit
+    /// is under way (and harmlessly if the commit fails).
+    pub(crate) fn forget_user_when_done(&self, user_id: i64) -> ForgetWhenDone<'_> {
+        ForgetWhenDone {
+            auth: self,
+            who: Forgotten::User(user_id),
+        }
+    }
+
+    /// [`Auth::forget_api_key`] when the guard drops, as
+    /// [`Auth::forget_user_when_done`].
+    pub(crate) fn forget_api_key_when_done(&self, id: i64) -> ForgetWhenDone<'_> {
+        ForgetWhenDone {
+            auth: self,
+            who: Forgotten::ApiKey(id),
+        }
     }
 
     /// Drops the cached verifications of the API key `id` (revoked).

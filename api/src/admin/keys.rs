@@ -297,8 +297,9 @@ impl Admin<'_> {
             txn.rollback().await?;
             return Err(no_such_key());
         }
+        let forget = self.auth.forget_api_key_when_done(id);
         txn.commit().await?;
-        self.auth.forget_api_key(id);
+        drop(forget);
         Ok(())
     }
 }
