@@ -133,7 +133,7 @@ impl<'a> ReadScope<'a> {
 
     /// Whether the caller may see `key`.
     pub fn sees(&self, key: &str) -> bool {
-        sees(self.within, key)
+        self.within.is_none_or(|p| key.starts_with(p.as_str()))
     }
 
     /// The keys under `prefix` the caller may see, as one prefix (the
@@ -168,10 +168,6 @@ impl<'a> ReadScope<'a> {
     }
 }
 
-fn sees(within: Option<&Prefix>, key: &str) -> bool {
-    within.is_none_or(|p| key.starts_with(p.as_str()))
-}
-
 /// Proof that the caller may write to `tenant`: the keys under `within`, or
 /// all of them.
 #[derive(Clone, Copy, Debug)]
@@ -190,7 +186,7 @@ impl Writer<'_> {
     /// a key without a value: see `Store`.)
     pub fn may_write(&self, key: &str) -> Result<(), ApiError> {
         match self.within {
-            Some(p) if !sees(Some(p), key) => Err(ApiError::Forbidden(format!(
+            Some(p) if !key.starts_with(p.as_str()) => Err(ApiError::Forbidden(format!(
                 "this API key writes only keys that start with {:?}",
                 p.as_str()
             ))),
@@ -211,11 +207,6 @@ impl Principal {
             tenant: self.tenant,
             within: self.within.as_ref(),
         }
-    }
-
-    /// The key prefix the caller's API key is restricted to, if any.
-    pub fn key_prefix(&self) -> Option<&Prefix> {
-        self.within.as_ref()
     }
 
     /// The write permission, or `FORBIDDEN` for a reader. The one place roles are checked.
@@ -282,12 +273,18 @@ enum Forgotten {
     ApiKey(i64),
 }
 
+impl Forgotten {
+    fn verified(&self, principal: &Principal) -> bool {
+        match *self {
+            Forgotten::User(id) => principal.user_id == id,
+            Forgotten::ApiKey(id) => principal.api_key == Some(id),
+        }
+    }
+}
+
 impl Drop for ForgetWhenDone<'_> {
     fn drop(&mut self) {
-        match self.who {
-            Forgotten::User(id) => self.auth.forget_user(id),
-            Forgotten::ApiKey(id) => self.auth.forget_api_key(id),
-        }
+        self.auth.forget(|p| self.who.verified(p));
     }
 }
 
@@ -776,16 +773,12 @@ impl Auth {
             .map_err(ApiError::internal)
     }
 
-    /// Forgets this node's verifications of `user_id`'s tokens, so that a
-    /// change to the user (role, password, removal) applies here at once;
-    /// other nodes see it within the auth cache TTL.
-    pub(crate) fn forget_user(&self, user_id: i64) {
-        self.forget(|p| p.user_id == user_id);
-    }
-
-    /// [`Auth::forget_user`] when the guard drops: armed before the change
-    /// commits, it forgets even if the request is dropped while the commit
-    /// is under way (and harmlessly if the commit fails).
+    /// A guard that forgets this node's verifications of `user_id`'s tokens
+    /// when it drops, so that a change to the user (role, password, removal)
+    /// applies here at once; other nodes see it within the auth cache TTL.
+    /// Armed before the change commits, it forgets even if the request is
+    /// dropped while the commit is under way (and harmlessly if the commit
+    /// fails).
     pub(crate) fn forget_user_when_done(&self, user_id: i64) -> ForgetWhenDone<'_> {
         ForgetWhenDone {
             auth: self,
@@ -793,18 +786,12 @@ impl Auth {
         }
     }
 
-    /// [`Auth::forget_api_key`] when the guard drops, as
-    /// [`Auth::forget_user_when_done`].
+    /// As [`Auth::forget_user_when_done`], for the API key `id` (revoked).
     pub(crate) fn forget_api_key_when_done(&self, id: i64) -> ForgetWhenDone<'_> {
         ForgetWhenDone {
             auth: self,
             who: Forgotten::ApiKey(id),
         }
-    }
-
-    /// Drops the cached verifications of the API key `id` (revoked).
-    pub(crate) fn forget_api_key(&self, id: i64) {
-        self.forget(|p| p.api_key == Some(id));
     }
 
     /// Drops the cached verifications of the principals `gone` picks, and

@@ -243,6 +243,7 @@ fn init_logging(
             }
         }
     });
+    use tracing_log::AsLog;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{Layer, fmt};
@@ -275,14 +276,7 @@ fn init_logging(
     // bridge for the `log` crate follows it: keep `log` records (tungstenite
     // makes several per WebSocket frame) at the log filter's level, so that
     // the ones it would drop cost nothing.
-    log::set_max_level(match log_level {
-        Some(l) if l == tracing::level_filters::LevelFilter::OFF => log::LevelFilter::Off,
-        Some(l) if l == tracing::level_filters::LevelFilter::ERROR => log::LevelFilter::Error,
-        Some(l) if l == tracing::level_filters::LevelFilter::WARN => log::LevelFilter::Warn,
-        Some(l) if l == tracing::level_filters::LevelFilter::INFO => log::LevelFilter::Info,
-        Some(l) if l == tracing::level_filters::LevelFilter::DEBUG => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    });
+    log::set_max_level(log_level.map_or(log::LevelFilter::Trace, |l| l.as_log()));
     Ok(guard)
 }
 

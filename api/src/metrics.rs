@@ -119,7 +119,7 @@ pub struct Metrics {
 
 /// The target of the event sqlx's pools emit for each connection handed
 /// out (at the level set by `PoolOptions::acquire_time_level`, see `db`).
-pub const SQLX_ACQUIRE_TARGET: &str = "sqlx::pool::acquire";
+const SQLX_ACQUIRE_TARGET: &str = "sqlx::pool::acquire";
 
 static POOL_WAITS: std::sync::LazyLock<Histogram> = std::sync::LazyLock::new(|| {
     Histogram::with_opts(
@@ -170,7 +170,7 @@ pub fn db_error(err: &sea_orm::DbErr) {
 
 /// A tracing layer that observes sqlx's connection acquisitions into
 /// `kvql_db_pool_acquire_seconds`, whatever the log filter lets through:
-/// install it beside the log layer (the server does; tests install it alone).
+/// the server installs it beside the log layer (see `cli`).
 pub fn pool_wait_layer<S>() -> impl tracing_subscriber::Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
