@@ -121,6 +121,10 @@ impl App {
                 changes_max_per_tenant: config.changes_max_per_tenant,
                 max_feeds: config.max_feeds,
                 max_feeds_per_user: config.max_feeds_per_user,
+                default_quota: crate::store::quota::Quota {
+                    max_keys: config.default_max_keys,
+                    max_bytes: config.default_max_bytes,
+                },
             },
             events,
             config.cache_bytes,

@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::error::ApiError;
 use crate::metrics::{Login, Metrics};
+use crate::store::quota::TenantQuota;
 use crate::store::{Prefix, Watch};
 use crate::throttle::{Limits, LoginThrottle, TrustedProxies};
 
@@ -109,6 +110,8 @@ pub struct Principal {
     pub expires_at: i64,
     /// The tenant's own request rate, if it has one (see `ratelimit`).
     pub rate: crate::ratelimit::TenantRate,
+    /// The tenant's own storage limits, if it has any (see `store::quota`).
+    pub quota: TenantQuota,
     /// The API key the request came with, if it did not come with an access
     /// token (see `admin::keys`); `user_id` is then its id, negated.
     pub api_key: Option<i64>,
@@ -174,11 +177,18 @@ impl<'a> ReadScope<'a> {
 pub struct Writer<'a> {
     tenant: &'a TenantId,
     within: Option<&'a Prefix>,
+    quota: TenantQuota,
 }
 
 impl Writer<'_> {
     pub fn tenant(&self) -> TenantId {
         *self.tenant
+    }
+
+    /// The tenant's own storage limits (the servers' defaults apply where
+    /// it has none).
+    pub fn quota(&self) -> TenantQuota {
+        self.quota
     }
 
     /// `FORBIDDEN` for a key outside the prefix the caller's API key is
@@ -215,6 +225,7 @@ impl Principal {
             Ok(Writer {
                 tenant: &self.tenant,
                 within: self.within.as_ref(),
+                quota: self.quota,
             })
         } else {
             Err(ApiError::Forbidden(format!(
@@ -901,6 +912,7 @@ impl Auth {
             {
                 Ok(Principal {
                     rate: crate::ratelimit::TenantRate::from_columns(t.rate_limit, t.rate_burst),
+                    quota: TenantQuota::from_columns(t.max_keys, t.max_bytes),
                     tenant: TenantId(t.id),
                     tenant_name: t.name,
                     user_id: u.id,
@@ -957,6 +969,7 @@ impl Auth {
         }
         Ok(Principal {
             rate: crate::ratelimit::TenantRate::from_columns(t.rate_limit, t.rate_burst),
+            quota: TenantQuota::from_columns(t.max_keys, t.max_bytes),
             tenant: TenantId(t.id),
             tenant_name: t.name,
             user_id: -key.id,
@@ -1225,6 +1238,7 @@ mod tests {
         let writer = Writer {
             tenant: &tenant,
             within: Some(&app),
+            quota: TenantQuota::default(),
         };
         assert!(writer.may_write("app/x").is_ok());
         assert!(matches!(
@@ -1234,6 +1248,7 @@ mod tests {
         let anywhere = Writer {
             tenant: &tenant,
             within: None,
+            quota: TenantQuota::default(),
         };
         assert!(anywhere.may_write("other").is_ok());
     }

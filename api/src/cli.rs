@@ -13,6 +13,7 @@ use crate::clock::{Clock, rfc3339};
 use crate::config::{Config, DatabaseArgs, LogFormat, parse_duration};
 use crate::db::Db;
 use crate::ratelimit::{Rate, TenantRate};
+use crate::store::quota::QuotaLimit;
 use crate::{auth, graphql, rest, users};
 
 /// kvql: a multi-tenant JSON key-value store over GraphQL and REST.
@@ -137,6 +138,25 @@ enum TenantCommand {
         /// Requests at once above the rate; defaults to the rate.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         burst: Option<u32>,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Give a tenant its own storage limits instead of the servers'
+    /// `KVQL_DEFAULT_MAX_KEYS` / `KVQL_DEFAULT_MAX_BYTES`: a number, `none`
+    /// for no limit, or `default` for the servers' setting again. A limit
+    /// not named stays as it is. Running servers apply it within the auth
+    /// cache TTL; a tenant already over a lowered limit keeps its data and
+    /// may delete or shrink, but not grow.
+    #[command(arg_required_else_help = true)]
+    SetQuota {
+        tenant: String,
+        /// Most keys holding a live value: a number, `none` or `default`.
+        #[arg(long, value_parser = QuotaLimit::parse, required_unless_present = "max_bytes")]
+        max_keys: Option<QuotaLimit>,
+        /// Most bytes of live values (keys' UTF-8 bytes plus values' compact
+        /// JSON): a number, `none` or `default`.
+        #[arg(long, value_parser = QuotaLimit::parse)]
+        max_bytes: Option<QuotaLimit>,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -328,6 +348,27 @@ async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
             users::set_tenant_rate(&db, &tenant, rate).await?;
             println!("{tenant}: request rate {}", rate_text(rate));
         }
+        TenantCommand::SetQuota {
+            tenant,
+            max_keys,
+            max_bytes,
+            database,
+        } => {
+            let db = open(&database).await?;
+            users::set_tenant_quota(&db, &tenant, max_keys, max_bytes).await?;
+            let Some(t) = users::list_tenants(&db, &clock, Some(&tenant))
+                .await?
+                .into_iter()
+                .next()
+            else {
+                bail!("no tenant named {tenant:?} (see `kvql tenant list`)");
+            };
+            println!(
+                "{tenant}: max keys {}, max bytes {}",
+                limit_text(t.quota.max_keys, "KVQL_DEFAULT_MAX_KEYS"),
+                limit_text(t.quota.max_bytes, "KVQL_DEFAULT_MAX_BYTES")
+            );
+        }
         TenantCommand::Show { tenant, database } => {
             let db = open(&database).await?;
             let Some(t) = users::list_tenants(&db, &clock, Some(&tenant))
@@ -343,6 +384,15 @@ async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
             println!("latest revision:    {}", t.revision);
             println!("compacted through:  {}", t.compacted_revision);
             println!("request rate:       {}", rate_text(t.rate));
+            println!("live bytes:         {}", t.live_bytes);
+            println!(
+                "max keys:           {}",
+                limit_text(t.quota.max_keys, "KVQL_DEFAULT_MAX_KEYS")
+            );
+            println!(
+                "max bytes:          {}",
+                limit_text(t.quota.max_bytes, "KVQL_DEFAULT_MAX_BYTES")
+            );
             println!("users:              {}", t.users);
             for u in users::list_users(&db, Some(&t.name)).await? {
                 let status = if u.disabled { " (disabled)" } else { "" };
@@ -351,6 +401,14 @@ async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn limit_text(limit: QuotaLimit, default: &str) -> String {
+    match limit {
+        QuotaLimit::Default => format!("the servers' {default}"),
+        QuotaLimit::Unlimited => "none".into(),
+        QuotaLimit::Max(n) => n.to_string(),
+    }
 }
 
 fn rate_text(rate: TenantRate) -> String {

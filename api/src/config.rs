@@ -200,6 +200,18 @@ pub struct Config {
     #[arg(long, env = "KVQL_WATCH_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
     pub watch_heartbeat: Duration,
 
+    /// Most keys a tenant may keep (live values), unless `kvql tenant
+    /// set-quota` gives it its own limit; beyond it a write answers 403
+    /// `QUOTA_EXCEEDED` and writes nothing. No limit unless set.
+    #[arg(long, env = "KVQL_DEFAULT_MAX_KEYS")]
+    pub default_max_keys: Option<u64>,
+
+    /// Most bytes a tenant's live values may hold (each counts its key's
+    /// UTF-8 bytes plus its value's compact JSON), unless `kvql tenant
+    /// set-quota` gives it its own limit. No limit unless set.
+    #[arg(long, env = "KVQL_DEFAULT_MAX_BYTES")]
+    pub default_max_bytes: Option<u64>,
+
     /// Largest value accepted, in bytes of compact JSON.
     #[arg(long, env = "KVQL_MAX_VALUE_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_value_bytes: u64,

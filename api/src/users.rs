@@ -13,6 +13,7 @@ use crate::auth::{Role, check_password_strength, hash_password, hashing};
 use crate::clock::Clock;
 use crate::db::Db;
 use crate::ratelimit::TenantRate;
+use crate::store::quota::{QuotaLimit, TenantQuota};
 
 /// A user as listed by `kvql user list`.
 #[derive(Clone, Debug)]
@@ -38,6 +39,10 @@ pub struct TenantInfo {
     pub compacted_revision: i64,
     /// Its own request rate, if it has one.
     pub rate: TenantRate,
+    /// The bytes of its live values (see `store::quota`).
+    pub live_bytes: i64,
+    /// Its own storage limits, if it has any.
+    pub quota: TenantQuota,
 }
 
 /// Every tenant, by name, or the one named `only` (none if it does not
@@ -57,9 +62,12 @@ pub async fn list_tenants(
     };
     let sql = format!(
         r#"SELECT t.name, t.created_at, t.revision, t.compacted_revision, t.rate_limit, t.rate_burst,
+             t.max_keys, t.max_bytes,
              (SELECT count(*) FROM "user" u WHERE u.tenant_id = t.id) AS users,
              (SELECT count(*) FROM object o WHERE o.tenant_id = t.id
-                AND (o.expires_at IS NULL OR o.expires_at > $1)) AS live_keys
+                AND (o.expires_at IS NULL OR o.expires_at > $1)) AS live_keys,
+             (SELECT CAST(COALESCE(sum(o.size), 0) AS BIGINT) FROM object o WHERE o.tenant_id = t.id
+                AND (o.expires_at IS NULL OR o.expires_at > $1)) AS live_bytes
            FROM tenant t {filter} ORDER BY t.name"#
     );
     let mut values: Vec<sea_orm::Value> = vec![clock.now_ms().into()];
@@ -83,6 +91,11 @@ pub async fn list_tenants(
                     row.try_get("", "rate_limit")?,
                     row.try_get("", "rate_burst")?,
                 ),
+                live_bytes: row.try_get("", "live_bytes")?,
+                quota: TenantQuota::from_columns(
+                    row.try_get("", "max_keys")?,
+                    row.try_get("", "max_bytes")?,
+                ),
             })
         })
         .collect()
@@ -100,6 +113,30 @@ pub async fn set_tenant_rate(db: &Db, tenant_name: &str, rate: TenantRate) -> an
             .filter(tenant::Column::Name.eq(tenant_name)),
         || format!("no tenant named {tenant_name:?} (see `kvql tenant list`)"),
     )
+    .await
+}
+
+/// Sets a tenant's own storage limits; `None` leaves a limit as it is.
+/// Running servers apply them within the auth cache TTL.
+pub async fn set_tenant_quota(
+    db: &Db,
+    tenant_name: &str,
+    max_keys: Option<QuotaLimit>,
+    max_bytes: Option<QuotaLimit>,
+) -> anyhow::Result<()> {
+    if max_keys.is_none() && max_bytes.is_none() {
+        bail!("nothing to set: give a limit on keys, bytes or both");
+    }
+    let mut update = tenant::Entity::update_many().filter(tenant::Column::Name.eq(tenant_name));
+    if let Some(limit) = max_keys {
+        update = update.col_expr(tenant::Column::MaxKeys, Expr::value(limit.to_column()));
+    }
+    if let Some(limit) = max_bytes {
+        update = update.col_expr(tenant::Column::MaxBytes, Expr::value(limit.to_column()));
+    }
+    update_one(db, update, || {
+        format!("no tenant named {tenant_name:?} (see `kvql tenant list`)")
+    })
     .await
 }
 

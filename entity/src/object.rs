@@ -23,6 +23,9 @@ pub struct Model {
     pub revision: i64,
     /// The revision of the write that created this value.
     pub created_revision: i64,
+    /// The bytes this value counts for in its tenant's quota: the key's
+    /// UTF-8 bytes plus the data's compact JSON text.
+    pub size: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

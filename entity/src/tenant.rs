@@ -18,6 +18,16 @@ pub struct Model {
     pub rate_limit: Option<i64>,
     /// The burst for `rate_limit`: `None` for as many as the rate.
     pub rate_burst: Option<i64>,
+    /// Rows this tenant has in `object` (expired ones until swept), kept by
+    /// triggers (see the quotas migration).
+    pub used_keys: i64,
+    /// The sum of those rows' `size`.
+    pub used_bytes: i64,
+    /// The tenant's own limit on `used_keys`: `None` keeps the servers'
+    /// default, a negative value lifts the limit.
+    pub max_keys: Option<i64>,
+    /// The tenant's own limit on `used_bytes`, like `max_keys`.
+    pub max_bytes: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -11,6 +11,7 @@ mod m20261125_000005_user_token_generation;
 mod m20261126_000006_revisions;
 mod m20261127_000007_tenant_rate_limit;
 mod m20261127_000008_api_key;
+mod m20261207_000009_quotas;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000006_revisions::Migration),
             Box::new(m20261127_000007_tenant_rate_limit::Migration),
             Box::new(m20261127_000008_api_key::Migration),
+            Box::new(m20261207_000009_quotas::Migration),
         ]
     }
 }

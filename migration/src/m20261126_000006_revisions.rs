@@ -139,7 +139,7 @@ impl MigrationTrait for Migration {
 /// counters' locks sees the tombstones of every transaction that committed
 /// while it waited, which one statement, whose snapshot predates its locks,
 /// would not.
-const WRITE_RUN: &str = r#"
+pub(crate) const WRITE_RUN: &str = r#"
 CREATE OR REPLACE FUNCTION kvql_write_run(
     p_tenants bigint[], p_keys text[], p_data text[], p_expires bigint[],
     p_offsets bigint[], p_now bigint, p_create_only boolean)

@@ -439,6 +439,56 @@ async fn tenant_list_and_show_count_users_and_live_keys() {
     let refused = kvql(&app, &["tenant", "set-rate", "no-such-tenant", "5"], None);
     assert!(!refused.status.success());
 
+    assert!(show.contains("live bytes:         4"), "{show}");
+    for (args, keys, bytes) in [
+        (
+            &["--max-keys", "10", "--max-bytes", "1000"][..],
+            "10",
+            "1000",
+        ),
+        (&["--max-keys", "none"][..], "none", "1000"),
+        (
+            &["--max-bytes", "default"][..],
+            "none",
+            "the servers' KVQL_DEFAULT_MAX_BYTES",
+        ),
+        (
+            &["--max-keys", "0"][..],
+            "0",
+            "the servers' KVQL_DEFAULT_MAX_BYTES",
+        ),
+    ] {
+        let mut command = vec!["tenant", "set-quota", "tenant-cli"];
+        command.extend_from_slice(args);
+        let set = kvql(&app, &command, None);
+        assert!(set.status.success(), "{}", text(&set.stderr));
+        let show = text(&kvql(&app, &["tenant", "show", "tenant-cli"], None).stdout);
+        assert!(
+            show.contains(&format!("max keys:           {keys}")),
+            "{args:?}: {show}"
+        );
+        assert!(
+            show.contains(&format!("max bytes:          {bytes}")),
+            "{args:?}: {show}"
+        );
+    }
+    for bad in [
+        &[][..],
+        &["--max-keys", "-1"][..],
+        &["--max-bytes", "lots"][..],
+    ] {
+        let mut command = vec!["tenant", "set-quota", "tenant-cli"];
+        command.extend_from_slice(bad);
+        let refused = kvql(&app, &command, None);
+        assert!(!refused.status.success(), "{bad:?} was accepted");
+    }
+    let refused = kvql(
+        &app,
+        &["tenant", "set-quota", "no-such-tenant", "--max-keys", "5"],
+        None,
+    );
+    assert!(!refused.status.success());
+
     let missing = kvql(&app, &["tenant", "show", "no-such-tenant"], None);
     assert!(!missing.status.success());
     assert!(

@@ -26,6 +26,7 @@ mod nodes;
 mod objects;
 mod openapi;
 mod pages;
+mod quotas;
 mod readme_flow;
 mod subscriptions;
 mod tenancy;

@@ -5,12 +5,13 @@ use async_graphql::{
     ComplexObject, Enum, ID, InputObject, InputValueError, InputValueResult, Json, MaybeUndefined,
     Object, OutputType, Positioned, Scalar, ScalarType, ServerResult, SimpleObject, Value,
 };
-use async_graphql::{ContextSelectionSet, parser::types::Field, registry::Registry};
+use async_graphql::{Context, ContextSelectionSet, parser::types::Field, registry::Registry};
 use async_graphql::{Name, indexmap::IndexMap};
 use async_graphql_value::RAW_VALUE_TOKEN;
 use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
+use super::ContextExt;
 use crate::clock::rfc3339;
 use crate::error::ApiError;
 use crate::store;
@@ -60,6 +61,32 @@ impl ScalarType for Revision {
         store::Revision::parse_text("revision", &raw)
             .map(|r| Revision(r.get()))
             .map_err(|e| InputValueError::custom(e.to_string()))
+    }
+
+    fn to_value(&self) -> Value {
+        Value::String(self.0.to_string())
+    }
+}
+
+/// A 64-bit count (keys, bytes), sent as a decimal string (e.g. `"1048576"`)
+/// so that JavaScript clients never lose precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Count(pub u64);
+
+/// A 64-bit count (keys, bytes), sent as a decimal string (e.g. `"1048576"`)
+/// so that JavaScript clients never lose precision. Inputs accept the
+/// string or an Int.
+#[Scalar(name = "Count")]
+impl ScalarType for Count {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        let raw = match &value {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return Err(InputValueError::expected_type(value)),
+        };
+        raw.parse::<u64>()
+            .map(Count)
+            .map_err(|_| InputValueError::custom("expected a count: digits, 0 or more"))
     }
 
     fn to_value(&self) -> Value {
@@ -538,6 +565,45 @@ impl Me {
     async fn can_write(&self) -> bool {
         self.role != Role::Reader
     }
+
+    /// What your tenant stores in live values (the whole tenant, even for
+    /// an API key restricted to a prefix).
+    async fn usage(&self, ctx: &Context<'_>) -> async_graphql::Result<Usage> {
+        let usage = ctx.state().store().usage(ctx.principal()?).await?;
+        let count = |n: i64| Count(u64::try_from(n).unwrap_or(0));
+        Ok(Usage {
+            keys: count(usage.keys),
+            bytes: count(usage.bytes),
+        })
+    }
+
+    /// Your tenant's limits in force: a write that would take `usage` past
+    /// them fails with `QUOTA_EXCEEDED` and writes nothing.
+    async fn quota(&self, ctx: &Context<'_>) -> async_graphql::Result<Quota> {
+        let quota = ctx.state().store().quota(ctx.principal()?);
+        Ok(Quota {
+            max_keys: quota.max_keys.map(Count),
+            max_bytes: quota.max_bytes.map(Count),
+        })
+    }
+}
+
+/// What a tenant stores in live values.
+#[derive(SimpleObject)]
+pub struct Usage {
+    /// Keys holding a live value.
+    pub keys: Count,
+    /// Their bytes: each key's UTF-8 bytes plus its value's compact JSON.
+    pub bytes: Count,
+}
+
+/// A tenant's limits in force (its own, or the servers' defaults).
+#[derive(SimpleObject)]
+pub struct Quota {
+    /// Most keys it may keep; null: no limit.
+    pub max_keys: Option<Count>,
+    /// Most bytes its values may hold; null: no limit.
+    pub max_bytes: Option<Count>,
 }
 
 /// What happened to a key.

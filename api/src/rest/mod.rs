@@ -6,6 +6,7 @@ mod body;
 mod changes;
 mod keys;
 mod params;
+mod usage;
 mod users;
 
 pub use allow::{all_methods, allowed_methods};
@@ -49,6 +50,8 @@ enum Tag {
     Users,
     /// API keys for apps (owners).
     Keys,
+    /// Your tenant's usage and quota.
+    Usage,
     /// Liveness and readiness probes.
     Health,
 }
@@ -539,7 +542,7 @@ enum ReadyResponse {
 pub struct RestApi;
 
 /// Every REST route: the values, and tenant administration.
-pub type Apis = (RestApi, users::UsersApi, keys::KeysApi);
+pub type Apis = (RestApi, users::UsersApi, keys::KeysApi, usage::UsageApi);
 
 /// Declares, per route, the error statuses it can answer with.
 macro_rules! error_statuses {
@@ -1086,7 +1089,7 @@ impl RestApi {
 /// The OpenAPI service for these routes.
 pub fn service() -> poem_openapi::OpenApiService<Apis, ()> {
     poem_openapi::OpenApiService::new(
-        (RestApi, users::UsersApi, keys::KeysApi),
+        (RestApi, users::UsersApi, keys::KeysApi, usage::UsageApi),
         "kvql",
         env!("CARGO_PKG_VERSION"),
     )

@@ -18,6 +18,7 @@ mod cache;
 pub mod events;
 mod feed;
 mod queue;
+pub mod quota;
 mod read;
 mod sql;
 mod sqlite;
@@ -62,6 +63,8 @@ pub struct Limits {
     pub max_feeds: u64,
     /// Most change feeds one user holds open on this node.
     pub max_feeds_per_user: u64,
+    /// The limits of tenants that have none of their own.
+    pub default_quota: quota::Quota,
 }
 
 /// A value to write, parsed.
@@ -70,6 +73,14 @@ pub struct Item {
     pub key: Key,
     pub data: Data,
     pub ttl: Option<Ttl>,
+}
+
+impl Item {
+    /// The bytes it counts for in its tenant's quota: the key's UTF-8 bytes
+    /// plus the data's compact JSON text.
+    pub fn size(&self) -> i64 {
+        (self.key.as_str().len() + self.data.as_str().len()) as i64
+    }
 }
 
 /// The outcome of a put: the object and whether it was created.
@@ -718,6 +729,23 @@ impl Store {
         self.inner.committer.submit(job).await
     }
 
+    /// The writer's tenant's limits in force, if it has any.
+    fn quota_of(&self, writer: Writer<'_>) -> Option<quota::Quota> {
+        Some(writer.quota().resolve(self.inner.limits.default_quota)).filter(|q| !q.is_unlimited())
+    }
+
+    /// What the caller's tenant stores in live values. Counts the whole
+    /// tenant, whatever prefix an API key is restricted to (as revisions do).
+    pub async fn usage(&self, caller: &Principal) -> Result<quota::Usage, ApiError> {
+        let now = self.inner.clock.now_ms();
+        sql::live_usage(&self.inner.db.read, caller.tenant(), now).await
+    }
+
+    /// The caller's tenant's limits in force.
+    pub fn quota(&self, caller: &Principal) -> quota::Quota {
+        caller.quota.resolve(self.inner.limits.default_quota)
+    }
+
     /// Runs one operation; its outcome or error.
     async fn run_one(&self, writer: Writer<'_>, key: String, op: Op) -> Result<Outcome, ApiError> {
         let op = within(writer, op)?;
@@ -725,6 +753,7 @@ impl Store {
             tenant: writer.tenant(),
             ops: vec![(key, Ok(op))],
             atomic: false,
+            quota: self.quota_of(writer),
         };
         self.run(job)
             .await?
@@ -749,6 +778,7 @@ impl Store {
                 .map(|(key, parsed)| (key, parsed.map(&op).and_then(|op| within(writer, op))))
                 .collect(),
             atomic: atomicity == Atomicity::Atomic,
+            quota: self.quota_of(writer),
         };
         Ok(BatchOutcome::new(keys, self.run(job).await?))
     }

@@ -8,6 +8,7 @@ use sea_orm::prelude::async_trait::async_trait;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, QueryResult, Statement, Value};
 
 use super::events::EventKind;
+use super::quota::Usage;
 use super::types::{Change, Data, Expect, Key, Prefix, Watch};
 use super::{Item, Object};
 use crate::auth::TenantId;
@@ -522,9 +523,11 @@ const RECREATE_ASSIGNMENTS: &str = "version = object.version + 1, \
 
 /// The columns an insert names and the upsert's common assignments.
 const INSERT_HEAD: &str = r#"INSERT INTO object
-    (tenant_id, "key", data, version, revision, created_revision, expires_at, created_at, updated_at)"#;
+    (tenant_id, "key", data, size, version, revision, created_revision, expires_at, created_at,
+     updated_at)"#;
 const UPSERT_COMMON: &str = r#"ON CONFLICT (tenant_id, "key") DO UPDATE SET
-    data = excluded.data, revision = excluded.revision, expires_at = excluded.expires_at,
+    data = excluded.data, size = excluded.size, revision = excluded.revision,
+    expires_at = excluded.expires_at,
     updated_at = excluded.updated_at,"#;
 
 /// `INSERT` of a new row, up to `DO UPDATE SET` and its common assignments.
@@ -532,10 +535,11 @@ fn insert(sql: &mut Sql, tenant: TenantId, item: &Item, revision: i64, now: i64)
     let t = sql.arg(tenant.get());
     let k = sql.arg(item.key.as_str());
     let d = sql.json_arg(&item.data);
+    let s = sql.arg(item.size());
     let r = sql.arg(revision);
     let e = sql.arg(expires_at(item, now));
     let n = sql.arg(now);
-    format!("{INSERT_HEAD} VALUES ({t}, {k}, {d}, 1, {r}, {r}, {e}, {n}, {n}) {UPSERT_COMMON}")
+    format!("{INSERT_HEAD} VALUES ({t}, {k}, {d}, {s}, 1, {r}, {r}, {e}, {n}, {n}) {UPSERT_COMMON}")
 }
 
 /// Runs a write with `RETURNING` and gives its first row. The statement is
@@ -630,12 +634,13 @@ async fn write_chunk<C: WriteConn>(
             let t = sql.next(tenant.get());
             let k = sql.next(item.key.as_str());
             let d = json_cast(backend, sql.next(item.data.as_str()));
+            let s = sql.next(item.size());
             let r = sql.next(*revision);
             let cr = sql.next(*revision);
             let e = sql.next(expires_at(item, now));
             let c = sql.next(now);
             let u = sql.next(now);
-            format!("({t}, {k}, {d}, 1, {r}, {cr}, {e}, {c}, {u})")
+            format!("({t}, {k}, {d}, {s}, 1, {r}, {cr}, {e}, {c}, {u})")
         })
         .collect();
     let mut expired = || {
@@ -851,13 +856,14 @@ pub(super) async fn put<C: WriteConn>(
     };
     let mut sql = Sql::new(backend);
     let d = sql.json_arg(&item.data);
+    let s = sql.arg(item.size());
     let r = sql.arg(revision);
     let e = sql.arg(expires_at(item, now));
     let n = sql.arg(now);
     let t = sql.arg(tenant.get());
     let k = sql.arg(item.key.as_str());
     sql.push(&format!(
-        r#"UPDATE object SET data = {d}, revision = {r}, expires_at = {e}, updated_at = {n},
+        r#"UPDATE object SET data = {d}, size = {s}, revision = {r}, expires_at = {e}, updated_at = {n},
              version = version + 1
            WHERE tenant_id = {t} AND "key" = {k} AND {}"#,
         live(&n)
@@ -992,7 +998,10 @@ pub(super) async fn sweep<C: WriteConn>(
            RETURNING tenant_id, "key", version"#,
         expired = expired("", &n)
     ));
-    let rows = conn.query(sql.build()).await?;
+    expired_rows(conn.query(sql.build()).await?)
+}
+
+fn expired_rows<R: WriteRow>(rows: Vec<R>) -> Result<Vec<Expired>, ApiError> {
     rows.iter()
         .map(|r| {
             Ok(Expired {
@@ -1003,6 +1012,87 @@ pub(super) async fn sweep<C: WriteConn>(
             })
         })
         .collect()
+}
+
+/// Deletes up to `limit` expired rows of one tenant, whose counter the
+/// transaction already holds (see `write`: a write that may break its
+/// tenant's quota first removes what no longer counts). Found through the
+/// expiry index, whose range of expired rows the sweeper keeps short, not
+/// through the tenant's keys.
+pub(super) async fn sweep_tenant<C: WriteConn>(
+    conn: &C,
+    tenant: i64,
+    limit: u32,
+    now: i64,
+) -> Result<Vec<Expired>, ApiError> {
+    let backend = conn.backend();
+    let mut sql = Sql::new(backend);
+    let t = sql.arg(tenant);
+    let n = sql.arg(now);
+    let l = sql.arg(i64::from(limit));
+    let by_expiry = match backend {
+        DatabaseBackend::Sqlite => " INDEXED BY idx_object_expires_at",
+        _ => "",
+    };
+    sql.push(&format!(
+        r#"DELETE FROM object WHERE (tenant_id, "key") IN (
+             SELECT tenant_id, "key" FROM object{by_expiry}
+             WHERE {} AND tenant_id = {t}
+             ORDER BY expires_at LIMIT {l})
+           RETURNING tenant_id, "key", version"#,
+        expired("", &n)
+    ));
+    expired_rows(conn.query(sql.build()).await?)
+}
+
+/// What `tenant` stores now, expired rows not yet swept included (see the
+/// quotas migration). In a write transaction, after its counter is locked.
+pub(super) async fn usage<C: WriteConn>(conn: &C, tenant: i64) -> Result<Usage, ApiError> {
+    let mut sql = Sql::new(conn.backend());
+    let t = sql.arg(tenant);
+    sql.push(&format!(
+        "SELECT used_keys, used_bytes FROM tenant WHERE id = {t}"
+    ));
+    match conn.query(sql.build()).await?.first() {
+        Some(row) => Ok(Usage {
+            keys: row.int("used_keys")?,
+            bytes: row.int("used_bytes")?,
+        }),
+        None => Ok(Usage::default()),
+    }
+}
+
+/// What `tenant`'s live values take: its counters less its expired rows not
+/// yet swept (found through the expiry index, as in [`sweep_tenant`]).
+pub(super) async fn live_usage(
+    conn: &impl ConnectionTrait,
+    tenant: TenantId,
+    now: i64,
+) -> Result<Usage, ApiError> {
+    let backend = conn.get_database_backend();
+    let mut sql = Sql::new(backend);
+    let t = sql.arg(tenant.get());
+    let n = sql.arg(now);
+    let t2 = sql.arg(tenant.get());
+    let by_expiry = match backend {
+        DatabaseBackend::Sqlite => " INDEXED BY idx_object_expires_at",
+        _ => "",
+    };
+    sql.push(&format!(
+        "SELECT t.used_keys - e.keys AS used_keys, t.used_bytes - e.bytes AS used_bytes
+         FROM tenant t,
+              (SELECT count(*) AS keys, CAST(COALESCE(sum(size), 0) AS BIGINT) AS bytes
+               FROM object{by_expiry} WHERE {} AND tenant_id = {t}) AS e
+         WHERE t.id = {t2}",
+        expired("", &n)
+    ));
+    match conn.query_all_raw(sql.build()).await?.first() {
+        Some(row) => Ok(Usage {
+            keys: row.try_get("", "used_keys")?,
+            bytes: row.try_get("", "used_bytes")?,
+        }),
+        None => Ok(Usage::default()),
+    }
 }
 
 /// Raises `tenant`'s revision counter by `n` and returns the first of the

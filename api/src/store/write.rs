@@ -24,6 +24,7 @@ use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
 
 use super::events::EventKind;
+use super::quota::{Quota, Usage};
 use super::sql::WriteConn;
 use super::sqlite::{self, SqliteTxn, SqliteWriter};
 use super::types::{Change, Expect, Key};
@@ -154,22 +155,79 @@ impl Outcome {
 /// `sql::reserve_revisions`), handed out in the order the operations run.
 struct Revisions(HashMap<i64, i64>);
 
+/// Most expired rows of its tenant a write that may break a quota removes
+/// first; beyond, the rest count until the sweeper removes them.
+const QUOTA_SWEEP_LIMIT: u32 = 10_000;
+
+/// What one tenant's operations in a transaction need from its counter.
+#[derive(Default)]
+struct Demand {
+    ops: i64,
+    /// The writes' keys and bytes, at most: what they may add.
+    keys: i64,
+    bytes: i64,
+    quota: Option<Quota>,
+}
+
+/// What reserving did besides the revisions: for each tenant with a quota,
+/// its usage once its counter was locked (and its expired rows removed, if
+/// the writes might otherwise break the quota), and the rows so expired.
+#[derive(Default)]
+struct Prepared {
+    usage: HashMap<i64, Usage>,
+    swept: Vec<sql::Expired>,
+}
+
 impl Revisions {
     /// Reserves one revision per operation, tenant by tenant in id order (so
-    /// that transactions lock the counters in one order).
-    async fn reserve<C: WriteConn>(
+    /// that transactions lock the counters in one order). A tenant with a
+    /// quota that these writes might break first has its expired rows
+    /// removed (logged as expiries, at revisions before the writes'), so that
+    /// its usage counts live values only.
+    async fn reserve<'a, C: WriteConn>(
         conn: &C,
-        tenants: impl Iterator<Item = i64>,
-    ) -> Result<Revisions, ApiError> {
-        let mut counts = std::collections::BTreeMap::<i64, i64>::new();
-        for t in tenants {
-            *counts.entry(t).or_default() += 1;
+        steps: impl Iterator<Item = &'a Step<'a>>,
+        now: i64,
+    ) -> Result<(Revisions, Prepared), ApiError> {
+        let mut demands = std::collections::BTreeMap::<i64, Demand>::new();
+        for step in steps {
+            let Ok(op) = step.op else { continue };
+            let d = demands.entry(step.tenant.get()).or_default();
+            d.ops += 1;
+            if let Op::Create(item) | Op::Put(item, _) = op {
+                d.keys += 1;
+                d.bytes = d.bytes.saturating_add(item.size());
+            }
+            d.quota = d.quota.or(step.quota.copied());
         }
-        let mut next = HashMap::with_capacity(counts.len());
-        for (tenant, n) in counts {
-            next.insert(tenant, sql::reserve_revisions(conn, tenant, n).await?);
+        let mut next = HashMap::with_capacity(demands.len());
+        let mut prepared = Prepared::default();
+        for (tenant, d) in demands {
+            let mut first = sql::reserve_revisions(conn, tenant, d.ops).await?;
+            if let Some(quota) = d.quota {
+                let mut usage = sql::usage(conn, tenant).await?;
+                if quota.may_exceed(usage, d.keys, d.bytes) {
+                    let mut expired =
+                        sql::sweep_tenant(conn, tenant, QUOTA_SWEEP_LIMIT, now).await?;
+                    if !expired.is_empty() {
+                        // The writes take revisions after the expiries: a
+                        // key expired here may be written again below.
+                        let m = expired.len() as i64;
+                        let start = sql::reserve_revisions(conn, tenant, m + d.ops).await?;
+                        for (i, e) in expired.iter_mut().enumerate() {
+                            e.revision = start + i as i64;
+                        }
+                        first = start + m;
+                        record(conn, &expiries(&expired, now)).await?;
+                        usage = sql::usage(conn, tenant).await?;
+                        prepared.swept.append(&mut expired);
+                    }
+                }
+                prepared.usage.insert(tenant, usage);
+            }
+            next.insert(tenant, first);
         }
-        Ok(Revisions(next))
+        Ok((Revisions(next), prepared))
     }
 
     fn next(&mut self, tenant: i64) -> i64 {
@@ -189,6 +247,41 @@ pub(super) struct Job {
     /// The key as the client sent it, and the operation or why it could not be parsed.
     pub ops: Vec<(String, Result<Op, ApiError>)>,
     pub atomic: bool,
+    /// The tenant's limits, if it has any: each operation (or an atomic
+    /// job as a whole) that would break one fails with `QUOTA_EXCEEDED`
+    /// and writes nothing.
+    pub quota: Option<Quota>,
+}
+
+/// One operation of a transaction, with its job's tenant and quota.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    tenant: TenantId,
+    key: &'a str,
+    op: Result<&'a Op, &'a ApiError>,
+    quota: Option<&'a Quota>,
+}
+
+impl Job {
+    fn steps(&self) -> impl Iterator<Item = Step<'_>> {
+        self.ops.iter().map(|(key, op)| Step {
+            tenant: self.tenant,
+            key: key.as_str(),
+            op: op.as_ref(),
+            quota: self.quota.as_ref(),
+        })
+    }
+}
+
+/// Expiry changes for rows removed at their revisions.
+fn expiries(expired: &[sql::Expired], now: i64) -> Vec<(i64, Change)> {
+    expired
+        .iter()
+        .map(|e| {
+            let change = Change::gone(EventKind::Expire, e.revision, e.key.clone(), e.version, now);
+            (e.tenant, change)
+        })
+        .collect()
 }
 
 async fn exec<C: WriteConn>(
@@ -231,30 +324,35 @@ fn mergeable(op: &Op) -> Option<(bool, &Item)> {
 }
 
 /// Executes operations in order, merging runs of same-kind mergeable writes
-/// to distinct keys into multi-row statements. `Err` only for database
-/// failures.
+/// to distinct keys into multi-row statements. With `per_op_quota`, each
+/// write of a tenant with a quota runs alone on a savepoint, undone if it
+/// broke the quota (`usage`: the tenants' usage so far). `Err` only for
+/// database failures.
 async fn exec_seq<C: WriteConn>(
     conn: &C,
-    ops: &[(TenantId, Result<&Op, &ApiError>)],
+    ops: &[Step<'_>],
     revisions: &mut Revisions,
+    usage: &mut HashMap<i64, Usage>,
+    per_op_quota: bool,
     now: i64,
 ) -> Result<Vec<Result<Outcome, ApiError>>, ApiError> {
     let mut results: Vec<Result<Outcome, ApiError>> = Vec::with_capacity(ops.len());
+    let checked = |step: &Step<'_>| per_op_quota && step.quota.is_some();
     let mut i = 0;
     while i < ops.len() {
-        let run_kind = match &ops[i].1 {
-            Ok(op) => mergeable(op).map(|(create, _)| create),
-            Err(_) => None,
+        let run_kind = match &ops[i].op {
+            Ok(op) if !checked(&ops[i]) => mergeable(op).map(|(create, _)| create),
+            _ => None,
         };
         let mut run: Vec<sql::Row<'_>> = Vec::new();
         if let Some(create) = run_kind {
             let mut seen = std::collections::HashSet::new();
-            for (tenant, op) in &ops[i..] {
-                match op.ok().and_then(|op| mergeable(op)) {
+            for step in &ops[i..] {
+                match step.op.ok().filter(|_| !checked(step)).and_then(mergeable) {
                     Some((c, item))
-                        if c == create && seen.insert((tenant.get(), item.key.as_str())) =>
+                        if c == create && seen.insert((step.tenant.get(), item.key.as_str())) =>
                     {
-                        run.push((*tenant, item, 0))
+                        run.push((step.tenant, item, 0))
                     }
                     _ => break,
                 }
@@ -271,10 +369,18 @@ async fn exec_seq<C: WriteConn>(
             }
             i += n;
         } else {
-            let (tenant, op) = &ops[i];
-            let result = match op {
-                Ok(op) => exec(conn, *tenant, op, revisions.next(tenant.get()), now).await,
-                Err(e) => Err((*e).clone()),
+            let step = &ops[i];
+            let result = match step.op {
+                Ok(op) => {
+                    let revision = revisions.next(step.tenant.get());
+                    match step.quota.filter(|_| per_op_quota) {
+                        Some(quota) => {
+                            exec_within(conn, step.tenant, op, quota, usage, revision, now).await
+                        }
+                        None => exec(conn, step.tenant, op, revision, now).await,
+                    }
+                }
+                Err(e) => Err(e.clone()),
             };
             if let Err(e @ ApiError::Internal(_)) = result {
                 return Err(e);
@@ -284,6 +390,48 @@ async fn exec_seq<C: WriteConn>(
         }
     }
     Ok(results)
+}
+
+/// Executes one operation of a tenant with a quota on a savepoint, undone
+/// with `QUOTA_EXCEEDED` if it broke the quota. `usage` holds the tenant's
+/// usage before it (read if missing) and is brought up to date.
+async fn exec_within<C: WriteConn>(
+    conn: &C,
+    tenant: TenantId,
+    op: &Op,
+    quota: &Quota,
+    usage: &mut HashMap<i64, Usage>,
+    revision: i64,
+    now: i64,
+) -> Result<Outcome, ApiError> {
+    if let Op::Delete(..) = op {
+        usage.remove(&tenant.get());
+        return exec(conn, tenant, op, revision, now).await;
+    }
+    let before = match usage.get(&tenant.get()) {
+        Some(u) => *u,
+        None => sql::usage(conn, tenant.get()).await?,
+    };
+    conn.execute("SAVEPOINT kvql_quota").await?;
+    let result = match exec(conn, tenant, op, revision, now).await {
+        Ok(outcome) => {
+            let after = sql::usage(conn, tenant.get()).await?;
+            match quota.check(before, after) {
+                Ok(()) => {
+                    usage.insert(tenant.get(), after);
+                    Ok(outcome)
+                }
+                Err(refused) => {
+                    conn.execute("ROLLBACK TO SAVEPOINT kvql_quota").await?;
+                    usage.insert(tenant.get(), before);
+                    Err(refused)
+                }
+            }
+        }
+        Err(e) => Err(e),
+    };
+    conn.execute("RELEASE SAVEPOINT kvql_quota").await?;
+    result
 }
 
 /// Appends committed changes of `(tenant, change)` to the change log, and
@@ -300,32 +448,37 @@ async fn record<C: WriteConn>(conn: &C, changes: &[(i64, Change)]) -> Result<(),
     sql::write_tombstones(conn, &gone).await
 }
 
+/// What [`exec_in_key_order`] did: one result per operation, in the order
+/// given; the rows it expired first (see [`Revisions::reserve`]); and the
+/// usage of each tenant with a quota before its writes.
+struct Done {
+    results: Vec<Result<Outcome, ApiError>>,
+    swept: Vec<sql::Expired>,
+    before: HashMap<i64, Usage>,
+}
+
 /// Executes operations in `(tenant, key)` order, those on one key in the
 /// order given, so that every transaction locks rows in one order
-/// (PostgreSQL), each at a revision of its own, and logs the changes made;
-/// the results come back in the order given. Runs inside a transaction.
-/// `Err` only for database failures.
+/// (PostgreSQL), each at a revision of its own, and logs the changes made.
+/// With `per_op_quota`, each write of a tenant with a quota is checked
+/// against it alone (see [`exec_seq`]). Runs inside a transaction. `Err`
+/// only for database failures.
 async fn exec_in_key_order<C: WriteConn>(
     conn: &C,
-    ops: &[(TenantId, &str, Result<&Op, &ApiError>)],
+    ops: &[Step<'_>],
+    per_op_quota: bool,
     now: i64,
-) -> Result<Vec<Result<Outcome, ApiError>>, ApiError> {
+) -> Result<Done, ApiError> {
     let mut order: Vec<usize> = (0..ops.len()).collect();
-    order.sort_by_key(|&i| (ops[i].0.get(), ops[i].1));
-    let sorted: Vec<_> = order.iter().map(|&i| (ops[i].0, ops[i].2)).collect();
-    let mut revisions = Revisions::reserve(
-        conn,
-        sorted
-            .iter()
-            .filter(|(_, op)| op.is_ok())
-            .map(|(tenant, _)| tenant.get()),
-    )
-    .await?;
-    let results = exec_seq(conn, &sorted, &mut revisions, now).await?;
+    order.sort_by_key(|&i| (ops[i].tenant.get(), ops[i].key));
+    let sorted: Vec<Step<'_>> = order.iter().map(|&i| ops[i]).collect();
+    let (mut revisions, prepared) = Revisions::reserve(conn, sorted.iter(), now).await?;
+    let mut usage = prepared.usage.clone();
+    let results = exec_seq(conn, &sorted, &mut revisions, &mut usage, per_op_quota, now).await?;
     let changes: Vec<(i64, Change)> = sorted
         .iter()
         .zip(&results)
-        .filter_map(|((tenant, _), r)| Some((tenant.get(), r.as_ref().ok()?.change(now))))
+        .filter_map(|(step, r)| Some((step.tenant.get(), r.as_ref().ok()?.change(now))))
         .collect();
     record(conn, &changes).await?;
     let mut by_index: Vec<Option<Result<Outcome, ApiError>>> = Vec::new();
@@ -333,7 +486,11 @@ async fn exec_in_key_order<C: WriteConn>(
     for (position, result) in results.into_iter().enumerate() {
         by_index[order[position]] = Some(result);
     }
-    Ok(filled(by_index))
+    Ok(Done {
+        results: filled(by_index),
+        swept: prepared.swept,
+        before: prepared.usage,
+    })
 }
 
 /// Results put back in their operations' places; a place left empty is an
@@ -351,15 +508,19 @@ fn filled(slots: Vec<Option<Result<Outcome, ApiError>>>) -> Vec<Result<Outcome, 
         .collect()
 }
 
+/// A job's result, and the rows its transaction expired before its writes
+/// (see [`Revisions::reserve`]): they are reported before it.
+type Applied = (JobResult, Vec<sql::Expired>);
+
 /// Applies a job's operations in order on `conn`. `Err` means the database
-/// failed and the caller must roll back; `Ok(Err(_))` is an atomic job that
-/// failed and wrote nothing (rolled back to `savepoint`, when given).
+/// failed and the caller must roll back; `Ok((Err(_), _))` is an atomic job
+/// that failed and wrote nothing (rolled back to `savepoint`, when given).
 async fn apply<C: WriteConn>(
     conn: &C,
     job: &Job,
     now: i64,
     savepoint: bool,
-) -> Result<JobResult, ApiError> {
+) -> Result<Applied, ApiError> {
     let savepoint = savepoint && job.atomic;
     if savepoint {
         conn.execute("SAVEPOINT kvql_job").await?;
@@ -367,35 +528,41 @@ async fn apply<C: WriteConn>(
     // Operations run in key order, and writes to one key in request order:
     // concurrent jobs over the same keys then lock rows in the same order and
     // cannot deadlock (PostgreSQL). An atomic job runs to the end so that
-    // its first failing item in request order is the one reported.
-    let ops: Vec<_> = job
-        .ops
-        .iter()
-        .map(|(key, op)| (job.tenant, key.as_str(), op.as_ref()))
-        .collect();
-    let results = exec_in_key_order(conn, &ops, now).await?;
-    if job.atomic
-        && let Some(index) = results.iter().position(Result::is_err)
-    {
+    // its first failing item in request order is the one reported; its
+    // quota is checked once, on what all its writes together did.
+    let ops: Vec<_> = job.steps().collect();
+    let done = exec_in_key_order(conn, &ops, !job.atomic, now).await?;
+    let failure = if !job.atomic {
+        None
+    } else if let Some(index) = done.results.iter().position(Result::is_err) {
+        let source = done.results[index]
+            .as_ref()
+            .err()
+            .cloned()
+            .unwrap_or_else(|| ApiError::internal(anyhow::anyhow!("lost a batch error")));
+        Some(ApiError::BatchItem {
+            index,
+            key: job.ops[index].0.clone(),
+            source: Box::new(source),
+        })
+    } else if let Some(quota) = job.quota {
+        let after = sql::usage(conn, job.tenant.get()).await?;
+        let before = done.before.get(&job.tenant.get()).copied();
+        quota.check(before.unwrap_or(after), after).err()
+    } else {
+        None
+    };
+    if let Some(failure) = failure {
         if savepoint {
             conn.execute("ROLLBACK TO SAVEPOINT kvql_job").await?;
             conn.execute("RELEASE SAVEPOINT kvql_job").await?;
         }
-        let source = results
-            .into_iter()
-            .nth(index)
-            .and_then(Result::err)
-            .unwrap_or_else(|| ApiError::internal(anyhow::anyhow!("lost a batch error")));
-        return Ok(Err(ApiError::BatchItem {
-            index,
-            key: job.ops[index].0.clone(),
-            source: Box::new(source),
-        }));
+        return Ok((Err(failure), Vec::new()));
     }
     if savepoint {
         conn.execute("RELEASE SAVEPOINT kvql_job").await?;
     }
-    Ok(Ok(results))
+    Ok((Ok(done.results), done.swept))
 }
 
 /// The sqlx error under an internal error, if that is what it is.
@@ -449,11 +616,11 @@ const MAX_ATTEMPTS: u32 = 5;
 /// Runs one job on its own: a single operation as one statement, several in
 /// one transaction. A transaction PostgreSQL aborted to break a deadlock
 /// (e.g. two batches touching the same keys in opposite orders) is run again.
-async fn run_alone<C: GroupConn>(conn: &C, job: &Job, clock: &Clock) -> JobResult {
+async fn run_alone<C: GroupConn>(conn: &C, job: &Job, clock: &Clock) -> Applied {
     let mut attempt = 1;
     loop {
         let result = run_alone_once(conn, job, clock.now_ms()).await;
-        match &result {
+        match &result.0 {
             Err(e) if attempt < MAX_ATTEMPTS && is_transient(e) => {
                 tracing::debug!(
                     attempt,
@@ -466,31 +633,36 @@ async fn run_alone<C: GroupConn>(conn: &C, job: &Job, clock: &Clock) -> JobResul
     }
 }
 
-async fn run_alone_once<C: GroupConn>(conn: &C, job: &Job, now: i64) -> JobResult {
+async fn run_alone_once<C: GroupConn>(conn: &C, job: &Job, now: i64) -> Applied {
     if let Some(pool) = conn.postgres()
         && let Some(run) = Run::of(&[job])
     {
-        return run
-            .write(pool, now)
-            .await?
-            .pop()
-            .unwrap_or_else(|| Err(ApiError::internal(anyhow::anyhow!("a job got no result"))));
+        let result = match run.write(pool, now).await {
+            Ok(mut results) => results
+                .pop()
+                .unwrap_or_else(|| Err(ApiError::internal(anyhow::anyhow!("a job got no result")))),
+            Err(e) => Err(e),
+        };
+        return (result, Vec::new());
     }
     // Even one write is a transaction: its revision and its change log
     // entry commit with it.
-    let txn = conn.begin_txn().await?;
+    let txn = match conn.begin_txn().await {
+        Ok(txn) => txn,
+        Err(e) => return (Err(e.into()), Vec::new()),
+    };
     match apply(&txn, job, now, false).await {
-        Ok(Ok(results)) => {
-            C::commit_txn(txn).await?;
-            Ok(results)
-        }
-        Ok(Err(failed)) => {
-            C::rollback_txn(txn).await?;
-            Err(failed)
-        }
+        Ok((Ok(results), swept)) => match C::commit_txn(txn).await {
+            Ok(()) => (Ok(results), swept),
+            Err(e) => (Err(e.into()), Vec::new()),
+        },
+        Ok((Err(failed), _)) => match C::rollback_txn(txn).await {
+            Ok(()) => (Err(failed), Vec::new()),
+            Err(e) => (Err(e.into()), Vec::new()),
+        },
         Err(e) => {
             let _ = C::rollback_txn(txn).await;
-            Err(e)
+            (Err(e), Vec::new())
         }
     }
 }
@@ -602,16 +774,19 @@ async fn expire_in<C: WriteConn>(
         return Ok(expired);
     }
     expired.sort_by(|a, b| (a.tenant, &a.key).cmp(&(b.tenant, &b.key)));
-    let mut revisions = Revisions::reserve(conn, expired.iter().map(|e| e.tenant)).await?;
-    let changes: Vec<(i64, Change)> = expired
-        .iter_mut()
-        .map(|e| {
-            e.revision = revisions.next(e.tenant);
-            let change = Change::gone(EventKind::Expire, e.revision, e.key.clone(), e.version, now);
-            (e.tenant, change)
-        })
-        .collect();
-    record(conn, &changes).await?;
+    let mut counts = std::collections::BTreeMap::<i64, i64>::new();
+    for e in &expired {
+        *counts.entry(e.tenant).or_default() += 1;
+    }
+    let mut revisions = Revisions(HashMap::with_capacity(counts.len()));
+    for (tenant, n) in counts {
+        let first = sql::reserve_revisions(conn, tenant, n).await?;
+        revisions.0.insert(tenant, first);
+    }
+    for e in expired.iter_mut() {
+        e.revision = revisions.next(e.tenant);
+    }
+    record(conn, &expiries(&expired, now)).await?;
     Ok(expired)
 }
 
@@ -719,7 +894,10 @@ async fn work<C: GroupConn>(conn: &C, clock: &Clock, group: Vec<Queued>, hooks: 
         let jobs: Vec<&Job> = writes.iter().map(|(job, _)| job).collect();
         (hooks.grouped)(jobs.len());
         let results = commit_group(conn, clock, &jobs).await;
-        for ((job, reply), result) in writes.into_iter().zip(results) {
+        for ((job, reply), (result, swept)) in writes.into_iter().zip(results) {
+            if !swept.is_empty() {
+                (hooks.swept)(&swept);
+            }
             (hooks.written)(&job, &result);
             let _ = reply.send(result);
         }
@@ -738,8 +916,9 @@ async fn work<C: GroupConn>(conn: &C, clock: &Clock, group: Vec<Queued>, hooks: 
     }
 }
 
-/// Applies a group of queued jobs, one result per job.
-async fn commit_group<C: GroupConn>(conn: &C, clock: &Clock, group: &[&Job]) -> Vec<JobResult> {
+/// Applies a group of queued jobs, one result per job (with the rows
+/// expired before it, see [`Applied`]).
+async fn commit_group<C: GroupConn>(conn: &C, clock: &Clock, group: &[&Job]) -> Vec<Applied> {
     if group.len() == 1 {
         return vec![run_alone(conn, group[0], clock).await];
     }
@@ -750,6 +929,7 @@ async fn commit_group<C: GroupConn>(conn: &C, clock: &Clock, group: &[&Job]) -> 
         Some((pool, run)) => run
             .write(pool, clock.now_ms())
             .await
+            .map(|results| results.into_iter().map(|r| (r, Vec::new())).collect())
             .map_err(|e| GroupFailure::at_commit(conn, e)),
         None => run_group(conn, group, clock.now_ms()).await,
     };
@@ -760,7 +940,7 @@ async fn commit_group<C: GroupConn>(conn: &C, clock: &Clock, group: &[&Job]) -> 
     match failure {
         GroupFailure::Unknown(e) | GroupFailure::NotStarted(e) => {
             tracing::error!(error = ?e, jobs = group.len(), "group commit failed; its writes are not run again");
-            group.iter().map(|_| Err(e.clone())).collect()
+            group.iter().map(|_| (Err(e.clone()), Vec::new())).collect()
         }
         GroupFailure::RolledBack(e) => {
             if is_transient(&e) {
@@ -771,12 +951,12 @@ async fn commit_group<C: GroupConn>(conn: &C, clock: &Clock, group: &[&Job]) -> 
             } else {
                 tracing::warn!(error = ?e, jobs = group.len(), "group commit failed; retrying each write alone");
             }
-            let mut results: Vec<JobResult> = Vec::with_capacity(group.len());
+            let mut results: Vec<Applied> = Vec::with_capacity(group.len());
             for job in group {
                 // When the database cannot be reached, the rest would each
                 // wait for the pool's timeout in turn: they fail at once.
                 let result = match results.last() {
-                    Some(Err(e)) if unreachable(e) => Err(e.clone()),
+                    Some((Err(e), _)) if unreachable(e) => (Err(e.clone()), Vec::new()),
                     _ => run_alone(conn, job, clock).await,
                 };
                 results.push(result);
@@ -789,7 +969,8 @@ async fn commit_group<C: GroupConn>(conn: &C, clock: &Clock, group: &[&Job]) -> 
 /// The writes of one or more jobs that PostgreSQL can apply as one
 /// statement (`sql::write_run_postgres`): creations, or puts without
 /// conditions, of distinct keys. An atomic job qualifies only with puts,
-/// which cannot fail one by one.
+/// which cannot fail one by one; a job with a quota does not (its writes
+/// are checked against it in a transaction).
 struct Run<'a> {
     create_only: bool,
     /// `(job, operation)` positions, sorted by `(tenant, key)`.
@@ -807,6 +988,9 @@ impl<'a> Run<'a> {
         let mut create_only = None;
         let mut found = Vec::new();
         for (j, job) in jobs.iter().enumerate() {
+            if job.quota.is_some() {
+                return None;
+            }
             for (o, (_, op)) in job.ops.iter().enumerate() {
                 let (create, item) = mergeable(op.as_ref().ok()?)?;
                 if *create_only.get_or_insert(create) != create || (create && job.atomic) {
@@ -882,7 +1066,7 @@ async fn run_group<C: GroupConn>(
     conn: &C,
     jobs: &[&Job],
     now: i64,
-) -> Result<Vec<JobResult>, GroupFailure> {
+) -> Result<Vec<Applied>, GroupFailure> {
     // A group that cannot even begin wrote nothing; its writes fail at once
     // rather than each waiting for the pool again.
     let txn = conn
@@ -901,11 +1085,13 @@ async fn run_group<C: GroupConn>(
     }
 }
 
+/// Runs the jobs of a group; the rows expired before a sequence of jobs'
+/// writes are reported with its first job.
 async fn run_group_in<C: WriteConn>(
     conn: &C,
     jobs: &[&Job],
     now: i64,
-) -> Result<Vec<JobResult>, ApiError> {
+) -> Result<Vec<Applied>, ApiError> {
     let mut results = Vec::with_capacity(jobs.len());
     let mut i = 0;
     while i < jobs.len() {
@@ -918,17 +1104,13 @@ async fn run_group_in<C: WriteConn>(
             .iter()
             .position(|j| j.atomic)
             .map_or(jobs.len(), |p| i + p);
-        let ops: Vec<_> = jobs[i..end]
-            .iter()
-            .flat_map(|j| {
-                j.ops
-                    .iter()
-                    .map(|(key, op)| (j.tenant, key.as_str(), op.as_ref()))
-            })
-            .collect();
-        let mut flat = exec_in_key_order(conn, &ops, now).await?.into_iter();
+        let ops: Vec<_> = jobs[i..end].iter().flat_map(|j| j.steps()).collect();
+        let done = exec_in_key_order(conn, &ops, true, now).await?;
+        let mut swept = done.swept;
+        let mut flat = done.results.into_iter();
         for job in &jobs[i..end] {
-            results.push(Ok(flat.by_ref().take(job.ops.len()).collect()));
+            let results_of_job = Ok(flat.by_ref().take(job.ops.len()).collect());
+            results.push((results_of_job, std::mem::take(&mut swept)));
         }
         i = end;
     }
@@ -954,6 +1136,7 @@ mod tests {
             tenant: TenantId::for_store_tests(tenant),
             ops: vec![(key.to_owned(), Ok(Op::Put(item, Expect::Any)))],
             atomic: false,
+            quota: None,
         }
     }
 
@@ -995,12 +1178,13 @@ mod tests {
             .expect("tenant");
         let (a, b) = (put(1, "a"), put(404, "b"));
         let group = [&a, &b, &third];
-        let results = if own_writer {
+        let applied = if own_writer {
             let writer = writer_with_deferred_checks(&path).await;
             commit_group(&writer, &Clock::manual(), &group).await
         } else {
             commit_group(&conn, &Clock::manual(), &group).await
         };
+        let results: Vec<JobResult> = applied.into_iter().map(|(r, _)| r).collect();
         assert_eq!(results.len(), 3);
         assert!(results[0].is_ok(), "{:?}", results[0]);
         assert!(results[1].is_err(), "{:?}", results[1]);
