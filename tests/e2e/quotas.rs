@@ -476,3 +476,59 @@ async fn usage_follows_every_kind_of_write_for_a_tenant_without_limits() {
     assert_eq!(app.row_count().await, expected.len());
     assert_eq!(usage(&app, &u).await["usage"], want);
 }
+
+#[tokio::test]
+async fn the_quota_migration_counts_what_tenants_already_store() {
+    use migration::{Migrator, MigratorTrait};
+    use sea_orm::{ConnectionTrait, Database};
+
+    let db = crate::support::TestDb::new().await;
+    let conn = Database::connect(&db.url).await.expect("connect");
+    Migrator::up(&conn, Some(8))
+        .await
+        .expect("migrations before quotas");
+    let json = if conn.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+        "::jsonb"
+    } else {
+        ""
+    };
+    conn.execute_unprepared(&format!(
+        r#"INSERT INTO tenant (id, name, created_at) VALUES (7, 'old', 0), (8, 'empty', 0);
+           INSERT INTO object (tenant_id, "key", data, version, expires_at, created_at, updated_at)
+           VALUES (7, 'a', '"hello"'{json}, 1, NULL, 0, 0),
+                  (7, 'bé', '12345'{json}, 1, NULL, 0, 0),
+                  (7, 'c', 'true'{json}, 1, 1, 0, 0)"#
+    ))
+    .await
+    .expect("rows of an older kvql");
+    Migrator::up(&conn, None)
+        .await
+        .expect("the quota migration");
+    let counted = |name: &str| {
+        let conn = &conn;
+        let sql = format!("SELECT used_keys, used_bytes FROM tenant WHERE name = '{name}'");
+        async move {
+            let row = conn
+                .query_one_raw(sea_orm::Statement::from_string(
+                    conn.get_database_backend(),
+                    sql,
+                ))
+                .await
+                .expect("query")
+                .expect("tenant");
+            (
+                row.try_get::<i64>("", "used_keys").expect("keys"),
+                row.try_get::<i64>("", "used_bytes").expect("bytes"),
+            )
+        }
+    };
+    // Every row counts, the expired one too until it is swept.
+    let bytes = size("a", &json!("hello")) + size("bé", &json!(12345)) + size("c", &json!(true));
+    assert_eq!(counted("old").await, (3, bytes));
+    assert_eq!(counted("empty").await, (0, 0));
+    conn.execute_unprepared(r#"DELETE FROM object WHERE "key" = 'c'"#)
+        .await
+        .expect("delete");
+    assert_eq!(counted("old").await.0, 2, "the triggers keep counting");
+    conn.close().await.ok();
+}

@@ -361,6 +361,8 @@ async fn exec_seq<C: WriteConn>(
         if run.len() >= 2 {
             for row in &mut run {
                 row.2 = revisions.next(row.0.get());
+                // Unchecked writes move the usage: read it again if needed.
+                usage.remove(&row.0.get());
             }
             let create = run_kind == Some(true);
             let n = run.len();
@@ -377,7 +379,10 @@ async fn exec_seq<C: WriteConn>(
                         Some(quota) => {
                             exec_within(conn, step.tenant, op, quota, usage, revision, now).await
                         }
-                        None => exec(conn, step.tenant, op, revision, now).await,
+                        None => {
+                            usage.remove(&step.tenant.get());
+                            exec(conn, step.tenant, op, revision, now).await
+                        }
                     }
                 }
                 Err(e) => Err(e.clone()),
