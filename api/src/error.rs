@@ -30,8 +30,8 @@ pub enum ApiError {
     /// 403 `FORBIDDEN`: authenticated, but the role does not allow this.
     #[error("{0}")]
     Forbidden(String),
-    /// 403 `QUOTA_EXCEEDED`: the tenant is at one of its limits (users per
-    /// tenant); nothing was written. Not retried by waiting: remove
+    /// 403 `QUOTA_EXCEEDED`: the tenant is at one of its limits (its keys or
+    /// their bytes, users per tenant, API keys); nothing was written. Not retried by waiting: remove
     /// something, or have the operator raise the limit.
     #[error("{0}")]
     QuotaExceeded(String),
@@ -267,7 +267,8 @@ pub struct ErrorBody {
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
-    /// For a batch that failed as a whole: the position of the item at fault.
+    /// For a batch that failed as a whole: the position of the item at fault
+    /// (absent for QUOTA_EXCEEDED, which no single item causes).
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<u64>,
@@ -339,7 +340,8 @@ enum ErrorResponses {
     Unauthorized(Json<ErrorBody>, #[oai(header = "WWW-Authenticate")] String),
     /// FORBIDDEN: the token's role does not allow this (a `reader` writing,
     /// anyone but an owner administering users), or QUOTA_EXCEEDED: the
-    /// tenant is at one of its limits; nothing was written.
+    /// tenant is at one of its limits (keys or bytes stored, see
+    /// `GET /api/usage`; users; API keys); nothing was written.
     #[oai(status = 403)]
     Forbidden(Json<ErrorBody>),
     /// NOT_FOUND: no live value under the key (absent, expired or another

@@ -168,7 +168,8 @@ impl Mutation {
     }
 
     /// Creates a value; `ALREADY_EXISTS` if the key holds a live one (an
-    /// expired value counts as absent).
+    /// expired value counts as absent), `QUOTA_EXCEEDED` if it would take the
+    /// tenant past its quota.
     async fn create_object(
         &self,
         ctx: &Context<'_>,
@@ -182,6 +183,8 @@ impl Mutation {
 
     /// Creates or replaces a value. With `expectedVersion`, replaces only
     /// that version (`VERSION_MISMATCH` otherwise, `NOT_FOUND` if absent).
+    /// `QUOTA_EXCEEDED` if it would take the tenant past its quota (see
+    /// `me { usage quota }`); nothing is written.
     async fn put_object(
         &self,
         ctx: &Context<'_>,
@@ -217,9 +220,12 @@ impl Mutation {
     }
 
     /// Creates several values in one transaction, with one result per item.
-    /// By default each item succeeds or fails on its own. With `atomic: true`
-    /// the first failing item fails the whole call (its code, plus `index`
-    /// and `key` in the error's extensions) and nothing is written.
+    /// By default each item succeeds or fails on its own (items are applied
+    /// in key order, which decides which fit within the tenant's quota).
+    /// With `atomic: true` the first failing item fails the whole call (its
+    /// code, plus `index` and `key` in the error's extensions) and nothing is
+    /// written; a batch that would take the tenant past its quota fails with
+    /// `QUOTA_EXCEEDED` and no `index`.
     async fn batch_create(
         &self,
         ctx: &Context<'_>,

@@ -45,7 +45,9 @@ impl UsageApi {
     /// Any caller of the tenant, readers and API keys included (a key
     /// restricted to a prefix sees the whole tenant's figures). A write that
     /// would take `usage` past `quota` answers 403 `QUOTA_EXCEEDED` and
-    /// writes nothing; values that have expired no longer count.
+    /// writes nothing. Values that have expired are not counted here; a
+    /// write near the quota removes up to 1,000 of them first, and the
+    /// sweeper the rest.
     #[oai(path = "/api/usage", method = "get", tag = "Tag::Usage")]
     async fn usage(
         &self,

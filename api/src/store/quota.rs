@@ -41,9 +41,9 @@ impl QuotaLimit {
         match text {
             "none" => Ok(QuotaLimit::Unlimited),
             "default" => Ok(QuotaLimit::Default),
-            n => n
-                .parse::<u64>()
-                .ok()
+            n => Some(n)
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|n| n.parse::<u64>().ok())
                 .filter(|n| i64::try_from(*n).is_ok())
                 .map(QuotaLimit::Max)
                 .ok_or_else(|| format!("invalid limit {n:?}: use a number, none or default")),
@@ -121,11 +121,11 @@ impl Quota {
     }
 
     /// Whether writes adding up to `keys` keys and `bytes` bytes might break
-    /// a limit from `usage`.
+    /// a limit from `usage` (writes that add nothing never do).
     pub(super) fn may_exceed(&self, usage: Usage, keys: i64, bytes: i64) -> bool {
         let near = |max: Option<u64>, used: i64, more: i64| {
             max.is_some_and(|max| {
-                used.saturating_add(more) > i64::try_from(max).unwrap_or(i64::MAX)
+                more > 0 && used.saturating_add(more) > i64::try_from(max).unwrap_or(i64::MAX)
             })
         };
         near(self.max_keys, usage.keys, keys) || near(self.max_bytes, usage.bytes, bytes)
@@ -157,6 +157,8 @@ mod tests {
         for bad in [
             "",
             "-1",
+            "+5",
+            " 5",
             "1.5",
             "ten",
             "99999999999999999999",
@@ -230,5 +232,6 @@ mod tests {
         assert!(q.check(usage(0, 0), usage(1, 5)).is_err());
         assert!(q.may_exceed(usage(0, 0), 1, 5));
         assert!(!Quota::default().may_exceed(usage(i64::MAX, i64::MAX), 1, 1));
+        assert!(!q.may_exceed(usage(5, 0), 0, 0), "deletes only");
     }
 }

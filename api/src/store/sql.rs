@@ -1017,8 +1017,7 @@ fn expired_rows<R: WriteRow>(rows: Vec<R>) -> Result<Vec<Expired>, ApiError> {
 /// Deletes up to `limit` expired rows of one tenant, whose counter the
 /// transaction already holds (see `write`: a write that may break its
 /// tenant's quota first removes what no longer counts). Found through the
-/// expiry index, whose range of expired rows the sweeper keeps short, not
-/// through the tenant's keys.
+/// tenant's expiry index, not through its keys.
 pub(super) async fn sweep_tenant<C: WriteConn>(
     conn: &C,
     tenant: i64,
@@ -1030,10 +1029,7 @@ pub(super) async fn sweep_tenant<C: WriteConn>(
     let t = sql.arg(tenant);
     let n = sql.arg(now);
     let l = sql.arg(i64::from(limit));
-    let by_expiry = match backend {
-        DatabaseBackend::Sqlite => " INDEXED BY idx_object_expires_at",
-        _ => "",
-    };
+    let by_expiry = tenant_expiry_index(backend);
     sql.push(&format!(
         r#"DELETE FROM object WHERE (tenant_id, "key") IN (
              SELECT tenant_id, "key" FROM object{by_expiry}
@@ -1062,8 +1058,17 @@ pub(super) async fn usage<C: WriteConn>(conn: &C, tenant: i64) -> Result<Usage, 
     }
 }
 
+/// SQLite: the index of a tenant's rows that expire (see the quotas
+/// migration), named so that a tenant of many keys is not read by its key.
+fn tenant_expiry_index(backend: DatabaseBackend) -> &'static str {
+    match backend {
+        DatabaseBackend::Sqlite => " INDEXED BY idx_object_tenant_expiry",
+        _ => "",
+    }
+}
+
 /// What `tenant`'s live values take: its counters less its expired rows not
-/// yet swept (found through the expiry index, as in [`sweep_tenant`]).
+/// yet swept (found as in [`sweep_tenant`]).
 pub(super) async fn live_usage(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
@@ -1074,10 +1079,7 @@ pub(super) async fn live_usage(
     let t = sql.arg(tenant.get());
     let n = sql.arg(now);
     let t2 = sql.arg(tenant.get());
-    let by_expiry = match backend {
-        DatabaseBackend::Sqlite => " INDEXED BY idx_object_expires_at",
-        _ => "",
-    };
+    let by_expiry = tenant_expiry_index(backend);
     sql.push(&format!(
         "SELECT t.used_keys - e.keys AS used_keys, t.used_bytes - e.bytes AS used_bytes
          FROM tenant t,

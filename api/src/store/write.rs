@@ -156,8 +156,9 @@ impl Outcome {
 struct Revisions(HashMap<i64, i64>);
 
 /// Most expired rows of its tenant a write that may break a quota removes
-/// first; beyond, the rest count until the sweeper removes them.
-const QUOTA_SWEEP_LIMIT: u32 = 10_000;
+/// first (the sweeper's default batch); beyond, the rest count until the
+/// sweeper removes them.
+const QUOTA_SWEEP_LIMIT: u32 = 1_000;
 
 /// What one tenant's operations in a transaction need from its counter.
 #[derive(Default)]
@@ -169,13 +170,20 @@ struct Demand {
     quota: Option<Quota>,
 }
 
-/// What reserving did besides the revisions: for each tenant with a quota,
-/// its usage once its counter was locked (and its expired rows removed, if
-/// the writes might otherwise break the quota), and the rows so expired.
+/// What reserving did besides the revisions: the tenants whose writes
+/// might break their quota ("tight": only their writes are checked), their
+/// usage once their counters were locked and their expired rows removed,
+/// and the rows so expired.
 #[derive(Default)]
 struct Prepared {
     usage: HashMap<i64, Usage>,
     swept: Vec<sql::Expired>,
+}
+
+impl Prepared {
+    fn tight(&self, tenant: TenantId) -> bool {
+        self.usage.contains_key(&tenant.get())
+    }
 }
 
 impl Revisions {
@@ -183,7 +191,7 @@ impl Revisions {
     /// that transactions lock the counters in one order). A tenant with a
     /// quota that these writes might break first has its expired rows
     /// removed (logged as expiries, at revisions before the writes'), so that
-    /// its usage counts live values only.
+    /// its usage counts live values only; if they still might, it is tight.
     async fn reserve<'a, C: WriteConn>(
         conn: &C,
         steps: impl Iterator<Item = &'a Step<'a>>,
@@ -206,24 +214,26 @@ impl Revisions {
             let mut first = sql::reserve_revisions(conn, tenant, d.ops).await?;
             if let Some(quota) = d.quota {
                 let mut usage = sql::usage(conn, tenant).await?;
+                let mut expired = Vec::new();
                 if quota.may_exceed(usage, d.keys, d.bytes) {
-                    let mut expired =
-                        sql::sweep_tenant(conn, tenant, QUOTA_SWEEP_LIMIT, now).await?;
-                    if !expired.is_empty() {
-                        // The writes take revisions after the expiries: a
-                        // key expired here may be written again below.
-                        let m = expired.len() as i64;
-                        let start = sql::reserve_revisions(conn, tenant, m + d.ops).await?;
-                        for (i, e) in expired.iter_mut().enumerate() {
-                            e.revision = start + i as i64;
-                        }
-                        first = start + m;
-                        record(conn, &expiries(&expired, now)).await?;
-                        usage = sql::usage(conn, tenant).await?;
-                        prepared.swept.append(&mut expired);
-                    }
+                    expired = sql::sweep_tenant(conn, tenant, QUOTA_SWEEP_LIMIT, now).await?;
                 }
-                prepared.usage.insert(tenant, usage);
+                if !expired.is_empty() {
+                    // The writes take revisions after the expiries: a key
+                    // expired here may be written again below.
+                    let m = expired.len() as i64;
+                    let start = sql::reserve_revisions(conn, tenant, m + d.ops).await?;
+                    for (i, e) in expired.iter_mut().enumerate() {
+                        e.revision = start + i as i64;
+                    }
+                    first = start + m;
+                    record(conn, &expiries(&expired, now)).await?;
+                    usage = sql::usage(conn, tenant).await?;
+                    prepared.swept.append(&mut expired);
+                }
+                if quota.may_exceed(usage, d.keys, d.bytes) {
+                    prepared.usage.insert(tenant, usage);
+                }
             }
             next.insert(tenant, first);
         }
@@ -325,19 +335,21 @@ fn mergeable(op: &Op) -> Option<(bool, &Item)> {
 
 /// Executes operations in order, merging runs of same-kind mergeable writes
 /// to distinct keys into multi-row statements. With `per_op_quota`, each
-/// write of a tenant with a quota runs alone on a savepoint, undone if it
-/// broke the quota (`usage`: the tenants' usage so far). `Err` only for
-/// database failures.
+/// write with a quota of a tight tenant (see [`Prepared`]) runs alone on a
+/// savepoint, undone if it broke the quota (`usage`: the tenants' usage so
+/// far). `Err` only for database failures.
 async fn exec_seq<C: WriteConn>(
     conn: &C,
     ops: &[Step<'_>],
     revisions: &mut Revisions,
-    usage: &mut HashMap<i64, Usage>,
+    prepared: &Prepared,
     per_op_quota: bool,
     now: i64,
 ) -> Result<Vec<Result<Outcome, ApiError>>, ApiError> {
     let mut results: Vec<Result<Outcome, ApiError>> = Vec::with_capacity(ops.len());
-    let checked = |step: &Step<'_>| per_op_quota && step.quota.is_some();
+    let mut usage = prepared.usage.clone();
+    let checked =
+        |step: &Step<'_>| per_op_quota && step.quota.is_some() && prepared.tight(step.tenant);
     let mut i = 0;
     while i < ops.len() {
         let run_kind = match &ops[i].op {
@@ -375,9 +387,10 @@ async fn exec_seq<C: WriteConn>(
             let result = match step.op {
                 Ok(op) => {
                     let revision = revisions.next(step.tenant.get());
-                    match step.quota.filter(|_| per_op_quota) {
+                    match step.quota.filter(|_| checked(step)) {
                         Some(quota) => {
-                            exec_within(conn, step.tenant, op, quota, usage, revision, now).await
+                            exec_within(conn, step.tenant, op, quota, &mut usage, revision, now)
+                                .await
                         }
                         None => {
                             usage.remove(&step.tenant.get());
@@ -419,6 +432,9 @@ async fn exec_within<C: WriteConn>(
     };
     conn.execute("SAVEPOINT kvql_quota").await?;
     let result = match exec(conn, tenant, op, revision, now).await {
+        // PostgreSQL takes nothing but a rollback after a failed statement:
+        // the caller rolls the transaction back, and sees why.
+        Err(e @ ApiError::Internal(_)) => return Err(e),
         Ok(outcome) => {
             let after = sql::usage(conn, tenant.get()).await?;
             match quota.check(before, after) {
@@ -455,7 +471,7 @@ async fn record<C: WriteConn>(conn: &C, changes: &[(i64, Change)]) -> Result<(),
 
 /// What [`exec_in_key_order`] did: one result per operation, in the order
 /// given; the rows it expired first (see [`Revisions::reserve`]); and the
-/// usage of each tenant with a quota before its writes.
+/// usage of each tight tenant before its writes.
 struct Done {
     results: Vec<Result<Outcome, ApiError>>,
     swept: Vec<sql::Expired>,
@@ -478,8 +494,7 @@ async fn exec_in_key_order<C: WriteConn>(
     order.sort_by_key(|&i| (ops[i].tenant.get(), ops[i].key));
     let sorted: Vec<Step<'_>> = order.iter().map(|&i| ops[i]).collect();
     let (mut revisions, prepared) = Revisions::reserve(conn, sorted.iter(), now).await?;
-    let mut usage = prepared.usage.clone();
-    let results = exec_seq(conn, &sorted, &mut revisions, &mut usage, per_op_quota, now).await?;
+    let results = exec_seq(conn, &sorted, &mut revisions, &prepared, per_op_quota, now).await?;
     let changes: Vec<(i64, Change)> = sorted
         .iter()
         .zip(&results)
@@ -550,10 +565,9 @@ async fn apply<C: WriteConn>(
             key: job.ops[index].0.clone(),
             source: Box::new(source),
         })
-    } else if let Some(quota) = job.quota {
+    } else if let (Some(quota), Some(before)) = (job.quota, done.before.get(&job.tenant.get())) {
         let after = sql::usage(conn, job.tenant.get()).await?;
-        let before = done.before.get(&job.tenant.get()).copied();
-        quota.check(before.unwrap_or(after), after).err()
+        quota.check(*before, after).err()
     } else {
         None
     };
