@@ -343,8 +343,11 @@ def extras(args, server, url, token, seconds, run_id, tmpdir, big, expiring, smo
     # Flat latency: GET from a tenant with few keys vs one with many.
     env = dict(os.environ, KVQL_DATABASE_URL=url)
     for user in ("small", "large"):
-        subprocess.run([args.binary, "user", "add", user, "--tenant", user, "--password-stdin"],
-                       input="bench password\n", text=True, env=env, check=True, capture_output=True)
+        added = subprocess.run(
+            [args.binary, "user", "add", user, "--tenant", user, "--password-stdin"],
+            input="bench password\n", text=True, env=env, capture_output=True)
+        if added.returncode != 0:
+            sys.exit(f"bench: kvql user add {user} failed: {added.stderr.strip()}")
     small_token = login(server, "small", "bench password")
     large_token = login(server, "large", "bench password")
     log("pre-loading 1000 keys (small tenant)")

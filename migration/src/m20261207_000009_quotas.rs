@@ -9,9 +9,12 @@
 //! - `tenant.used_keys`, `tenant.used_bytes`: the number of rows of the
 //!   tenant in `object` and the sum of their sizes, expired rows included
 //!   until they are swept. Triggers on `object` keep them, in the
-//!   transaction of each write: per row on SQLite, per statement (transition
-//!   tables) on PostgreSQL. Every writer already holds its tenants' counter
-//!   rows, so the triggers wait for nobody new.
+//!   transaction of each write: per row on SQLite; on PostgreSQL, per
+//!   statement for insertions and deletions (transition tables: one counter
+//!   update for a group's rows) and per row for a change of size (a `WHEN`
+//!   condition, evaluated without calling the function, skips the common
+//!   rewrite of a value of the same size). Every writer already holds its
+//!   tenants' counter rows, so the triggers wait for nobody new.
 //! - `tenant.max_keys`, `tenant.max_bytes`: the tenant's own limits. NULL
 //!   keeps the servers' defaults (`KVQL_DEFAULT_MAX_KEYS`,
 //!   `KVQL_DEFAULT_MAX_BYTES`); a negative value lifts the limit; 0 allows
@@ -105,7 +108,7 @@ impl MigrationTrait for Migration {
                 .await?;
             conn.execute_unprepared(
                 "DROP FUNCTION IF EXISTS kvql_usage_added();
-                 DROP FUNCTION IF EXISTS kvql_usage_changed();
+                 DROP FUNCTION IF EXISTS kvql_usage_resized();
                  DROP FUNCTION IF EXISTS kvql_usage_removed();",
             )
             .await?;
@@ -173,14 +176,10 @@ BEGIN
     RETURN NULL;
 END
 $fn$;
-CREATE FUNCTION kvql_usage_changed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+CREATE FUNCTION kvql_usage_resized() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
-    UPDATE tenant SET used_bytes = tenant.used_bytes + d.b
-    FROM (SELECT tenant_id, sum(b) AS b
-          FROM (SELECT tenant_id, size AS b FROM kvql_new
-                UNION ALL SELECT tenant_id, -size FROM kvql_old) AS c
-          GROUP BY tenant_id HAVING sum(b) <> 0) AS d
-    WHERE tenant.id = d.tenant_id;
+    UPDATE tenant SET used_bytes = tenant.used_bytes + NEW.size - OLD.size
+    WHERE tenant.id = NEW.tenant_id;
     RETURN NULL;
 END
 $fn$;
@@ -195,9 +194,9 @@ $fn$;
 CREATE TRIGGER kvql_usage_insert AFTER INSERT ON object
     REFERENCING NEW TABLE AS kvql_new
     FOR EACH STATEMENT EXECUTE FUNCTION kvql_usage_added();
-CREATE TRIGGER kvql_usage_update AFTER UPDATE ON object
-    REFERENCING OLD TABLE AS kvql_old NEW TABLE AS kvql_new
-    FOR EACH STATEMENT EXECUTE FUNCTION kvql_usage_changed();
+CREATE TRIGGER kvql_usage_update AFTER UPDATE OF size ON object
+    FOR EACH ROW WHEN (OLD.size IS DISTINCT FROM NEW.size)
+    EXECUTE FUNCTION kvql_usage_resized();
 CREATE TRIGGER kvql_usage_delete AFTER DELETE ON object
     REFERENCING OLD TABLE AS kvql_old
     FOR EACH STATEMENT EXECUTE FUNCTION kvql_usage_removed();
