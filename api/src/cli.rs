@@ -356,13 +356,7 @@ async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
         } => {
             let db = open(&database).await?;
             users::set_tenant_quota(&db, &tenant, max_keys, max_bytes).await?;
-            let Some(t) = users::list_tenants(&db, &clock, Some(&tenant))
-                .await?
-                .into_iter()
-                .next()
-            else {
-                bail!("no tenant named {tenant:?} (see `kvql tenant list`)");
-            };
+            let t = one_tenant(&db, &clock, &tenant).await?;
             println!(
                 "{tenant}: max keys {}, max bytes {}",
                 limit_text(t.quota.max_keys, "KVQL_DEFAULT_MAX_KEYS"),
@@ -371,13 +365,7 @@ async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
         }
         TenantCommand::Show { tenant, database } => {
             let db = open(&database).await?;
-            let Some(t) = users::list_tenants(&db, &clock, Some(&tenant))
-                .await?
-                .into_iter()
-                .next()
-            else {
-                bail!("no tenant named {tenant:?} (see `kvql tenant list`)");
-            };
+            let t = one_tenant(&db, &clock, &tenant).await?;
             println!("tenant:             {}", t.name);
             println!("created:            {}", rfc3339(t.created_at));
             println!("live keys:          {}", t.live_keys);
@@ -401,6 +389,18 @@ async fn tenant(command: TenantCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The tenant named `name`, or an error saying there is none.
+async fn one_tenant(db: &Db, clock: &Clock, name: &str) -> anyhow::Result<users::TenantInfo> {
+    match users::list_tenants(db, clock, Some(name))
+        .await?
+        .into_iter()
+        .next()
+    {
+        Some(t) => Ok(t),
+        None => bail!("no tenant named {name:?} (see `kvql tenant list`)"),
+    }
 }
 
 fn limit_text(limit: QuotaLimit, default: &str) -> String {
