@@ -96,6 +96,18 @@ impl Quota {
         self.max_keys.is_none() && self.max_bytes.is_none()
     }
 
+    /// The stricter of two quotas, limit by limit (no limit is the loosest).
+    pub(super) fn tightest(self, other: Quota) -> Quota {
+        let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Quota {
+            max_keys: min(self.max_keys, other.max_keys),
+            max_bytes: min(self.max_bytes, other.max_bytes),
+        }
+    }
+
     /// `QUOTA_EXCEEDED` if going from `before` to `after` breaks a limit: a
     /// write may leave a tenant over a limit (lowered below its usage) only
     /// if it does not grow what is over.
@@ -221,6 +233,25 @@ mod tests {
         assert!(q.check(usage(5, 50), usage(5, 50)).is_ok());
         assert!(q.check(usage(5, 50), usage(5, 51)).is_err());
         assert!(q.check(usage(5, 50), usage(6, 40)).is_err());
+    }
+
+    #[test]
+    fn the_tightest_of_two_quotas_takes_each_smaller_limit() {
+        let a = Quota {
+            max_keys: Some(10),
+            max_bytes: None,
+        };
+        let b = Quota {
+            max_keys: Some(1000),
+            max_bytes: Some(5),
+        };
+        let both = Quota {
+            max_keys: Some(10),
+            max_bytes: Some(5),
+        };
+        assert_eq!(a.tightest(b), both);
+        assert_eq!(b.tightest(a), both);
+        assert_eq!(Quota::default().tightest(a), a);
     }
 
     #[test]

@@ -206,7 +206,13 @@ impl Revisions {
                 d.keys += 1;
                 d.bytes = d.bytes.saturating_add(item.size());
             }
-            d.quota = d.quota.or(step.quota.copied());
+            // Jobs of one tenant may carry different quotas (principals
+            // verified on either side of a change): the strictest decides
+            // whether the tenant is tight; each write is then checked
+            // against its own job's.
+            if let Some(q) = step.quota {
+                d.quota = Some(d.quota.map_or(*q, |d| d.tightest(*q)));
+            }
         }
         let mut next = HashMap::with_capacity(demands.len());
         let mut prepared = Prepared::default();
