@@ -21,8 +21,10 @@ struct UsageView {
 #[derive(Object)]
 struct QuotaView {
     /// Most keys it may keep; `null`: no limit.
+    #[oai(nullable)]
     max_keys: Option<u64>,
     /// Most bytes they may hold; `null`: no limit.
+    #[oai(nullable)]
     max_bytes: Option<u64>,
 }
 
