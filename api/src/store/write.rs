@@ -187,6 +187,24 @@ impl Prepared {
 }
 
 impl Revisions {
+    /// Reserves one revision per tenant given (once per change it makes),
+    /// tenant by tenant in id order, so that transactions lock the counters
+    /// in one order.
+    async fn reserve_for<C: WriteConn>(
+        conn: &C,
+        tenants: impl Iterator<Item = i64>,
+    ) -> Result<Revisions, ApiError> {
+        let mut counts = std::collections::BTreeMap::<i64, i64>::new();
+        for t in tenants {
+            *counts.entry(t).or_default() += 1;
+        }
+        let mut next = HashMap::with_capacity(counts.len());
+        for (tenant, n) in counts {
+            next.insert(tenant, sql::reserve_revisions(conn, tenant, n).await?);
+        }
+        Ok(Revisions(next))
+    }
+
     /// Reserves one revision per operation, tenant by tenant in id order (so
     /// that transactions lock the counters in one order). A tenant with a
     /// quota that these writes might break first has its expired rows
@@ -476,12 +494,11 @@ async fn record<C: WriteConn>(conn: &C, changes: &[(i64, Change)]) -> Result<(),
 }
 
 /// What [`exec_in_key_order`] did: one result per operation, in the order
-/// given; the rows it expired first (see [`Revisions::reserve`]); and the
-/// usage of each tight tenant before its writes.
+/// given, and what reserving its revisions prepared (the rows it expired
+/// first, and the usage of each tight tenant before its writes).
 struct Done {
     results: Vec<Result<Outcome, ApiError>>,
-    swept: Vec<sql::Expired>,
-    before: HashMap<i64, Usage>,
+    prepared: Prepared,
 }
 
 /// Executes operations in `(tenant, key)` order, those on one key in the
@@ -514,8 +531,7 @@ async fn exec_in_key_order<C: WriteConn>(
     }
     Ok(Done {
         results: filled(by_index),
-        swept: prepared.swept,
-        before: prepared.usage,
+        prepared,
     })
 }
 
@@ -571,7 +587,9 @@ async fn apply<C: WriteConn>(
             key: job.ops[index].0.clone(),
             source: Box::new(source),
         })
-    } else if let (Some(quota), Some(before)) = (job.quota, done.before.get(&job.tenant.get())) {
+    } else if let (Some(quota), Some(before)) =
+        (job.quota, done.prepared.usage.get(&job.tenant.get()))
+    {
         let after = sql::usage(conn, job.tenant.get()).await?;
         quota.check(*before, after).err()
     } else {
@@ -587,7 +605,7 @@ async fn apply<C: WriteConn>(
     if savepoint {
         conn.execute("RELEASE SAVEPOINT kvql_job").await?;
     }
-    Ok((Ok(done.results), done.swept))
+    Ok((Ok(done.results), done.prepared.swept))
 }
 
 /// The sqlx error under an internal error, if that is what it is.
@@ -799,15 +817,7 @@ async fn expire_in<C: WriteConn>(
         return Ok(expired);
     }
     expired.sort_by(|a, b| (a.tenant, &a.key).cmp(&(b.tenant, &b.key)));
-    let mut counts = std::collections::BTreeMap::<i64, i64>::new();
-    for e in &expired {
-        *counts.entry(e.tenant).or_default() += 1;
-    }
-    let mut revisions = Revisions(HashMap::with_capacity(counts.len()));
-    for (tenant, n) in counts {
-        let first = sql::reserve_revisions(conn, tenant, n).await?;
-        revisions.0.insert(tenant, first);
-    }
+    let mut revisions = Revisions::reserve_for(conn, expired.iter().map(|e| e.tenant)).await?;
     for e in expired.iter_mut() {
         e.revision = revisions.next(e.tenant);
     }
@@ -1131,7 +1141,7 @@ async fn run_group_in<C: WriteConn>(
             .map_or(jobs.len(), |p| i + p);
         let ops: Vec<_> = jobs[i..end].iter().flat_map(|j| j.steps()).collect();
         let done = exec_in_key_order(conn, &ops, true, now).await?;
-        let mut swept = done.swept;
+        let mut swept = done.prepared.swept;
         let mut flat = done.results.into_iter();
         for job in &jobs[i..end] {
             let results_of_job = Ok(flat.by_ref().take(job.ops.len()).collect());
