@@ -731,7 +731,12 @@ impl Store {
 
     /// The writer's tenant's limits in force, if it has any.
     fn quota_of(&self, writer: Writer<'_>) -> Option<quota::Quota> {
-        Some(writer.quota().resolve(self.inner.limits.default_quota)).filter(|q| !q.is_unlimited())
+        Some(self.in_force(writer.quota())).filter(|q| !q.is_unlimited())
+    }
+
+    /// A tenant's own limits completed with the servers' defaults.
+    fn in_force(&self, own: quota::TenantQuota) -> quota::Quota {
+        own.resolve(self.inner.limits.default_quota)
     }
 
     /// What the caller's tenant stores in live values. Counts the whole
@@ -743,7 +748,7 @@ impl Store {
 
     /// The caller's tenant's limits in force.
     pub fn quota(&self, caller: &Principal) -> quota::Quota {
-        caller.quota.resolve(self.inner.limits.default_quota)
+        self.in_force(caller.quota)
     }
 
     /// Runs one operation; its outcome or error.
