@@ -47,9 +47,32 @@ pub async fn around<E: Endpoint>(
     REQUEST_ID
         .scope(id.clone(), async move {
             let config = state.config();
+            // A long-poll of `/api/changes` may wait for a change before
+            // its work begins.
+            let budget = if uri.path() == "/api/changes" {
+                config.request_timeout + crate::store::Wait::MAX.duration()
+            } else {
+                config.request_timeout
+            };
+            let deadline = tokio::time::Instant::now() + budget;
+            let over_budget = || -> poem::Error {
+                ApiError::Timeout(format!(
+                    "the request took longer than this server's time budget ({}); \
+                     a write may or may not have been applied",
+                    humantime::format_duration(budget)
+                ))
+                .into()
+            };
             // Only a caller with a valid token may send a large body: anyone
-            // else is refused before more than a small body is read.
-            let caller = verify_bearer(&state, &req).await;
+            // else is refused before more than a small body is read. A token
+            // that could not be checked (the database is unavailable) fails
+            // the request rather than making its caller anonymous.
+            let (caller, unverified) =
+                match tokio::time::timeout_at(deadline, verify_bearer(&state, &req)).await {
+                    Ok(Ok(caller)) => (caller, None),
+                    Ok(Err(e)) => (None, Some(e.into())),
+                    Err(_) => (None, Some(over_budget())),
+                };
             // A tenant over its request rate is refused before any work.
             let admitted = caller
                 .as_deref()
@@ -61,29 +84,19 @@ pub async fn around<E: Endpoint>(
                 }
                 None => config.max_anonymous_body_bytes.min(config.body_limit()),
             };
-            // A long-poll of `/api/changes` may wait for a change before
-            // its work begins.
-            let budget = if uri.path() == "/api/changes" {
-                config.request_timeout + crate::store::Wait::MAX.duration()
-            } else {
-                config.request_timeout
-            };
             // Reading the body counts against the time budget too, so a slow
             // client cannot hold a request open by trickling its body.
             let work = async {
+                conditions_are_text(&req)?;
                 limit_body(&mut req, body_limit).await?;
                 ep.call(req).await.map(IntoResponse::into_response)
             };
-            let result = match admitted {
-                Err(refused) => Err(refused.into()),
-                Ok(()) => match tokio::time::timeout(budget, work).await {
+            let result = match (unverified, admitted) {
+                (Some(failed), _) => Err(failed),
+                (None, Err(refused)) => Err(refused.into()),
+                (None, Ok(())) => match tokio::time::timeout_at(deadline, work).await {
                     Ok(result) => result,
-                    Err(_) => Err(ApiError::Timeout(format!(
-                        "the request took longer than this server's time budget ({}); \
-                         a write may or may not have been applied",
-                        humantime::format_duration(budget)
-                    ))
-                    .into()),
+                    Err(_) => Err(over_budget()),
                 },
             };
             let route = match &result {
@@ -172,10 +185,48 @@ fn template_of(pattern: &str) -> String {
 }
 
 /// The principal of a valid `Authorization: Bearer` token, if there is one.
-async fn verify_bearer(state: &AppState, req: &Request) -> Option<Arc<Principal>> {
-    let header = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let token = crate::auth::bearer_token(header)?;
-    state.auth().authenticate(token).await.ok()
+async fn verify_bearer(
+    state: &AppState,
+    req: &Request,
+) -> Result<Option<Arc<Principal>>, ApiError> {
+    let Some(token) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::auth::bearer_token)
+    else {
+        return Ok(None);
+    };
+    match state.auth().authenticate(token).await {
+        Ok(principal) => Ok(Some(principal)),
+        Err(e @ (ApiError::Internal(_) | ApiError::Timeout(_))) => Err(e),
+        // A token that is refused is no token here: the route decides
+        // whether it needs one (and answers 401 with the reason).
+        Err(_) => Ok(None),
+    }
+}
+
+/// The conditions a request states in headers (`If-Match`,
+/// `If-None-Match`, `Last-Event-ID`) must be text (visible ASCII): the
+/// routes' header parsing skips any other value as if it were absent, which
+/// would turn a conditional write into an unconditional one.
+fn conditions_are_text(req: &Request) -> Result<(), ApiError> {
+    for name in ["if-match", "if-none-match", "last-event-id"] {
+        if req
+            .headers()
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_err())
+        {
+            let field = match name {
+                "if-match" => "If-Match",
+                "if-none-match" => "If-None-Match",
+                _ => "Last-Event-ID",
+            };
+            return Err(ApiError::invalid(field, "must be visible ASCII text"));
+        }
+    }
+    Ok(())
 }
 
 /// A process-unique id: a random prefix chosen at start and a counter, so

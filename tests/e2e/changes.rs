@@ -549,6 +549,20 @@ async fn watch_refuses_bad_input_and_compacted_revisions_before_it_starts() {
         .await;
     bad_id.assert_error(400, "INVALID_INPUT");
     assert_eq!(bad_id.body["field"], "Last-Event-ID");
+    // Not text: refused, not skipped as if absent (which would start live).
+    let not_text = app
+        .send(
+            app.client
+                .get(app.url("/api/watch"))
+                .bearer_auth(&u.token)
+                .header(
+                    "Last-Event-ID",
+                    reqwest::header::HeaderValue::from_bytes(b"3\xe9").expect("header"),
+                ),
+        )
+        .await;
+    not_text.assert_error(400, "INVALID_INPUT");
+    assert_eq!(not_text.body["field"], "Last-Event-ID");
     app.get("/api/watch?key=a&prefix=a", Some(&u.token))
         .await
         .assert_error(400, "INVALID_INPUT");

@@ -164,6 +164,35 @@ async fn put_returns_400_for_an_unparseable_if_match() {
 }
 
 #[tokio::test]
+async fn conditional_writes_return_400_for_conditions_that_are_not_text_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    app.create(&u, "c", json!(1), None).await;
+    app.put(&object_path("c"), Some(&u.token), &json!({"data": 2}))
+        .await;
+    let before = app.snapshot().await;
+    // Bytes that are not visible ASCII: a header parser that skipped them
+    // would see no condition and write unconditionally.
+    let header = |bytes: &[u8]| reqwest::header::HeaderValue::from_bytes(bytes).expect("header");
+    for (method, name, value) in [
+        (reqwest::Method::PUT, "If-Match", &b"\"1\xe9\""[..]),
+        (reqwest::Method::PUT, "If-None-Match", &b"*\xe9"[..]),
+        (reqwest::Method::DELETE, "If-Match", &b"\"1\xe9\""[..]),
+    ] {
+        let mut req = app
+            .request(method.clone(), &object_path("c"), Some(&u.token))
+            .header(name, header(value));
+        if method == reqwest::Method::PUT {
+            req = req.json(&json!({"data": "stale"}));
+        }
+        let r = app.send(req).await;
+        r.assert_error(400, "INVALID_INPUT");
+        assert_eq!(r.body["field"], name, "{method} with {name}");
+    }
+    assert_eq!(app.snapshot().await, before);
+}
+
+#[tokio::test]
 async fn get_with_if_none_match_returns_304_for_the_current_version() {
     let app = TestApp::spawn().await;
     let u = app.writer().await;

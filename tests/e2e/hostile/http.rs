@@ -72,3 +72,23 @@ async fn a_request_past_the_time_budget_gets_503_timeout() {
     r.assert_mentions("time budget");
     assert_eq!(app.get("/healthz", None).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_token_that_cannot_be_checked_fails_the_request_instead_of_making_it_anonymous() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    // The pool that checks tokens is gone: the database is unavailable.
+    app.node
+        .state
+        .db()
+        .read
+        .close_by_ref()
+        .await
+        .expect("close the pool");
+    // Over the anonymous body limit: an anonymous caller would get 413.
+    let big = serde_json::json!({"data": "x".repeat(100_000)});
+    let r = app
+        .put(&crate::support::object_path("big"), Some(&u.token), &big)
+        .await;
+    r.assert_error(500, "INTERNAL");
+}
