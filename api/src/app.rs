@@ -193,7 +193,11 @@ impl App {
             .into_acceptor()
             .await
             .with_context(|| format!("cannot listen on {}", self.config.listen))?;
-        let acceptor = crate::listener::JsonErrorsAcceptor(acceptor);
+        let acceptor = crate::listener::GuardedAcceptor::new(
+            crate::listener::JsonErrorsAcceptor(acceptor),
+            self.config.max_connections,
+            self.config.header_read_timeout,
+        );
         let addr = acceptor
             .local_addr()
             .first()

@@ -241,6 +241,18 @@ pub struct Config {
     #[arg(long, env = "KVQL_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// Time a new connection has to send the head (request line and headers)
+    /// of its first request; a connection still short of it is closed. Bounds
+    /// what connections that never send a request can hold.
+    #[arg(long, env = "KVQL_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Most TCP connections this node keeps open at once (HTTP and
+    /// WebSocket); past it, new connections wait in the kernel's queue until
+    /// one closes. Keep it below the process's open-file limit.
+    #[arg(long, env = "KVQL_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// Which browser origins may call kvql (CORS, for apps that send a bearer
     /// token; cookies are never allowed): `*` any origin, `none` CORS off, or
     /// a comma-separated list such as

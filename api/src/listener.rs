@@ -1,4 +1,6 @@
-//! Makes the answers hyper writes by itself JSON too.
+//! What kvql does to connections before hyper sees them: answers hyper
+//! writes by itself are made JSON ([`JsonErrorsAcceptor`]), and connections
+//! are capped and must send a request head in time ([`GuardedAcceptor`]).
 //!
 //! A request that is not valid HTTP (a raw 0xFF byte in the path, a header
 //! block over hyper's buffer, an overlong URI) never reaches the app: hyper
@@ -7,9 +9,12 @@
 //! with `content-length: 0` and no content type, which the app never sends)
 //! and writes our JSON error body in their place.
 
+use std::future::Future;
 use std::io::{IoSlice, Result as IoResult};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use poem::listener::Acceptor;
 use poem::web::{LocalAddr, RemoteAddr};
@@ -172,9 +177,179 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonErrors<T> {
     }
 }
 
+/// An acceptor that keeps at most `max` connections open (the next accept
+/// waits for a free slot) and closes a connection that has not sent the head
+/// of its first request within `head_timeout`, so connections that send
+/// nothing, or a header a byte at a time, cannot pile up until the process
+/// runs out of file descriptors or memory.
+pub struct GuardedAcceptor<A> {
+    inner: A,
+    slots: Arc<tokio::sync::Semaphore>,
+    head_timeout: Duration,
+}
+
+impl<A> GuardedAcceptor<A> {
+    pub fn new(inner: A, max: u32, head_timeout: Duration) -> Self {
+        GuardedAcceptor {
+            inner,
+            slots: Arc::new(tokio::sync::Semaphore::new(max as usize)),
+            head_timeout,
+        }
+    }
+}
+
+impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
+    type Io = Guarded<A::Io>;
+
+    fn local_addr(&self) -> Vec<LocalAddr> {
+        self.inner.local_addr()
+    }
+
+    async fn accept(
+        &mut self,
+    ) -> IoResult<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(std::io::Error::other)?;
+        let (io, local, remote, scheme) = self.inner.accept().await?;
+        Ok((
+            Guarded {
+                inner: io,
+                _slot: slot,
+                head_deadline: Some(Box::pin(tokio::time::sleep(self.head_timeout))),
+                line_ended: false,
+            },
+            local,
+            remote,
+            scheme,
+        ))
+    }
+}
+
+/// A connection; see [`GuardedAcceptor`].
+pub struct Guarded<T> {
+    inner: T,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Until the first request head has been read.
+    head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The last byte read ended a line (`\n`, a `\r` before it aside).
+    line_ended: bool,
+}
+
+impl<T> Guarded<T> {
+    /// Whether `bytes` complete a request head: an empty line (`\r\n\r\n`,
+    /// or bare `\n`s, which hyper accepts too).
+    fn head_ends_in(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            match b {
+                b'\n' if self.line_ended => return true,
+                b'\n' => self.line_ended = true,
+                b'\r' => {}
+                _ => self.line_ended = false,
+            }
+        }
+        false
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<IoResult<()>> {
+        let this = &mut *self;
+        if this.head_deadline.is_none() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if this.head_ends_in(&buf.filled()[before..]) {
+                    this.head_deadline = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let expired = this
+                    .head_deadline
+                    .as_mut()
+                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if expired {
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no request head within the header read timeout",
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<IoResult<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<IoResult<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoResult<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoResult<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn head_end(chunks: &[&[u8]]) -> Option<usize> {
+        let mut g = Guarded {
+            inner: (),
+            _slot: Arc::new(tokio::sync::Semaphore::new(1))
+                .try_acquire_owned()
+                .expect("slot"),
+            head_deadline: None,
+            line_ended: false,
+        };
+        chunks.iter().position(|c| g.head_ends_in(c))
+    }
+
+    #[test]
+    fn a_request_head_ends_at_its_first_empty_line_across_reads() {
+        assert_eq!(head_end(&[b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"]), Some(0));
+        assert_eq!(
+            head_end(&[b"GET / HTTP/1.1\r\nHost: x\r", b"\n", b"\r", b"\nbody"]),
+            Some(3)
+        );
+        assert_eq!(head_end(&[b"GET / HTTP/1.1\nHost: x\n\n"]), Some(0));
+        assert_eq!(head_end(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]), Some(0));
+        assert_eq!(head_end(&[b"GET / HTTP/1.1\r\n", b"Host: x\r\n"]), None);
+        assert_eq!(head_end(&[b"\r\r\r", b"x\r\nx\r\n"]), None);
+    }
 
     #[test]
     fn only_hypers_own_empty_error_answers_are_replaced() {

@@ -92,3 +92,67 @@ async fn a_token_that_cannot_be_checked_fails_the_request_instead_of_making_it_a
         .await;
     r.assert_error(500, "INTERNAL");
 }
+
+/// A connection that has sent part of a request head and then nothing.
+async fn stalled(app: &TestApp) -> tokio::net::TcpStream {
+    let addr = app.node.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    stream
+}
+
+/// Waits (up to 10 s) for the server to close `stream`; what it sent first.
+async fn closed_by_server(mut stream: tokio::net::TcpStream) -> Vec<u8> {
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the connection is still open after 10 s");
+    answer
+}
+
+#[tokio::test]
+async fn a_connection_without_a_complete_request_head_is_closed_after_the_header_timeout() {
+    let app =
+        TestApp::spawn_with(|c| c.header_read_timeout = std::time::Duration::from_millis(300))
+            .await;
+    let started = std::time::Instant::now();
+    let answer = closed_by_server(stalled(&app).await).await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "closed before the timeout"
+    );
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    // A request sent in time is answered as always, however long it stays.
+    let r = app.get("/healthz", None).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn a_connection_past_the_cap_waits_for_a_slot_and_is_then_served() {
+    let app = TestApp::spawn_with(|c| {
+        c.max_connections = 1;
+        c.header_read_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    // The one slot is taken by a connection that sends no complete head:
+    // the next one waits until it is closed, then is served.
+    let hog = stalled(&app).await;
+    let waiting = tokio::spawn({
+        let client = app.client.clone();
+        let url = app.url("/healthz");
+        async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    closed_by_server(hog).await;
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("served within 10 s")
+        .expect("task")
+        .expect("request");
+    assert_eq!(status, 200);
+}
