@@ -55,6 +55,51 @@ async fn listing_pages_through_a_prefix_in_key_order() {
 }
 
 #[tokio::test]
+async fn a_page_of_large_values_is_cut_at_4_mib_and_its_cursor_goes_on_from_there() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    // Ten values of 600 KB: a page of all ten would hold 6 MB.
+    let big = "x".repeat(600_000);
+    for i in 0..10 {
+        let r = app
+            .put(
+                &crate::support::object_path(&format!("big/{i}")),
+                Some(&u.token),
+                &json!({"data": big}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let mut pages = Vec::new();
+    let mut query = "?prefix=big%2F&limit=1000".to_owned();
+    loop {
+        let page = list(&app, &u, &query).await;
+        assert_eq!(page.status, 200, "{}", page.text);
+        pages.push(keys(&page));
+        assert!(
+            page.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|o| o["data"] == big),
+            "every value is whole"
+        );
+        match page.body["next_cursor"].as_str() {
+            Some(c) => query = format!("?prefix=big%2F&limit=1000&cursor={c}"),
+            None => break,
+        }
+    }
+    // Objects start within the first 4 MiB: seven of 600,006 bytes.
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), vec![7, 3]);
+    let expected: Vec<String> = (0..10).map(|i| format!("big/{i}")).collect();
+    assert_eq!(pages.concat(), expected);
+    // A page cut by its limit keeps its cursor as before.
+    let one = list(&app, &u, "?prefix=big%2F&limit=1").await;
+    assert_eq!(keys(&one), vec!["big/0"]);
+    assert!(one.body["next_cursor"].is_string());
+}
+
+#[tokio::test]
 async fn listing_without_a_prefix_returns_everything_with_a_default_page_of_100() {
     let app = TestApp::spawn().await;
     let u = app.writer().await;

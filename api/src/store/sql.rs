@@ -205,18 +205,31 @@ pub(super) async fn select_live_keys(
 }
 
 /// At most `fetch` live objects of `tenant` whose keys start with `prefix`,
-/// in byte order of keys, after the key `after` if given.
+/// in byte order of keys, after the key `after` if given, cut short (but
+/// never before the first) where their sizes (see the quotas migration) pass
+/// `max_bytes`; and how many there were before that cut. The cut is made on
+/// keys and sizes alone, so the values of the objects left out are never
+/// read.
 pub(super) async fn list_live(
     conn: &impl ConnectionTrait,
     tenant: TenantId,
     prefix: &Prefix,
     after: Option<&str>,
     fetch: u32,
+    max_bytes: usize,
     now: i64,
-) -> Result<Vec<Object>, ApiError> {
-    let mut sql = Sql::select_live(conn.get_database_backend(), tenant, now);
+) -> Result<(Vec<Object>, usize), ApiError> {
+    let backend = conn.get_database_backend();
+    let mut sql = Sql::new(backend);
+    let t = sql.next(tenant.get());
+    let n = sql.next(now);
     let lower = sql.next(prefix.as_str());
-    sql.push(&format!(r#" AND "key" >= {lower}"#));
+    sql.push(&format!(
+        r#"WITH page AS (
+             SELECT "key", sum(size) OVER (ORDER BY "key") - size AS before FROM object
+             WHERE tenant_id = {t} AND {} AND "key" >= {lower}"#,
+        live(&n)
+    ));
     if let Some(upper) = prefix.upper_bound() {
         let u = sql.next(upper);
         sql.push(&format!(r#" AND "key" < {u}"#));
@@ -226,8 +239,21 @@ pub(super) async fn list_live(
         sql.push(&format!(r#" AND "key" > {a}"#));
     }
     let f = sql.next(i64::from(fetch));
-    sql.push(&format!(r#" ORDER BY "key" LIMIT {f}"#));
-    rows_to_objects(conn.query_all_raw(sql.build()).await?, now)
+    let t = sql.next(tenant.get());
+    let b = sql.next(i64::try_from(max_bytes).unwrap_or(i64::MAX));
+    sql.push(&format!(
+        r#" ORDER BY "key" LIMIT {f})
+           SELECT {COLUMNS}, {}, (SELECT count(*) FROM page) AS fetched FROM object
+           WHERE tenant_id = {t} AND "key" IN (SELECT "key" FROM page WHERE before < {b})
+           ORDER BY "key""#,
+        data_as_text(backend)
+    ));
+    let rows = conn.query_all_raw(sql.build()).await?;
+    let fetched = match rows.first() {
+        Some(row) => usize::try_from(row.try_get::<i64>("", "fetched")?).unwrap_or(usize::MAX),
+        None => 0,
+    };
+    Ok((rows_to_objects(rows, now)?, fetched))
 }
 
 fn rows_to_objects(rows: Vec<QueryResult>, now: i64) -> Result<Vec<Object>, ApiError> {
