@@ -1152,3 +1152,42 @@ async fn feeds_past_the_per_user_and_node_caps_are_refused_with_429_rate_limited
     let second = app.create(&u, "p/2", json!(2), None).await;
     assert_eq!(again.next().await.data["revision"], revision(&second.body));
 }
+
+#[tokio::test]
+async fn a_page_of_changes_of_large_values_stops_at_4_mib_and_the_next_goes_on_from_there() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    // Ten values of 600 KB, each logged with its change: 6 MB in all.
+    let big = "x".repeat(600_000);
+    let mut written = Vec::new();
+    for i in 0..10 {
+        let r = app
+            .put(
+                &object_path(&format!("big/{i}")),
+                Some(&u.token),
+                &json!({"data": big}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        written.push(revision(&r.body));
+    }
+    let first = changes(&app, &u, "after=0&limit=1000").await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    let got: Vec<i64> = summary(&first.body["changes"])
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    // Values of 600,002 bytes of JSON: six fit in 4 MiB, a seventh does not.
+    assert_eq!(got, written[..6]);
+    assert_eq!(first.body["last_revision"], written[5]);
+    assert!(
+        first.body["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["data"] == big)
+    );
+    let rest = changes(&app, &u, &format!("after={}&limit=1000", written[5])).await;
+    let got: Vec<i64> = summary(&rest.body["changes"]).iter().map(|c| c.0).collect();
+    assert_eq!(got, written[6..]);
+}

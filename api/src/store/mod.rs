@@ -188,8 +188,12 @@ const MAX_FEED_PAGE_BYTES: usize = 4 << 20;
 /// 1.1 GB of memory). A page cut short still has a cursor to the rest.
 const MAX_PAGE_BYTES: usize = 4 << 20;
 
-/// Rows a feed page reads per statement while it fills up.
+/// Rows a feed page reads per statement while it fills up: at first
+/// [`FIRST_FEED_CHUNK`], then as many as the values read so far say will
+/// fit in what is left of [`MAX_FEED_PAGE_BYTES`], up to this. A fixed 64
+/// read 32 MB of 500 KB values to send 4 MiB, on every poll of every feed.
 const FEED_CHUNK: u32 = 64;
+const FIRST_FEED_CHUNK: u32 = 8;
 
 /// Revisions of a tenant's log one page of a key's history walks.
 const HISTORY_WINDOW: i64 = 10_000;
@@ -568,8 +572,9 @@ impl Store {
         let mut bytes = 0;
         let mut from = after.get();
         let mut full = false;
+        let mut chunk_rows = FIRST_FEED_CHUNK;
         'pages: loop {
-            let want = FEED_CHUNK.min((limit - changes.len()) as u32);
+            let want = chunk_rows.min((limit - changes.len()) as u32);
             let chunk = sql::changes_after(db, tenant, from, watch, want).await?;
             let ended = chunk.len() < want as usize;
             for change in chunk {
@@ -589,6 +594,11 @@ impl Store {
                 full = true;
                 break;
             }
+            let average = (bytes / changes.len().max(1)).max(1);
+            let fit = (MAX_FEED_PAGE_BYTES.saturating_sub(bytes) / average).saturating_add(1);
+            chunk_rows = u32::try_from(fit)
+                .unwrap_or(FEED_CHUNK)
+                .clamp(1, FEED_CHUNK);
         }
         // Compaction only moves forward: if it has not passed `after` now,
         // it had not when the changes were read.
