@@ -194,7 +194,7 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {}", self.config.listen))?;
         let acceptor = crate::listener::GuardedAcceptor::new(
-            crate::listener::JsonErrorsAcceptor(acceptor),
+            acceptor,
             self.config.max_connections,
             self.config.header_read_timeout,
         );

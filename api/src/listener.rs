@@ -1,6 +1,6 @@
-//! What kvql does to connections before hyper sees them: answers hyper
-//! writes by itself are made JSON ([`JsonErrorsAcceptor`]), and connections
-//! are capped and must send a request head in time ([`GuardedAcceptor`]).
+//! What kvql does to connections around hyper ([`GuardedAcceptor`]): they
+//! are capped, must send a request head in time, and the answers hyper
+//! writes by itself are made JSON.
 //!
 //! A request that is not valid HTTP (a raw 0xFF byte in the path, a header
 //! block over hyper's buffer, an overlong URI) never reaches the app: hyper
@@ -21,39 +21,6 @@ use poem::web::{LocalAddr, RemoteAddr};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::ErrorBody;
-
-/// An acceptor whose connections answer malformed requests in JSON.
-pub struct JsonErrorsAcceptor<A>(pub A);
-
-impl<A: Acceptor> Acceptor for JsonErrorsAcceptor<A> {
-    type Io = JsonErrors<A::Io>;
-
-    fn local_addr(&self) -> Vec<LocalAddr> {
-        self.0.local_addr()
-    }
-
-    async fn accept(
-        &mut self,
-    ) -> IoResult<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
-        let (io, local, remote, scheme) = self.0.accept().await?;
-        Ok((
-            JsonErrors {
-                inner: io,
-                pending: Vec::new(),
-            },
-            local,
-            remote,
-            scheme,
-        ))
-    }
-}
-
-/// A connection; see the module documentation.
-pub struct JsonErrors<T> {
-    inner: T,
-    /// Our replacement answer, not yet fully written.
-    pending: Vec<u8>,
-}
 
 /// The JSON answer standing in for hyper's own empty one, if `head` is one.
 fn replacement(head: &[u8]) -> Option<Vec<u8>> {
@@ -107,7 +74,7 @@ fn replacement(head: &[u8]) -> Option<Vec<u8>> {
     )
 }
 
-impl<T: AsyncWrite + Unpin> JsonErrors<T> {
+impl<T: AsyncWrite + Unpin> Connection<T> {
     /// Writes what is left of our replacement answer.
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<IoResult<()>> {
         while !self.pending.is_empty() {
@@ -121,17 +88,7 @@ impl<T: AsyncWrite + Unpin> JsonErrors<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for JsonErrors<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<IoResult<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for JsonErrors<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Connection<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -181,7 +138,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonErrors<T> {
 /// waits for a free slot) and closes a connection that has not sent the head
 /// of its first request within `head_timeout`, so connections that send
 /// nothing, or a header a byte at a time, cannot pile up until the process
-/// runs out of file descriptors or memory.
+/// runs out of file descriptors or memory. Its connections also answer
+/// malformed requests in JSON (see the module documentation).
 pub struct GuardedAcceptor<A> {
     inner: A,
     slots: Arc<tokio::sync::Semaphore>,
@@ -199,7 +157,7 @@ impl<A> GuardedAcceptor<A> {
 }
 
 impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
-    type Io = Guarded<A::Io>;
+    type Io = Connection<A::Io>;
 
     fn local_addr(&self) -> Vec<LocalAddr> {
         self.inner.local_addr()
@@ -216,8 +174,9 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
             .map_err(std::io::Error::other)?;
         let (io, local, remote, scheme) = self.inner.accept().await?;
         Ok((
-            Guarded {
+            Connection {
                 inner: io,
+                pending: Vec::new(),
                 _slot: slot,
                 head_deadline: Some(Box::pin(tokio::time::sleep(self.head_timeout))),
                 line_ended: false,
@@ -229,9 +188,11 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
     }
 }
 
-/// A connection; see [`GuardedAcceptor`].
-pub struct Guarded<T> {
+/// A connection; see the module documentation.
+pub struct Connection<T> {
     inner: T,
+    /// Our replacement for an answer of hyper's own, not yet fully written.
+    pending: Vec<u8>,
     _slot: tokio::sync::OwnedSemaphorePermit,
     /// Until the first request head has been read.
     head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -239,7 +200,7 @@ pub struct Guarded<T> {
     line_ended: bool,
 }
 
-impl<T> Guarded<T> {
+impl<T> Connection<T> {
     /// Whether `bytes` complete a request head: an empty line (`\r\n\r\n`,
     /// or bare `\n`s, which hyper accepts too).
     fn head_ends_in(&mut self, bytes: &[u8]) -> bool {
@@ -255,7 +216,7 @@ impl<T> Guarded<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Connection<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -292,43 +253,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<IoResult<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<IoResult<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoResult<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoResult<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn head_end(chunks: &[&[u8]]) -> Option<usize> {
-        let mut g = Guarded {
+        let mut g = Connection {
             inner: (),
+            pending: Vec::new(),
             _slot: Arc::new(tokio::sync::Semaphore::new(1))
                 .try_acquire_owned()
                 .expect("slot"),
