@@ -206,6 +206,7 @@ impl App {
         bound(addr);
         let endpoint = self.endpoint();
         poem::Server::new_with_acceptor(acceptor)
+            .idle_timeout(self.config.idle_timeout)
             .run_with_graceful_shutdown(
                 endpoint,
                 shutdown,

@@ -247,11 +247,19 @@ pub struct Config {
     #[arg(long, env = "KVQL_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 
-    /// Most TCP connections this node keeps open at once (HTTP and
-    /// WebSocket); past it, new connections wait in the kernel's queue until
-    /// one closes. Keep it below the process's open-file limit.
-    #[arg(long, env = "KVQL_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Most TCP connections this node keeps open at once (HTTP, including
+    /// each open watch and long-poll, and WebSocket); past it, new
+    /// connections wait in the kernel's queue until one closes. Keep it below
+    /// the process's open-file limit.
+    #[arg(long, env = "KVQL_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+
+    /// A connection with no traffic either way for this long is closed: an
+    /// idle keep-alive connection between requests, or a request stalled
+    /// mid-way. Keep it above `KVQL_WATCH_HEARTBEAT`, `KVQL_WS_KEEPALIVE` and
+    /// the longest long-poll (60 s), which all send something before it.
+    #[arg(long, env = "KVQL_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
 
     /// Which browser origins may call kvql (CORS, for apps that send a bearer
     /// token; cookies are never allowed): `*` any origin, `none` CORS off, or

@@ -138,7 +138,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Connection<T> {
 /// waits for a free slot) and closes a connection that has not sent the head
 /// of its first request within `head_timeout`, so connections that send
 /// nothing, or a header a byte at a time, cannot pile up until the process
-/// runs out of file descriptors or memory. Its connections also answer
+/// runs out of file descriptors or memory (later requests of a connection
+/// are bounded by the server's idle timeout). Its connections also answer
 /// malformed requests in JSON (see the module documentation).
 pub struct GuardedAcceptor<A> {
     inner: A,
@@ -179,6 +180,7 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
                 pending: Vec::new(),
                 _slot: slot,
                 head_deadline: Some(Box::pin(tokio::time::sleep(self.head_timeout))),
+                head_begun: false,
                 line_ended: false,
             },
             local,
@@ -196,20 +198,26 @@ pub struct Connection<T> {
     _slot: tokio::sync::OwnedSemaphorePermit,
     /// Until the first request head has been read.
     head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The head has begun: empty lines before a request line do not count
+    /// (hyper skips them), so they cannot end it.
+    head_begun: bool,
     /// The last byte read ended a line (`\n`, a `\r` before it aside).
     line_ended: bool,
 }
 
 impl<T> Connection<T> {
     /// Whether `bytes` complete a request head: an empty line (`\r\n\r\n`,
-    /// or bare `\n`s, which hyper accepts too).
+    /// or bare `\n`s, which hyper accepts too) after a line of content.
     fn head_ends_in(&mut self, bytes: &[u8]) -> bool {
         for &b in bytes {
             match b {
-                b'\n' if self.line_ended => return true,
+                b'\n' if self.head_begun && self.line_ended => return true,
                 b'\n' => self.line_ended = true,
                 b'\r' => {}
-                _ => self.line_ended = false,
+                _ => {
+                    self.head_begun = true;
+                    self.line_ended = false;
+                }
             }
         }
         false
@@ -265,6 +273,7 @@ mod tests {
                 .try_acquire_owned()
                 .expect("slot"),
             head_deadline: None,
+            head_begun: false,
             line_ended: false,
         };
         chunks.iter().position(|c| g.head_ends_in(c))
@@ -281,6 +290,9 @@ mod tests {
         assert_eq!(head_end(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]), Some(0));
         assert_eq!(head_end(&[b"GET / HTTP/1.1\r\n", b"Host: x\r\n"]), None);
         assert_eq!(head_end(&[b"\r\r\r", b"x\r\nx\r\n"]), None);
+        // Empty lines before the request line are skipped, not an end.
+        assert_eq!(head_end(&[b"\r\n\r\n", b"GET / HTTP/1.1\r\n"]), None);
+        assert_eq!(head_end(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]), Some(0));
     }
 
     #[test]

@@ -56,7 +56,9 @@ impl Query {
     }
 
     /// Live values whose keys start with `prefix`, in byte order of keys.
-    /// `first` is the page size (1 to 1000, default 100); pass
+    /// `first` is the largest page (1 to 1000, default 100); a page also
+    /// stops at about 4 MiB of keys and values (at least one object), so it
+    /// may hold fewer with `pageInfo.hasNextPage` true. Pass
     /// `pageInfo.endCursor` as `after` for the next page.
     async fn list_objects(
         &self,

@@ -771,9 +771,11 @@ impl RestApi {
     /// List values
     ///
     /// Live values whose keys start with `prefix`, in byte order of keys,
-    /// `limit` per page (1 to 1000, default 100). Pass `next_cursor` back as
-    /// `cursor` for the next page; a cursor this server did not issue is
-    /// refused with 400.
+    /// at most `limit` per page (1 to 1000, default 100) and about 4 MiB of
+    /// keys and values (at least one object): a page may hold fewer than
+    /// `limit` and still have a `next_cursor`. Pass `next_cursor` back as
+    /// `cursor` for the next page; it is `null` on the last one. A cursor
+    /// this server did not issue is refused with 400.
     #[oai(path = "/api/objects", method = "get", tag = "Tag::Objects")]
     async fn list(
         &self,

@@ -156,3 +156,36 @@ async fn a_connection_past_the_cap_waits_for_a_slot_and_is_then_served() {
         .expect("request");
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn empty_lines_before_a_request_line_do_not_stop_the_header_timeout() {
+    let app =
+        TestApp::spawn_with(|c| c.header_read_timeout = std::time::Duration::from_millis(300))
+            .await;
+    let addr = app.node.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let answer = closed_by_server(stream).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let app = TestApp::spawn_with(|c| c.idle_timeout = std::time::Duration::from_millis(300)).await;
+    let addr = app.node.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    // Answered, then closed once the connection has stayed idle.
+    let answer = closed_by_server(stream).await;
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
