@@ -211,19 +211,14 @@ async fn verify_bearer(
 /// routes' header parsing skips any other value as if it were absent, which
 /// would turn a conditional write into an unconditional one.
 fn conditions_are_text(req: &Request) -> Result<(), ApiError> {
-    for name in ["if-match", "if-none-match", "last-event-id"] {
+    for name in ["If-Match", "If-None-Match", "Last-Event-ID"] {
         if req
             .headers()
             .get_all(name)
             .iter()
             .any(|v| v.to_str().is_err())
         {
-            let field = match name {
-                "if-match" => "If-Match",
-                "if-none-match" => "If-None-Match",
-                _ => "Last-Event-ID",
-            };
-            return Err(ApiError::invalid(field, "must be visible ASCII text"));
+            return Err(ApiError::invalid(name, "must be visible ASCII text"));
         }
     }
     Ok(())

@@ -523,11 +523,11 @@ impl Store {
             now,
         )
         .await?;
-        let next = if objects.len() < fetched {
-            // Cut by size: the rest follows the last object given.
-            objects.last().map(|o| Cursor::after(&o.key))
-        } else if objects.len() > limit.get() as usize {
-            objects.truncate(limit.get() as usize);
+        // More follow if the page was cut by size, or by its limit (one
+        // object more than the limit was asked for).
+        let more = objects.len() < fetched || objects.len() > limit.get() as usize;
+        objects.truncate(limit.get() as usize);
+        let next = if more {
             objects.last().map(|o| Cursor::after(&o.key))
         } else {
             None
