@@ -5,19 +5,37 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::TestApp;
 
-/// Sends raw bytes and returns the status and JSON body of the answer.
-async fn raw(app: &TestApp, request: &[u8]) -> (u16, Option<String>, Value) {
+/// A plain TCP connection to the app.
+async fn connect(app: &TestApp) -> tokio::net::TcpStream {
     let addr = app.node.base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    // The server may answer before it has read everything.
-    let _ = stream.write_all(request).await;
+    tokio::net::TcpStream::connect(addr).await.expect("connect")
+}
+
+/// A connection that has sent `bytes`.
+async fn sent(app: &TestApp, bytes: &[u8]) -> tokio::net::TcpStream {
+    let mut stream = connect(app).await;
+    stream.write_all(bytes).await.expect("write");
+    stream
+}
+
+/// Waits (up to 10 s) for the server to close `stream`; what it sent first.
+async fn closed_by_server(mut stream: tokio::net::TcpStream) -> Vec<u8> {
     let mut answer = Vec::new();
     let read = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         stream.read_to_end(&mut answer),
     )
     .await;
-    assert!(read.is_ok(), "no answer within 10 s");
+    assert!(read.is_ok(), "the connection is still open after 10 s");
+    answer
+}
+
+/// Sends raw bytes and returns the status and JSON body of the answer.
+async fn raw(app: &TestApp, request: &[u8]) -> (u16, Option<String>, Value) {
+    let mut stream = connect(app).await;
+    // The server may answer before it has read everything.
+    let _ = stream.write_all(request).await;
+    let answer = closed_by_server(stream).await;
     let text = String::from_utf8_lossy(&answer).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
@@ -97,25 +115,7 @@ async fn a_token_that_cannot_be_checked_fails_the_request_instead_of_making_it_a
 
 /// A connection that has sent part of a request head and then nothing.
 async fn stalled(app: &TestApp) -> tokio::net::TcpStream {
-    let addr = app.node.base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .expect("write");
-    stream
-}
-
-/// Waits (up to 10 s) for the server to close `stream`; what it sent first.
-async fn closed_by_server(mut stream: tokio::net::TcpStream) -> Vec<u8> {
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        stream.read_to_end(&mut answer),
-    )
-    .await;
-    assert!(read.is_ok(), "the connection is still open after 10 s");
-    answer
+    sent(app, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await
 }
 
 #[tokio::test]
@@ -164,12 +164,7 @@ async fn empty_lines_before_a_request_line_do_not_stop_the_header_timeout() {
     let app =
         TestApp::spawn_with(|c| c.header_read_timeout = std::time::Duration::from_millis(300))
             .await;
-    let addr = app.node.base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .expect("write");
+    let stream = sent(&app, b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n").await;
     let answer = closed_by_server(stream).await;
     assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
 }
@@ -177,12 +172,7 @@ async fn empty_lines_before_a_request_line_do_not_stop_the_header_timeout() {
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let app = TestApp::spawn_with(|c| c.idle_timeout = std::time::Duration::from_millis(300)).await;
-    let addr = app.node.base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
+    let stream = sent(&app, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     // Answered, then closed once the connection has stayed idle.
     let answer = closed_by_server(stream).await;
     assert!(
