@@ -197,6 +197,7 @@ impl App {
             acceptor,
             self.config.max_connections,
             self.config.header_read_timeout,
+            self.config.idle_timeout,
         );
         let addr = acceptor
             .local_addr()
@@ -206,7 +207,6 @@ impl App {
         bound(addr);
         let endpoint = self.endpoint();
         poem::Server::new_with_acceptor(acceptor)
-            .idle_timeout(self.config.idle_timeout)
             .run_with_graceful_shutdown(
                 endpoint,
                 shutdown,

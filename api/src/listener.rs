@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use poem::listener::Acceptor;
 use poem::web::{LocalAddr, RemoteAddr};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -94,6 +96,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Connection<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<IoResult<usize>> {
+        self.active_at = Instant::now();
         ready!(self.drain(cx))?;
         if let Some(answer) = replacement(buf) {
             self.pending = answer;
@@ -108,6 +111,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Connection<T> {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<IoResult<usize>> {
+        self.active_at = Instant::now();
         ready!(self.drain(cx))?;
         if let Some(first) = bufs.iter().find(|b| !b.is_empty())
             && let Some(answer) = replacement(first)
@@ -135,24 +139,27 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Connection<T> {
 }
 
 /// An acceptor that keeps at most `max` connections open (the next accept
-/// waits for a free slot) and closes a connection that has not sent the head
-/// of its first request within `head_timeout`, so connections that send
-/// nothing, or a header a byte at a time, cannot pile up until the process
-/// runs out of file descriptors or memory (later requests of a connection
-/// are bounded by the server's idle timeout). Its connections also answer
-/// malformed requests in JSON (see the module documentation).
+/// waits for a free slot), and closes a connection that has not sent the
+/// head of its first request within `head_timeout`, or that has then had no
+/// traffic either way for `idle_timeout` while the server waits to read from
+/// it; so connections that send nothing, or a header a byte at a time,
+/// cannot pile up until the process runs out of file descriptors or memory.
+/// Its connections also answer malformed requests in JSON (see the module
+/// documentation).
 pub struct GuardedAcceptor<A> {
     inner: A,
     slots: Arc<tokio::sync::Semaphore>,
     head_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl<A> GuardedAcceptor<A> {
-    pub fn new(inner: A, max: u32, head_timeout: Duration) -> Self {
+    pub fn new(inner: A, max: u32, head_timeout: Duration, idle_timeout: Duration) -> Self {
         GuardedAcceptor {
             inner,
             slots: Arc::new(tokio::sync::Semaphore::new(max as usize)),
             head_timeout,
+            idle_timeout,
         }
     }
 }
@@ -179,9 +186,11 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
                 inner: io,
                 pending: Vec::new(),
                 _slot: slot,
-                head_deadline: Some(Box::pin(tokio::time::sleep(self.head_timeout))),
-                head_begun: false,
-                line_ended: false,
+                deadline: Box::pin(tokio::time::sleep(self.head_timeout)),
+                idle_timeout: self.idle_timeout,
+                active_at: Instant::now(),
+                awaiting_head: true,
+                head: HeadScan::default(),
             },
             local,
             remote,
@@ -196,31 +205,64 @@ pub struct Connection<T> {
     /// Our replacement for an answer of hyper's own, not yet fully written.
     pending: Vec<u8>,
     _slot: tokio::sync::OwnedSemaphorePermit,
-    /// Until the first request head has been read.
-    head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the connection may be closed if it is still waiting to be read
+    /// from: the end of the time for the first head, then (checked and moved
+    /// on only when it passes) the end of the idle time after `active_at`.
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: Duration,
+    /// The last read or write.
+    active_at: Instant,
+    /// The first request head has not been read in full yet.
+    awaiting_head: bool,
+    head: HeadScan,
+}
+
+/// Where the first request head of a connection ends.
+#[derive(Default)]
+struct HeadScan {
     /// The head has begun: empty lines before a request line do not count
     /// (hyper skips them), so they cannot end it.
-    head_begun: bool,
+    begun: bool,
     /// The last byte read ended a line (`\n`, a `\r` before it aside).
     line_ended: bool,
 }
 
-impl<T> Connection<T> {
+impl HeadScan {
     /// Whether `bytes` complete a request head: an empty line (`\r\n\r\n`,
     /// or bare `\n`s, which hyper accepts too) after a line of content.
-    fn head_ends_in(&mut self, bytes: &[u8]) -> bool {
+    fn ends_in(&mut self, bytes: &[u8]) -> bool {
         for &b in bytes {
             match b {
-                b'\n' if self.head_begun && self.line_ended => return true,
+                b'\n' if self.begun && self.line_ended => return true,
                 b'\n' => self.line_ended = true,
                 b'\r' => {}
                 _ => {
-                    self.head_begun = true;
+                    self.begun = true;
                     self.line_ended = false;
                 }
             }
         }
         false
+    }
+}
+
+impl<T> Connection<T> {
+    /// Whether the connection has run out of time while the server waits
+    /// to read from it; otherwise the deadline is armed to wake `cx`.
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.deadline.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if self.awaiting_head {
+                return true;
+            }
+            let due = self.active_at + self.idle_timeout;
+            if due <= Instant::now() {
+                return true;
+            }
+            self.deadline.as_mut().reset(due);
+        }
     }
 }
 
@@ -231,31 +273,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for Connection<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<IoResult<()>> {
         let this = &mut *self;
-        if this.head_deadline.is_none() {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
-        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if this.head_ends_in(&buf.filled()[before..]) {
-                    this.head_deadline = None;
+                this.active_at = Instant::now();
+                if this.awaiting_head && this.head.ends_in(&buf.filled()[before..]) {
+                    this.awaiting_head = false;
+                    let idle_ends = this.active_at + this.idle_timeout;
+                    this.deadline.as_mut().reset(idle_ends);
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => {
-                let expired = this
-                    .head_deadline
-                    .as_mut()
-                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-                if expired {
-                    Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "no request head within the header read timeout",
-                    )))
-                } else {
-                    Poll::Pending
-                }
-            }
+            Poll::Pending if this.timed_out(cx) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection sent no request head in time, or stayed idle too long",
+            ))),
             other => other,
         }
     }
@@ -266,17 +298,8 @@ mod tests {
     use super::*;
 
     fn head_end(chunks: &[&[u8]]) -> Option<usize> {
-        let mut g = Connection {
-            inner: (),
-            pending: Vec::new(),
-            _slot: Arc::new(tokio::sync::Semaphore::new(1))
-                .try_acquire_owned()
-                .expect("slot"),
-            head_deadline: None,
-            head_begun: false,
-            line_ended: false,
-        };
-        chunks.iter().position(|c| g.head_ends_in(c))
+        let mut scan = HeadScan::default();
+        chunks.iter().position(|c| scan.ends_in(c))
     }
 
     #[test]

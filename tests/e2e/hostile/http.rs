@@ -181,3 +181,13 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
         String::from_utf8_lossy(&answer)
     );
 }
+
+#[tokio::test]
+async fn a_silent_http2_connection_is_closed_after_the_idle_timeout() {
+    let app = TestApp::spawn_with(|c| c.idle_timeout = std::time::Duration::from_millis(300)).await;
+    // The HTTP/2 preface holds an empty line, then nothing more comes.
+    let stream = sent(&app, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    closed_by_server(stream).await;
+    let r = app.get("/healthz", None).await;
+    assert_eq!(r.status, 200);
+}
