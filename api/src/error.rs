@@ -205,6 +205,15 @@ impl ApiError {
             }
             unreachable!("checked with is::<ApiError>()");
         }
+        if let Some(param) = err.downcast_ref::<poem_openapi::error::ParseParamError>() {
+            return ApiError::invalid(param.name, parameter_message(&param.reason));
+        }
+        if err.is::<poem::error::ParsePathError>() {
+            return ApiError::InvalidInput {
+                field: None,
+                message: "invalid path: a segment is not percent-encoded UTF-8".into(),
+            };
+        }
         let message = err.to_string();
         match err.status() {
             StatusCode::BAD_REQUEST => ApiError::InvalidInput {
@@ -230,6 +239,30 @@ impl ApiError {
             },
         }
     }
+}
+
+/// What poem-openapi says of a query parameter or header of a plain type
+/// (`failed to parse "integer_int64": invalid digit found in string
+/// (occurred while parsing "Limit") ...`), said in the client's terms: what
+/// the value must be, then the parser's reason.
+fn parameter_message(reason: &str) -> String {
+    let reason = reason
+        .find(" (occurred while parsing ")
+        .map_or(reason, |at| &reason[..at]);
+    let Some((type_name, detail)) = reason
+        .strip_prefix("failed to parse \"")
+        .and_then(|rest| rest.split_once("\": "))
+    else {
+        return reason.to_owned();
+    };
+    let expected = match type_name {
+        t if t.starts_with("integer") => "an integer",
+        t if t.starts_with("number") => "a number",
+        "boolean" => return "must be `true` or `false`".into(),
+        "string" => "text",
+        other => other,
+    };
+    format!("must be {expected} ({detail})")
 }
 
 /// poem-openapi's messages start with a generic preamble; keep the useful part.
@@ -433,5 +466,47 @@ impl<S: ErrorStatuses> ApiResponse for Errors<S> {
 impl fmt::Display for ErrorBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.error, self.code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_messages_say_what_the_value_must_be() {
+        assert_eq!(
+            parameter_message(
+                "failed to parse \"integer_int64\": invalid digit found in string \
+                 (occurred while parsing \"Limit\") (occurred while parsing \"optional_Limit\")"
+            ),
+            "must be an integer (invalid digit found in string)"
+        );
+        assert_eq!(
+            parameter_message(
+                "failed to parse \"boolean\": provided string was not `true` or `false` \
+                 (occurred while parsing \"optional_boolean\")"
+            ),
+            "must be `true` or `false`"
+        );
+        assert_eq!(
+            parameter_message("the value is required"),
+            "the value is required"
+        );
+    }
+
+    #[test]
+    fn a_parameter_that_does_not_parse_names_its_field() {
+        let err = poem::Error::from(poem_openapi::error::ParseParamError {
+            name: "limit",
+            reason: "failed to parse \"integer_int64\": number too large to fit in target type"
+                .into(),
+        });
+        let api = ApiError::from_poem(err);
+        assert_eq!(api.field(), Some("limit"));
+        assert_eq!(
+            api.to_string(),
+            "invalid limit: must be an integer (number too large to fit in target type)"
+        );
     }
 }

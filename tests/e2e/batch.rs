@@ -122,6 +122,24 @@ async fn an_atomic_batch_with_an_invalid_item_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_batch_whose_atomic_flag_is_not_a_boolean_gets_400_and_writes_nothing() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    for path in [
+        "/api/batch/object?atomic=maybe",
+        "/api/batch/object?atomic=1",
+    ] {
+        let r = app
+            .post(path, Some(&u.token), &json!([{"key": "x", "data": 1}]))
+            .await;
+        r.assert_error(400, "INVALID_INPUT");
+        assert_eq!(r.body["field"], "atomic", "{path}: {}", r.text);
+        assert_eq!(r.body["error"], "invalid atomic: must be `true` or `false`");
+    }
+    assert_eq!(app.row_count().await, 0);
+}
+
+#[tokio::test]
 async fn a_batch_over_the_item_limit_gets_413_and_writes_nothing() {
     let app = TestApp::spawn_with(|c| c.max_batch_items = 3).await;
     let u = app.writer().await;

@@ -194,12 +194,15 @@ async fn changes_follow_one_key_or_a_prefix_and_refuse_both() {
         "after=x",
         "limit=0",
         "limit=1001",
+        "limit=ten",
         "wait=61",
         "wait=-1",
+        "wait=1.5",
     ] {
-        changes(&app, &u, bad)
-            .await
-            .assert_error(400, "INVALID_INPUT");
+        let r = changes(&app, &u, bad).await;
+        r.assert_error(400, "INVALID_INPUT");
+        let field = bad.split('=').next().unwrap_or_default();
+        assert_eq!(r.body["field"], field, "{bad}: {}", r.text);
     }
     let ahead = changes(&app, &u, "after=99").await;
     ahead.assert_error(400, "INVALID_INPUT");

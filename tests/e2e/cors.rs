@@ -103,7 +103,7 @@ async fn preflight_answers_204_with_methods_and_headers_on_every_door() {
         assert!(r.text.is_empty(), "{path}: {}", r.text);
         assert_eq!(r.header("access-control-allow-origin"), Some("*"), "{path}");
         let methods = names(&r, "access-control-allow-methods");
-        for m in ["get", "head", "post", "put", "delete"] {
+        for m in ["get", "head", "post", "put", "patch", "delete"] {
             assert!(methods.contains(&m.to_owned()), "{path}: {methods:?}");
         }
         let headers = names(&r, "access-control-allow-headers");

@@ -65,6 +65,26 @@ async fn an_encoded_slash_in_the_path_is_part_of_the_key() {
 }
 
 #[tokio::test]
+async fn a_path_key_that_does_not_decode_to_utf8_gets_400_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let before = app.snapshot().await;
+    for r in [
+        app.get("/api/object/%FF", Some(&u.token)).await,
+        app.put("/api/object/a%FFb", Some(&u.token), &json!({"data": 1}))
+            .await,
+        app.delete("/api/object/%C3", Some(&u.token)).await,
+    ] {
+        r.assert_error(400, "INVALID_INPUT");
+        assert_eq!(
+            r.body["error"],
+            "invalid path: a segment is not percent-encoded UTF-8"
+        );
+    }
+    assert_eq!(app.snapshot().await, before);
+}
+
+#[tokio::test]
 async fn keys_of_512_bytes_are_accepted_and_513_refused() {
     let app = TestApp::spawn().await;
     let u = app.writer().await;
