@@ -167,14 +167,16 @@ impl App {
         let api = rest::service();
         let spec = api.spec_endpoint();
         let state = self.state.clone();
-        let schema = graphql::schema(&self.config.graphql, Some(self.state.clone()));
         Route::new()
             .at("/openapi.json", get(spec))
             .at("/metrics", get(crate::metrics::endpoint))
             .nest("/docs", pages::docs_routes())
             .at("/favicon.svg", get(pages::favicon))
             .at("/favicon.ico", get(pages::favicon))
-            .nest("/graphql", graphql::routes(schema))
+            .nest(
+                "/graphql",
+                graphql::routes(&self.config.graphql, self.state.clone()),
+            )
             .nest("/", api)
             .data(self.state.clone())
             .around(move |ep, req| middleware::around(ep, req, state.clone()))

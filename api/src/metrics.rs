@@ -107,6 +107,7 @@ pub struct Metrics {
     /// [`StoreOp::ALL`]'s order.
     store_ops: [IntCounter; 12],
     tenant_rate_refused: IntCounter,
+    graphql_fast: IntCounter,
     group_writes: Histogram,
     expired: IntCounter,
     sweep_lag: prometheus::Gauge,
@@ -256,6 +257,15 @@ impl Metrics {
         registered(r, Ok(POOL_TIMEOUTS.clone()))?;
         Ok(Metrics {
             store_ops: StoreOp::ALL.map(|op| store_ops.with_label_values(&[op.label()])),
+            graphql_fast: registered(
+                r,
+                IntCounter::new(
+                    "kvql_graphql_fast_path_total",
+                    "GraphQL operations answered by the fast path for a lone object(key:) \
+                     query, without the executor (also counted in \
+                     kvql_graphql_operations_total).",
+                ),
+            )?,
             tenant_rate_refused: registered(
                 r,
                 IntCounter::new(
@@ -437,6 +447,12 @@ impl Metrics {
 
     pub fn store_op(&self, op: StoreOp) {
         self.store_ops[op as usize].inc();
+    }
+
+    /// A query answered by the GraphQL fast path (counted as a query too).
+    pub fn graphql_fast_path(&self) {
+        self.graphql_fast.inc();
+        self.graphql_operation(Some(async_graphql::parser::types::OperationType::Query));
     }
 
     pub fn tenant_rate_refused(&self) {

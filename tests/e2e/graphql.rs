@@ -659,3 +659,237 @@ async fn a_body_that_is_neither_an_operation_nor_a_batch_is_a_400_and_runs_nothi
         assert_eq!(app.read(&u, key).await.status, 200);
     }
 }
+
+/// `(operations answered by the fast path, queries)` so far.
+async fn fast_and_queries(app: &TestApp) -> (f64, f64) {
+    let (scrape, _) = crate::metrics::scrape(app, None).await;
+    let get = |name, labels: &[(&str, &str)]| {
+        crate::metrics::value(&scrape, name, labels).unwrap_or_default()
+    };
+    (
+        get("kvql_graphql_fast_path_total", &[]),
+        get("kvql_graphql_operations_total", &[("type", "query")]),
+    )
+}
+
+#[tokio::test]
+async fn the_fast_path_answers_every_object_field_as_the_executor_does() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let token = Some(u.token.as_str());
+    app.create(
+        &u,
+        "full",
+        json!({"a": [1, "x", null], "b": {"c": 1.5}}),
+        Some(100),
+    )
+    .await;
+    app.create(&u, "nothing", json!(null), None).await;
+    let all = "__typename id key data version revision ttl expiresAt createdAt updatedAt";
+    let queries = [
+        format!("query($k: String!) {{ object(key: $k) {{ {all} }} }}"),
+        format!("query Named($k: String!) {{ o: object(key: $k) {{ v: version {all} }} }}"),
+        "{ object(key: \"full\") { data key } }".to_owned(),
+    ];
+    let mut pairs = 0.0;
+    for (i, query) in queries.iter().enumerate() {
+        for key in ["full", "nothing", "absent"] {
+            // A text of its own per case: its first run is the executor's.
+            let text = format!("{query} # {key}");
+            let mut body = json!({"query": text});
+            if i < 2 {
+                body["variables"] = json!({"k": key});
+            }
+            if i == 1 {
+                body["operationName"] = json!("Named");
+            }
+            let (fast_before, _) = fast_and_queries(&app).await;
+            let executor = app.post("/graphql", token, &body).await;
+            let fast = app.post("/graphql", token, &body).await;
+            let (fast_after, _) = fast_and_queries(&app).await;
+            assert_eq!(
+                fast_after - fast_before,
+                1.0,
+                "{text}: the second went fast"
+            );
+            assert_eq!(executor.status, 200, "{}", executor.text);
+            assert!(executor.body.get("errors").is_none(), "{}", executor.text);
+            assert_eq!(fast.text, executor.text, "{text}");
+            pairs += 1.0;
+        }
+    }
+    let (fast, queries_counted) = fast_and_queries(&app).await;
+    assert_eq!(fast, pairs);
+    assert_eq!(
+        queries_counted,
+        2.0 * pairs,
+        "fast answers count as queries"
+    );
+
+    // What the fast path does not take, the executor answers as always.
+    let plain = "query($k: String!) { object(key: $k) { key } }";
+    for _ in 0..2 {
+        let r = app.gql(token, plain, json!({"k": "full"})).await;
+        assert_eq!(r.body["data"]["object"]["key"], "full", "{}", r.text);
+    }
+    let (fast_before, _) = fast_and_queries(&app).await;
+    let anonymous = app.gql(None, plain, json!({"k": "full"})).await;
+    assert_eq!(anonymous.gql_error_code(), "UNAUTHENTICATED");
+    let bad_key = app.gql(token, plain, json!({"k": ""})).await;
+    assert_eq!(bad_key.gql_error_code(), "INVALID_INPUT");
+    let not_a_string = app.gql(token, plain, json!({"k": 7})).await;
+    assert_eq!(not_a_string.gql_error_code(), "INVALID_INPUT");
+    let missing = app.gql(token, plain, json!({})).await;
+    assert_eq!(missing.gql_error_code(), "INVALID_INPUT");
+    let (fast_after, _) = fast_and_queries(&app).await;
+    assert_eq!(fast_after, fast_before, "none of these went fast");
+}
+
+/// Sends `body` to `/graphql` twice (the second may take the fast path);
+/// asserts both answers are the same and gives it, with how many of the
+/// two the fast path answered.
+async fn twice(app: &TestApp, token: &str, body: &serde_json::Value) -> (serde_json::Value, f64) {
+    let (before, _) = fast_and_queries(app).await;
+    let first = app.post("/graphql", Some(token), body).await;
+    let second = app.post("/graphql", Some(token), body).await;
+    let (after, _) = fast_and_queries(app).await;
+    assert_eq!(first.text, second.text, "{body}");
+    (second.body, after - before)
+}
+
+#[tokio::test]
+async fn the_fast_path_keeps_scopes_tenants_and_expiry_and_leaves_other_requests_alone() {
+    let app = TestApp::spawn().await;
+    let owner = app.user("acme", Role::Owner).await;
+    let stranger = app.user("other", Role::Writer).await;
+    app.create(&owner, "p/in", json!("in"), None).await;
+    app.create(&owner, "out", json!("out"), None).await;
+    app.create(&owner, "soon", json!("soon"), Some(1)).await;
+    app.create(&stranger, "secret", json!("theirs"), None).await;
+    let minted = app
+        .post(
+            "/api/keys",
+            Some(&owner.token),
+            &json!({"name": "scoped", "scope": "read", "prefix": "p/"}),
+        )
+        .await;
+    assert_eq!(minted.status, 201, "{}", minted.text);
+    let scoped = minted.body["token"].as_str().expect("token").to_owned();
+    let q = "query Q($k: String!) { object(key: $k) { key data } }";
+    let read = |k: &str| json!({"query": q, "variables": {"k": k}});
+
+    // Taken by the fast path, with the executor's answers.
+    let (inside, fast) = twice(&app, &scoped, &read("p/in")).await;
+    assert_eq!(
+        inside["data"]["object"],
+        json!({"key": "p/in", "data": "in"})
+    );
+    assert_eq!(
+        fast, 1.0,
+        "a named document without operationName goes fast"
+    );
+    let (outside, fast) = twice(&app, &scoped, &read("out")).await;
+    assert_eq!(
+        outside,
+        json!({"data": {"object": null}}),
+        "outside the key's prefix"
+    );
+    assert_eq!(fast, 2.0);
+    let (theirs, fast) = twice(&app, &owner.token, &read("secret")).await;
+    assert_eq!(
+        theirs,
+        json!({"data": {"object": null}}),
+        "another tenant's key"
+    );
+    assert_eq!(fast, 2.0);
+    app.clock.advance(std::time::Duration::from_secs(2));
+    let (expired, fast) = twice(&app, &owner.token, &read("soon")).await;
+    assert_eq!(
+        expired,
+        json!({"data": {"object": null}}),
+        "an expired value"
+    );
+    assert_eq!(fast, 2.0);
+    let (before, _) = fast_and_queries(&app).await;
+    for _ in 0..2 {
+        let got: serde_json::Value = app
+            .client
+            .get(app.url("/graphql"))
+            .query(&[("query", q), ("variables", r#"{"k":"out"}"#)])
+            .bearer_auth(&owner.token)
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("JSON");
+        assert_eq!(got["data"]["object"]["data"], "out");
+    }
+    let (after, _) = fast_and_queries(&app).await;
+    assert_eq!(after - before, 2.0, "a GET goes fast too");
+
+    // Left to the executor, which answers as always.
+    for (body, want) in [
+        (
+            json!({"query": q, "variables": {"k": "out"}, "operationName": "Other"}),
+            json!("INVALID_INPUT"),
+        ),
+        (
+            json!({"query": q, "variables": {"k": "out", "extra": 1}}),
+            json!(null),
+        ),
+        (
+            json!({"query": q, "variables": {"k": "out"}, "extensions": {"x": 1}}),
+            json!(null),
+        ),
+    ] {
+        let (answer, fast) = twice(&app, &owner.token, &body).await;
+        assert_eq!(fast, 0.0, "{body}");
+        assert_eq!(
+            answer["errors"][0]["extensions"]["code"], want,
+            "{body}: {answer}"
+        );
+        if want.is_null() {
+            assert_eq!(answer["data"]["object"]["data"], "out", "{body}");
+        }
+    }
+    let (batch, fast) = twice(&app, &owner.token, &json!([read("out")])).await;
+    assert_eq!(fast, 0.0);
+    assert_eq!(batch[0]["data"]["object"]["data"], "out");
+}
+
+#[tokio::test]
+async fn a_read_the_store_fails_on_the_fast_path_is_answered_by_the_executor_without_a_second_read()
+{
+    use sea_orm::ConnectionTrait;
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let q = "query($k: String!) { object(key: $k) { key } }";
+    let ok = app.gql(Some(&u.token), q, json!({"k": "a"})).await;
+    assert_eq!(ok.body, json!({"data": {"object": null}}));
+    // The values' table is gone: every read fails in the database.
+    app.node
+        .state
+        .db()
+        .write
+        .execute_unprepared("DROP TABLE object")
+        .await
+        .expect("drop the table");
+    let gets = |scrape: &prometheus_parse::Scrape| {
+        crate::metrics::value(scrape, "kvql_store_operations_total", &[("op", "get")])
+            .unwrap_or_default()
+    };
+    let (before, _) = crate::metrics::scrape(&app, None).await;
+    let (fast_before, _) = fast_and_queries(&app).await;
+    let failed = app.gql(Some(&u.token), q, json!({"k": "b"})).await;
+    assert_eq!(failed.gql_error_code(), "INTERNAL", "{}", failed.text);
+    assert_eq!(failed.body["errors"][0]["path"], json!(["object"]));
+    let (after, _) = crate::metrics::scrape(&app, None).await;
+    let (fast_after, _) = fast_and_queries(&app).await;
+    assert_eq!(
+        gets(&after) - gets(&before),
+        1.0,
+        "read once, not again by the executor"
+    );
+    assert_eq!(fast_after, fast_before);
+}

@@ -132,6 +132,33 @@ async fn graphql_response_json_answers_executed_operations_with_200() {
 }
 
 #[tokio::test]
+async fn an_operation_whose_fields_are_all_skipped_answers_an_empty_object() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    for (token, query) in [
+        (None, "{ me @skip(if: true) { username } }"),
+        (None, "{ __typename @include(if: false) }"),
+        (
+            None,
+            "query { ...F } fragment F on Query { __typename @skip(if: true) }",
+        ),
+        (
+            Some(u.token.as_str()),
+            "mutation { createObject(input: {key: \"k\", data: 1}) @skip(if: true) { key } }",
+        ),
+    ] {
+        let r = app.gql(token, query, json!({})).await;
+        assert_eq!(r.status, 200, "{query}: {}", r.text);
+        assert_eq!(r.body, json!({"data": {}}), "{query}");
+    }
+    assert_eq!(
+        app.row_count().await,
+        0,
+        "the skipped mutation field did not run"
+    );
+}
+
+#[tokio::test]
 async fn application_json_clients_keep_200_for_request_errors() {
     let app = TestApp::spawn().await;
     for accept in ["application/json", "*/*"] {

@@ -7,7 +7,7 @@ use serde_json::json;
 use crate::support::{PASSWORD, TestApp, WsClient, object_path};
 
 /// The scrape, parsed; panics unless it is valid Prometheus text.
-async fn scrape(app: &TestApp, token: Option<&str>) -> (Scrape, String) {
+pub(crate) async fn scrape(app: &TestApp, token: Option<&str>) -> (Scrape, String) {
     let mut req = app.client.get(app.url("/metrics"));
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -26,7 +26,7 @@ async fn scrape(app: &TestApp, token: Option<&str>) -> (Scrape, String) {
 }
 
 /// The value of the sample `name` whose labels include `labels`.
-fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     scrape
         .samples
         .iter()

@@ -144,6 +144,111 @@ async fn a_subscription_without_a_token_gets_unauthenticated() {
 }
 
 #[tokio::test]
+async fn a_subscription_must_select_exactly_one_top_level_field() {
+    let app = TestApp::spawn().await;
+    let u = app.writer().await;
+    let mut ws = WsClient::connect(&app.node.base, "/graphql/ws", u.ws_auth()).await;
+    for (id, query) in [
+        (
+            "two",
+            "subscription { a: objectEvents(key: \"a\") { key } b: objectEvents(key: \"b\") { key } }",
+        ),
+        (
+            "fragment",
+            "subscription Both { ...A objectEvents(key: \"b\") { key } } \
+             fragment A on Subscription { a: objectEvents(key: \"a\") { key } }",
+        ),
+    ] {
+        ws.subscribe(id, query, json!({})).await;
+        let msg = ws.next().await;
+        assert_eq!(msg["id"], id, "{msg}");
+        let error = &msg["payload"]["errors"][0];
+        assert_eq!(error["extensions"]["code"], "INVALID_INPUT", "{msg}");
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("exactly one top-level field")),
+            "{msg}"
+        );
+        assert_eq!(ws.next().await, json!({"type": "complete", "id": id}));
+    }
+    // One field, selected directly, is the rule: async-graphql would end a
+    // stream whose field stands in a fragment at once, and run a skipped one.
+    for (id, query, says) in [
+        (
+            "in-fragment",
+            "subscription { ... { objectEvents(key: \"a\") { key } } }",
+            "not through a fragment",
+        ),
+        (
+            "twice",
+            "subscription { objectEvents(key: \"a\") { key } objectEvents(key: \"a\") { version } }",
+            "directly, once",
+        ),
+        (
+            "skipped",
+            "subscription { objectEvents(key: \"a\") @skip(if: true) { key } }",
+            "@skip or @include",
+        ),
+    ] {
+        ws.subscribe(id, query, json!({})).await;
+        let msg = ws.next().await;
+        let error = &msg["payload"]["errors"][0];
+        assert_eq!(error["extensions"]["code"], "INVALID_INPUT", "{msg}");
+        assert!(
+            error["message"].as_str().is_some_and(|m| m.contains(says)),
+            "{msg}"
+        );
+        assert_eq!(ws.next().await, json!({"type": "complete", "id": id}));
+    }
+    // From revision 0, so that the write is seen whenever the stream starts.
+    app.create(&u, "a", json!(1), None).await;
+    ws.subscribe(
+        "one",
+        "subscription { objectEvents(key: \"a\", afterRevision: \"0\") { key version } }",
+        json!({}),
+    )
+    .await;
+    let put = ws.next().await;
+    assert_eq!(put["id"], "one", "{put}");
+    assert_eq!(
+        put["payload"]["data"]["objectEvents"],
+        json!({"key": "a", "version": "1"})
+    );
+    // Over HTTP, where subscriptions do not run, the rule is reported too.
+    let r = app
+        .gql(
+            Some(&u.token),
+            "subscription { a: objectEvents(key: \"a\") { key } b: objectEvents(key: \"b\") { key } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        r.body["errors"][0]["extensions"]["code"], "INVALID_INPUT",
+        "{}",
+        r.text
+    );
+    assert!(
+        r.body["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exactly one top-level field")),
+        "{}",
+        r.text
+    );
+    // An unknown fragment is reported as such, not counted as no field.
+    let r = app
+        .gql(Some(&u.token), "subscription { ...Missing }", json!({}))
+        .await;
+    assert!(
+        r.body["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Missing") && !m.contains("top-level")),
+        "{}",
+        r.text
+    );
+}
+
+#[tokio::test]
 async fn a_socket_without_a_token_can_log_in_and_nothing_else() {
     let app = TestApp::spawn().await;
     let u = app.writer().await;

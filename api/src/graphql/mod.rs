@@ -3,6 +3,7 @@
 //! per request (WebSocket: from `connection_init`) and puts a [`Caller`] in
 //! the context; resolvers never parse tokens.
 
+mod fast;
 mod http;
 mod mutation;
 mod observe;
@@ -25,7 +26,9 @@ use crate::auth::{ClientAddr, Principal};
 use crate::config::GraphqlConfig;
 use crate::error::ApiError;
 use crate::middleware::Verified;
+use fast::Fast;
 pub use mutation::Mutation;
+use policy::Plans;
 pub use query::Query;
 pub use subscription::Subscription;
 
@@ -105,6 +108,11 @@ impl ContextExt for Context<'_> {
 
 /// The schema with its limits; `state` is `None` only to print the SDL.
 pub fn schema(config: &GraphqlConfig, state: Option<AppState>) -> KvSchema {
+    schema_and_plans(config, state).0
+}
+
+/// [`schema`], and the fast-path plans of the documents it runs.
+fn schema_and_plans(config: &GraphqlConfig, state: Option<AppState>) -> (KvSchema, Plans) {
     let mut builder = Schema::build(Query, Mutation, Subscription)
         .limit_depth(config.graphql_max_depth)
         .limit_complexity(config.graphql_max_complexity);
@@ -112,14 +120,16 @@ pub fn schema(config: &GraphqlConfig, state: Option<AppState>) -> KvSchema {
     if let Some(state) = &state {
         builder = builder.extension(observe::Observe(state.metrics().clone()));
     }
-    builder = builder.extension(policy::Policy::new(config));
+    let policy = policy::Policy::new(config);
+    let plans = policy.plans();
+    builder = builder.extension(policy);
     if !config.graphql_introspection {
         builder = builder.disable_introspection();
     }
     if let Some(state) = state {
         builder = builder.data(state);
     }
-    builder.finish()
+    (builder.finish(), plans)
 }
 
 /// The schema in SDL, as checked in at `schema.graphql`.
@@ -137,6 +147,7 @@ async fn execute(
     body: Body,
     state: poem::web::Data<&AppState>,
     schema: poem::web::Data<&KvSchema>,
+    plans: poem::web::Data<&Plans>,
 ) -> poem::Result<poem::Response> {
     let config = state.config();
     let batch = http::read_post(
@@ -146,7 +157,7 @@ async fn execute(
         usize::try_from(config.graphql.graphql_max_batch).unwrap_or(usize::MAX),
     )
     .await?;
-    Ok(run(req, &state, &schema, batch, false).await)
+    Ok(run(req, &state, &schema, &plans, batch, false).await)
 }
 
 /// Runs a request's operations in order, each with the caller's identity,
@@ -155,6 +166,7 @@ async fn run(
     req: &Request,
     state: &AppState,
     schema: &KvSchema,
+    plans: &Plans,
     batch: BatchRequest,
     get: bool,
 ) -> poem::Response {
@@ -183,7 +195,13 @@ async fn run(
         if get { r.data(HttpGet) } else { r }
     };
     let resp = match batch {
-        BatchRequest::Single(r) => BatchResponse::Single(schema.execute(prepare(r)).await),
+        BatchRequest::Single(r) => {
+            BatchResponse::Single(match fast(state, plans, &caller, &r).await {
+                Fast::Answer(answer) => answer,
+                Fast::Executor(None) => schema.execute(prepare(r)).await,
+                Fast::Executor(Some(failed)) => schema.execute(prepare(r).data(failed)).await,
+            })
+        }
         BatchRequest::Batch(requests) => {
             let mut answers = Vec::with_capacity(requests.len());
             for r in requests {
@@ -193,6 +211,22 @@ async fn run(
         }
     };
     http::answer(resp, http::media(req), get)
+}
+
+/// What the fast path (see `fast`) makes of a lone request.
+async fn fast(
+    state: &AppState,
+    plans: &Plans,
+    caller: &Caller,
+    request: &async_graphql::Request,
+) -> Fast {
+    let Caller::Authenticated(principal) = caller else {
+        return Fast::Executor(None);
+    };
+    match plans.get(&request.query, request.operation_name.as_deref()) {
+        Some(plan) => plan.run(state, principal, request).await,
+        None => Fast::Executor(None),
+    }
 }
 
 /// The token in a `connection_init` payload: `{"Authorization": "Bearer …"}`
@@ -215,6 +249,7 @@ async fn get_or_websocket(
     protocol: Option<GraphQLProtocol>,
     state: poem::web::Data<&AppState>,
     schema: poem::web::Data<&KvSchema>,
+    plans: poem::web::Data<&Plans>,
 ) -> poem::Result<poem::Response> {
     let Some(socket) = ws else {
         // The page, a GraphQL answer or an error, all by `Accept`: a cache
@@ -223,7 +258,7 @@ async fn get_or_websocket(
             crate::pages::graphiql().into_response()
         } else {
             match http::read_get(req, state.config()) {
-                Ok(batch) => run(req, &state, &schema, batch, true).await,
+                Ok(batch) => run(req, &state, &schema, &plans, batch, true).await,
                 Err(e) => e.into_response(),
             }
         };
@@ -279,12 +314,14 @@ async fn get_or_websocket(
 /// `/graphql` (POST operations and batches; GET queries, GraphiQL for a
 /// browser, or a WebSocket), `/graphql/ws` (the same for GET) and the
 /// playground's files.
-pub fn routes(schema: KvSchema) -> impl Endpoint {
+pub fn routes(config: &GraphqlConfig, state: AppState) -> impl Endpoint + use<> {
+    let (schema, plans) = schema_and_plans(config, Some(state));
     Route::new()
         .at("/", get(get_or_websocket).post(execute))
         .at("/ws", get(get_or_websocket))
         .at("/assets/*path", get(crate::pages::asset))
         .data(schema)
+        .data(plans)
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! GraphQL error its `extensions.code`.
 
 use std::any::TypeId;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextPrepareRequest,
@@ -22,6 +22,7 @@ use async_graphql::{
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 
+use super::fast::Plan;
 use super::{Caller, HttpGet, SocketAuth};
 use crate::app::AppState;
 use crate::config::GraphqlConfig;
@@ -63,6 +64,9 @@ struct Parsed {
     /// certainly fit their declared types (see [`fits`]), so a request gets
     /// exactly the answer a full validation would give.
     validated: Mutex<HashMap<Option<String>, ValidationResult>>,
+    /// Its fast-path plan (see `fast`), worked out at its first request
+    /// after a validation was remembered.
+    plan: OnceLock<Option<Arc<Plan>>>,
 }
 
 impl Parsed {
@@ -207,6 +211,38 @@ impl Policy {
                 }),
             }),
         }
+    }
+}
+
+impl Policy {
+    /// The handle through which the HTTP handler finds fast-path plans.
+    pub(crate) fn plans(&self) -> Plans {
+        Plans(self.limits.clone())
+    }
+}
+
+/// Fast-path plans of the documents this schema's policy has parsed.
+#[derive(Clone)]
+pub(crate) struct Plans(Arc<Limits>);
+
+impl Plans {
+    /// The plan for `query` run as `operation`, if the document was parsed
+    /// and that operation validated by an earlier request, and it has the
+    /// shape [`Plan::of`] takes.
+    pub(crate) fn get(&self, query: &str, operation: Option<&str>) -> Option<Arc<Plan>> {
+        let parsed = self.0.parsed.get(query)?;
+        let validated = parsed
+            .validated
+            .lock()
+            .ok()?
+            .contains_key(&operation.map(str::to_owned));
+        if !validated {
+            return None;
+        }
+        parsed
+            .plan
+            .get_or_init(|| Plan::of(&parsed.doc).map(Arc::new))
+            .clone()
     }
 }
 
@@ -394,8 +430,95 @@ impl Limits {
                 )));
             }
         }
-        check_directives(doc, registry).map_err(limit_error)
+        check_directives(doc, registry).map_err(limit_error)?;
+        single_root_field_subscriptions(doc)
     }
+}
+
+/// A subscription selects exactly one top-level field, fragments expanded
+/// and directives ignored (GraphQL spec 5.2.3.1): one stream per
+/// subscription. async-graphql would run the others beside it unchecked,
+/// and more narrowly than the spec: it opens a stream per top-level field
+/// selection (the same field selected twice runs twice), ignores fragments
+/// there (such a stream ends at once, with nothing) and ends a stream whose
+/// field is skipped; so the one field must stand directly, once, without
+/// `@skip`/`@include` (which the spec's current draft forbids there too).
+/// A spread of an unknown fragment is left to validation to report.
+fn single_root_field_subscriptions(doc: &ExecutableDocument) -> ServerResult<()> {
+    for (name, op) in doc.operations.iter() {
+        if op.node.ty != OperationType::Subscription {
+            continue;
+        }
+        let which = || match name {
+            Some(n) => format!("subscription {n}"),
+            None => "an anonymous subscription".to_owned(),
+        };
+        let mut names: HashSet<&str> = HashSet::new();
+        let mut spread: HashSet<&str> = HashSet::new();
+        let mut sets = vec![&op.node.selection_set.node];
+        let mut unknown_fragment = false;
+        while let Some(set) = sets.pop() {
+            for item in &set.items {
+                match &item.node {
+                    Selection::Field(f) => {
+                        names.insert(f.node.response_key().node.as_str());
+                    }
+                    Selection::InlineFragment(i) => sets.push(&i.node.selection_set.node),
+                    Selection::FragmentSpread(s) => {
+                        if spread.insert(s.node.fragment_name.node.as_str()) {
+                            match doc.fragments.get(&s.node.fragment_name.node) {
+                                Some(fragment) => sets.push(&fragment.node.selection_set.node),
+                                None => unknown_fragment = true,
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if unknown_fragment {
+            continue;
+        }
+        let refused = if names.len() != 1 {
+            Some(format!(
+                "{} must select exactly one top-level field; it selects {}",
+                which(),
+                names.len()
+            ))
+        } else {
+            match &op.node.selection_set.node.items[..] {
+                [item] => match &item.node {
+                    Selection::Field(f)
+                        if f.node
+                            .directives
+                            .iter()
+                            .any(|d| matches!(d.node.name.node.as_str(), "skip" | "include")) =>
+                    {
+                        Some(format!(
+                            "the top-level field of {} may not carry @skip or @include",
+                            which()
+                        ))
+                    }
+                    Selection::Field(_) => None,
+                    _ => Some(format!(
+                        "{} must select its top-level field directly, not through a fragment",
+                        which()
+                    )),
+                },
+                _ => Some(format!(
+                    "{} must select its top-level field directly, once, not through a fragment",
+                    which()
+                )),
+            }
+        };
+        if let Some(message) = refused {
+            let mut e = ServerError::new(message, Some(op.pos));
+            e.extensions
+                .get_or_insert_with(Default::default)
+                .set("code", "INVALID_INPUT");
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Every directive is known, allowed where it stands, and not repeated
@@ -660,7 +783,14 @@ impl Extension for PolicyExtension {
         if let Ok(mut state) = self.state.lock() {
             state.executed = true;
         }
-        next.run(ctx, operation_name).await
+        let mut resp = next.run(ctx, operation_name).await;
+        // async-graphql answers `null` for a selection whose fields were all
+        // skipped (`{ me @skip(if: true) { username } }`); an operation that
+        // ran without error has `data`, an empty object here (spec 6.4.4).
+        if resp.data == async_graphql::Value::Null && resp.errors.is_empty() {
+            resp.data = async_graphql::Value::Object(Default::default());
+        }
+        resp
     }
 
     fn subscribe<'s>(
@@ -754,6 +884,7 @@ impl Extension for PolicyExtension {
         let parsed = Arc::new(Parsed {
             doc: doc.clone(),
             validated: Mutex::new(HashMap::new()),
+            plan: OnceLock::new(),
         });
         self.limits.parsed.insert(query.into(), parsed.clone());
         if let Ok(mut state) = self.state.lock() {

@@ -1,6 +1,7 @@
 use async_graphql::{Context, Object};
 
 use super::ContextExt;
+use super::fast::Prefetched;
 use super::types::{
     ApiKey, DateTime, KvObject, KvObjectConnection, KvObjectEdge, Me, ObjectChangeConnection,
     ObjectChangeEdge, ObjectEvent, PageInfo, TenantUser,
@@ -21,6 +22,11 @@ impl Query {
     ) -> async_graphql::Result<Option<KvObject>> {
         let principal = ctx.principal()?;
         let key = Key::parse(key)?;
+        if let Some(failed) = ctx.data_opt::<Prefetched>()
+            && failed.key == key
+        {
+            return Err(failed.error.clone().into());
+        }
         let found = ctx
             .state()
             .store()
