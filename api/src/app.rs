@@ -198,6 +198,8 @@ impl App {
         let acceptor = crate::listener::GuardedAcceptor::new(
             acceptor,
             self.config.max_connections,
+            self.config.max_connections_per_address,
+            self.config.trusted_proxies.clone(),
             self.config.header_read_timeout,
             self.config.idle_timeout,
         );

@@ -254,6 +254,18 @@ pub struct Config {
     #[arg(long, env = "KVQL_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// Most of those connections one client address may hold (IPv6: one
+    /// /64); a further connection from it is closed at once, so that one
+    /// client cannot take every slot. Proxies in `KVQL_TRUSTED_PROXIES` are
+    /// not limited (behind one, every client has its address). `0`: no
+    /// limit per address.
+    #[arg(
+        long,
+        env = "KVQL_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 4_096
+    )]
+    pub max_connections_per_address: u32,
+
     /// A connection with no traffic either way for this long is closed: an
     /// idle keep-alive connection between requests, or a request stalled
     /// mid-way. Keep it above `KVQL_WATCH_HEARTBEAT`, `KVQL_WS_KEEPALIVE` and

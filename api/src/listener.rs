@@ -9,10 +9,12 @@
 //! with `content-length: 0` and no content type, which the app never sends)
 //! and writes our JSON error body in their place.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::{IoSlice, Result as IoResult};
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -23,6 +25,7 @@ use poem::web::{LocalAddr, RemoteAddr};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::ErrorBody;
+use crate::throttle::TrustedProxies;
 
 /// The JSON answer standing in for hyper's own empty one, if `head` is one.
 fn replacement(head: &[u8]) -> Option<Vec<u8>> {
@@ -149,17 +152,109 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Connection<T> {
 pub struct GuardedAcceptor<A> {
     inner: A,
     slots: Arc<tokio::sync::Semaphore>,
+    per_address: Arc<PerAddress>,
     head_timeout: Duration,
     idle_timeout: Duration,
 }
 
 impl<A> GuardedAcceptor<A> {
-    pub fn new(inner: A, max: u32, head_timeout: Duration, idle_timeout: Duration) -> Self {
+    pub fn new(
+        inner: A,
+        max: u32,
+        max_per_address: u32,
+        proxies: TrustedProxies,
+        head_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
         GuardedAcceptor {
             inner,
             slots: Arc::new(tokio::sync::Semaphore::new(max as usize)),
+            per_address: Arc::new(PerAddress {
+                max: max_per_address,
+                proxies,
+                open: Mutex::new(HashMap::new()),
+                warned_at: Mutex::new(None),
+            }),
             head_timeout,
             idle_timeout,
+        }
+    }
+}
+
+/// Connections open per client address (IPv6: per /64, what one host
+/// usually holds), capped at `max` (0: no cap); trusted proxies are not.
+struct PerAddress {
+    max: u32,
+    proxies: TrustedProxies,
+    open: Mutex<HashMap<u128, u32>>,
+    /// When a refusal was last logged: at most one line a minute.
+    warned_at: Mutex<Option<Instant>>,
+}
+
+/// One connection's place in [`PerAddress`], given back when it closes.
+struct AddressSlot {
+    of: Arc<PerAddress>,
+    address: u128,
+}
+
+impl PerAddress {
+    /// The address a connection counts against.
+    fn key(ip: IpAddr) -> u128 {
+        match ip {
+            IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => u128::from(v4.to_ipv6_mapped()),
+                None => u128::from(v6) & !u128::from(u64::MAX),
+            },
+        }
+    }
+
+    /// A place for a connection from `remote`, or `None` if its address
+    /// holds as many as allowed. Connections not over IP are not counted.
+    fn admit(self: &Arc<Self>, remote: &RemoteAddr) -> Option<Option<AddressSlot>> {
+        let Some(ip) = remote.as_socket_addr().map(|a| a.ip()) else {
+            return Some(None);
+        };
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if self.max == 0 || self.proxies.contains(ip) {
+            return Some(None);
+        }
+        let address = PerAddress::key(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(address).or_insert(0);
+        if *count >= self.max {
+            drop(open);
+            let mut warned = self.warned_at.lock().unwrap_or_else(|e| e.into_inner());
+            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                *warned = Some(Instant::now());
+                tracing::warn!(
+                    %ip,
+                    max = self.max,
+                    "closed a connection: its address holds as many as \
+                     KVQL_MAX_CONNECTIONS_PER_ADDRESS allows (logged at most once a minute)"
+                );
+            }
+            return None;
+        }
+        *count += 1;
+        Some(Some(AddressSlot {
+            of: self.clone(),
+            address,
+        }))
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.of.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
         }
     }
 }
@@ -180,12 +275,21 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
             .acquire_owned()
             .await
             .map_err(std::io::Error::other)?;
-        let (io, local, remote, scheme) = self.inner.accept().await?;
+        let (io, local, remote, scheme, address) = loop {
+            let (io, local, remote, scheme) = self.inner.accept().await?;
+            match self.per_address.admit(&remote) {
+                Some(address) => break (io, local, remote, scheme, address),
+                // Closed here, unanswered: answering would mean waiting on
+                // the very client that holds too much.
+                None => drop(io),
+            }
+        };
         Ok((
             Connection {
                 inner: io,
                 pending: Vec::new(),
                 _slot: slot,
+                _address: address,
                 deadline: Box::pin(tokio::time::sleep(self.head_timeout)),
                 idle_timeout: self.idle_timeout,
                 active_at: Instant::now(),
@@ -201,10 +305,13 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
 
 /// A connection; see the module documentation.
 pub struct Connection<T> {
+    // Fields drop in this order: the slots are free by the time the socket
+    // closes, so a client that sees the close may connect again at once.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _address: Option<AddressSlot>,
     inner: T,
     /// Our replacement for an answer of hyper's own, not yet fully written.
     pending: Vec<u8>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
     /// When the connection may be closed if it is still waiting to be read
     /// from: the end of the time for the first head, then (checked and moved
     /// on only when it passes) the end of the idle time after `active_at`.
@@ -316,6 +423,16 @@ mod tests {
         // Empty lines before the request line are skipped, not an end.
         assert_eq!(head_end(&[b"\r\n\r\n", b"GET / HTTP/1.1\r\n"]), None);
         assert_eq!(head_end(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]), Some(0));
+    }
+
+    #[test]
+    fn addresses_count_per_ipv4_address_and_per_ipv6_64() {
+        let key = |s: &str| PerAddress::key(s.parse().expect("ip"));
+        assert_eq!(key("10.0.0.1"), key("::ffff:10.0.0.1"));
+        assert_ne!(key("10.0.0.1"), key("10.0.0.2"));
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_ne!(key("::ffff:10.0.0.1"), key("::ffff:10.0.0.2"));
     }
 
     #[test]

@@ -159,6 +159,76 @@ async fn a_connection_past_the_cap_waits_for_a_slot_and_is_then_served() {
     assert_eq!(status, 200);
 }
 
+/// A connection from another loopback address than the test client's.
+async fn connect_from(app: &TestApp, ip: &str, bytes: &[u8]) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{ip}:0").parse().expect("address"))
+        .expect("bind");
+    let addr = app.node.base.trim_start_matches("http://");
+    let mut stream = socket
+        .connect(addr.parse().expect("server address"))
+        .await
+        .expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    stream
+}
+
+#[tokio::test]
+async fn a_connection_past_its_addresss_cap_is_closed_and_other_addresses_are_served() {
+    let app = TestApp::spawn_with(|c| {
+        c.max_connections_per_address = 2;
+        c.header_read_timeout = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";
+    let full = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let held = [
+        connect_from(&app, "127.0.0.2", head).await,
+        connect_from(&app, "127.0.0.2", head).await,
+    ];
+    // A third from that address is closed unanswered...
+    let refused = closed_by_server(connect_from(&app, "127.0.0.2", full).await).await;
+    assert!(refused.is_empty(), "{}", String::from_utf8_lossy(&refused));
+    // ...while other addresses are served.
+    let other = closed_by_server(connect_from(&app, "127.0.0.3", full).await).await;
+    assert!(
+        other.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&other)
+    );
+    assert_eq!(app.get("/healthz", None).await.status, 200);
+    // Once the held ones are closed (here by the header timeout), the
+    // address gets its slots back.
+    for stream in held {
+        closed_by_server(stream).await;
+    }
+    let again = closed_by_server(connect_from(&app, "127.0.0.2", full).await).await;
+    assert!(
+        again.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&again)
+    );
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_is_not_held_to_the_cap_per_address() {
+    let app = TestApp::spawn_with(|c| {
+        c.max_connections_per_address = 1;
+        c.trusted_proxies = "127.0.0.4/32".parse().expect("proxies");
+    })
+    .await;
+    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";
+    let full = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let _held = connect_from(&app, "127.0.0.4", head).await;
+    let served = closed_by_server(connect_from(&app, "127.0.0.4", full).await).await;
+    assert!(
+        served.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&served)
+    );
+}
+
 #[tokio::test]
 async fn empty_lines_before_a_request_line_do_not_stop_the_header_timeout() {
     let app =
