@@ -174,6 +174,20 @@ async fn connect_from(app: &TestApp, ip: &str, bytes: &[u8]) -> tokio::net::TcpS
     stream
 }
 
+/// A request head without its end, and a whole request.
+const HEAD: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";
+const FULL: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+/// Asserts that a request from `ip` is answered 200.
+async fn served_from(app: &TestApp, ip: &str) {
+    let answer = closed_by_server(connect_from(app, ip, FULL).await).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{ip}: {}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
 #[tokio::test]
 async fn a_connection_past_its_addresss_cap_is_closed_and_other_addresses_are_served() {
     let app = TestApp::spawn_with(|c| {
@@ -181,34 +195,22 @@ async fn a_connection_past_its_addresss_cap_is_closed_and_other_addresses_are_se
         c.header_read_timeout = std::time::Duration::from_secs(2);
     })
     .await;
-    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";
-    let full = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let held = [
-        connect_from(&app, "127.0.0.2", head).await,
-        connect_from(&app, "127.0.0.2", head).await,
+        connect_from(&app, "127.0.0.2", HEAD).await,
+        connect_from(&app, "127.0.0.2", HEAD).await,
     ];
     // A third from that address is closed unanswered...
-    let refused = closed_by_server(connect_from(&app, "127.0.0.2", full).await).await;
+    let refused = closed_by_server(connect_from(&app, "127.0.0.2", FULL).await).await;
     assert!(refused.is_empty(), "{}", String::from_utf8_lossy(&refused));
     // ...while other addresses are served.
-    let other = closed_by_server(connect_from(&app, "127.0.0.3", full).await).await;
-    assert!(
-        other.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&other)
-    );
+    served_from(&app, "127.0.0.3").await;
     assert_eq!(app.get("/healthz", None).await.status, 200);
     // Once the held ones are closed (here by the header timeout), the
     // address gets its slots back.
     for stream in held {
         closed_by_server(stream).await;
     }
-    let again = closed_by_server(connect_from(&app, "127.0.0.2", full).await).await;
-    assert!(
-        again.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&again)
-    );
+    served_from(&app, "127.0.0.2").await;
 }
 
 #[tokio::test]
@@ -218,15 +220,8 @@ async fn a_trusted_proxy_is_not_held_to_the_cap_per_address() {
         c.trusted_proxies = "127.0.0.4/32".parse().expect("proxies");
     })
     .await;
-    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";
-    let full = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    let _held = connect_from(&app, "127.0.0.4", head).await;
-    let served = closed_by_server(connect_from(&app, "127.0.0.4", full).await).await;
-    assert!(
-        served.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&served)
-    );
+    let _held = connect_from(&app, "127.0.0.4", HEAD).await;
+    served_from(&app, "127.0.0.4").await;
 }
 
 #[tokio::test]
