@@ -257,12 +257,12 @@ pub struct Config {
     /// Most of those connections one client address may hold (IPv6: one
     /// /64); a further connection from it is closed at once, so that one
     /// client cannot take every slot. Proxies in `KVQL_TRUSTED_PROXIES` are
-    /// not limited (behind one, every client has its address). `0`: no
-    /// limit per address.
+    /// not limited (behind one, every client has its address); behind a NAT
+    /// that hides clients' addresses, set `0`: no limit per address.
     #[arg(
         long,
         env = "KVQL_MAX_CONNECTIONS_PER_ADDRESS",
-        default_value_t = 4_096
+        default_value_t = 1_024
     )]
     pub max_connections_per_address: u32,
 

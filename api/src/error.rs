@@ -259,7 +259,7 @@ fn parameter_message(reason: &str) -> String {
         t if t.starts_with("integer") => "an integer",
         t if t.starts_with("number") => "a number",
         "boolean" => return "must be `true` or `false`".into(),
-        "string" => "text",
+        t if t.starts_with("string") => "text",
         other => other,
     };
     format!("must be {expected} ({detail})")

@@ -137,6 +137,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Connection<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoResult<()>> {
         ready!(self.drain(cx))?;
+        self.slots = None;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -234,7 +235,9 @@ impl PerAddress {
                     %ip,
                     max = self.max,
                     "closed a connection: its address holds as many as \
-                     KVQL_MAX_CONNECTIONS_PER_ADDRESS allows (logged at most once a minute)"
+                     KVQL_MAX_CONNECTIONS_PER_ADDRESS allows (logged at most once a minute; \
+                     behind a proxy or NAT, add it to KVQL_TRUSTED_PROXIES or set \
+                     KVQL_MAX_CONNECTIONS_PER_ADDRESS=0)"
                 );
             }
             return None;
@@ -288,8 +291,7 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
             Connection {
                 inner: io,
                 pending: Vec::new(),
-                _slot: slot,
-                _address: address,
+                slots: Some((slot, address)),
                 deadline: Box::pin(tokio::time::sleep(self.head_timeout)),
                 idle_timeout: self.idle_timeout,
                 active_at: Instant::now(),
@@ -305,10 +307,11 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
 
 /// A connection; see the module documentation.
 pub struct Connection<T> {
-    // Fields drop in this order: the slots are free by the time the socket
-    // closes, so a client that sees the close may connect again at once.
-    _slot: tokio::sync::OwnedSemaphorePermit,
-    _address: Option<AddressSlot>,
+    /// Its place under the node's cap and its address's. Given back when
+    /// the server begins to close the connection (and, failing that, on
+    /// drop, before the socket): a client that sees the close may connect
+    /// again at once.
+    slots: Option<(tokio::sync::OwnedSemaphorePermit, Option<AddressSlot>)>,
     inner: T,
     /// Our replacement for an answer of hyper's own, not yet fully written.
     pending: Vec<u8>,
@@ -433,6 +436,47 @@ mod tests {
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
         assert_ne!(key("::ffff:10.0.0.1"), key("::ffff:10.0.0.2"));
+    }
+
+    #[test]
+    fn an_address_gets_its_places_back_and_proxies_and_zero_are_not_counted() {
+        let per = |max, proxies: &str| {
+            Arc::new(PerAddress {
+                max,
+                proxies: proxies.parse().expect("proxies"),
+                open: Mutex::new(HashMap::new()),
+                warned_at: Mutex::new(None),
+            })
+        };
+        let at = |addr: &str| RemoteAddr(poem::Addr::SocketAddr(addr.parse().expect("addr")));
+        let capped = per(2, "");
+        let first = capped.admit(&at("10.0.0.1:1")).expect("admitted");
+        let second = capped.admit(&at("[::ffff:10.0.0.1]:2")).expect("admitted");
+        assert!(first.is_some() && second.is_some());
+        assert!(
+            capped.admit(&at("10.0.0.1:3")).is_none(),
+            "a third is refused"
+        );
+        assert!(
+            capped.admit(&at("10.0.0.2:1")).is_some(),
+            "another address is not"
+        );
+        drop(first);
+        let third = capped.admit(&at("10.0.0.1:4")).expect("a place came back");
+        drop((second, third));
+        assert!(
+            capped.open.lock().expect("lock").is_empty(),
+            "no entry is left behind"
+        );
+        let proxied = per(1, "10.0.0.9/32");
+        for port in 1..4 {
+            let place = proxied
+                .admit(&at(&format!("10.0.0.9:{port}")))
+                .expect("a trusted proxy is not capped");
+            assert!(place.is_none(), "nor counted");
+        }
+        let off = per(0, "");
+        assert!(off.admit(&at("10.0.0.1:1")).expect("no cap").is_none());
     }
 
     #[test]

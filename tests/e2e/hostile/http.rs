@@ -192,7 +192,7 @@ async fn served_from(app: &TestApp, ip: &str) {
 async fn a_connection_past_its_addresss_cap_is_closed_and_other_addresses_are_served() {
     let app = TestApp::spawn_with(|c| {
         c.max_connections_per_address = 2;
-        c.header_read_timeout = std::time::Duration::from_secs(2);
+        c.header_read_timeout = std::time::Duration::from_secs(5);
     })
     .await;
     let held = [
