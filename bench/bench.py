@@ -92,6 +92,9 @@ class Server:
             KVQL_BOOTSTRAP_ADMIN_PASSWORD=ADMIN_PASSWORD,
             KVQL_LOG="warn",
             KVQL_DATABASE_MAX_CONNECTIONS="8",
+            # Every load generator connects from 127.0.0.1: the fan-out's
+            # 1,000 subscribers and the rest would pass the default 1,024.
+            KVQL_MAX_CONNECTIONS_PER_ADDRESS="0",
         )
         env.update(self.extra_env)
         t0 = time.monotonic()
