@@ -111,19 +111,9 @@ impl Plan {
         })
     }
 
-    /// The answer to `request`, or what the executor needs to give it.
+    /// The answer to `request`, or the failed read the executor should
+    /// answer from; `None` when the executor must answer on its own.
     pub(crate) async fn run(
-        &self,
-        state: &AppState,
-        principal: &Principal,
-        request: &async_graphql::Request,
-    ) -> Fast {
-        self.answer(state, principal, request)
-            .await
-            .unwrap_or(Fast::Executor(None))
-    }
-
-    async fn answer(
         &self,
         state: &AppState,
         principal: &Principal,

@@ -212,9 +212,7 @@ impl Policy {
             }),
         }
     }
-}
 
-impl Policy {
     /// The handle through which the HTTP handler finds fast-path plans.
     pub(crate) fn plans(&self) -> Plans {
         Plans(self.limits.clone())
@@ -485,25 +483,19 @@ fn single_root_field_subscriptions(doc: &ExecutableDocument) -> ServerResult<()>
                 names.len()
             ))
         } else {
-            match &op.node.selection_set.node.items[..] {
-                [item] => match &item.node {
-                    Selection::Field(f)
-                        if f.node
-                            .directives
-                            .iter()
-                            .any(|d| matches!(d.node.name.node.as_str(), "skip" | "include")) =>
-                    {
-                        Some(format!(
+            let items = &op.node.selection_set.node.items;
+            match items.first().map(|item| &item.node) {
+                Some(Selection::Field(f)) if items.len() == 1 => f
+                    .node
+                    .directives
+                    .iter()
+                    .any(|d| matches!(d.node.name.node.as_str(), "skip" | "include"))
+                    .then(|| {
+                        format!(
                             "the top-level field of {} may not carry @skip or @include",
                             which()
-                        ))
-                    }
-                    Selection::Field(_) => None,
-                    _ => Some(format!(
-                        "{} must select its top-level field directly, not through a fragment",
-                        which()
-                    )),
-                },
+                        )
+                    }),
                 _ => Some(format!(
                     "{} must select its top-level field directly, once, not through a fragment",
                     which()
