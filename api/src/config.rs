@@ -45,6 +45,16 @@ pub struct DatabaseArgs {
     #[arg(long, env = "KVQL_SQLITE_MMAP_BYTES", default_value_t = 1 << 30)]
     pub sqlite_mmap_bytes: u64,
 
+    /// SQLite: read a value that the read cache does not hold on the thread
+    /// that serves the request, on that thread's own connection, instead of
+    /// handing it to a reader thread and back. Faster (no thread hops) as
+    /// long as the file's pages are in memory; a page that is not makes the
+    /// read wait for the disk on that thread, holding up the other requests
+    /// it serves meanwhile. Turn it off (`false`) for a database much larger
+    /// than the machine's memory. Ignored on PostgreSQL.
+    #[arg(long, env = "KVQL_SQLITE_READS_IN_PLACE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sqlite_reads_in_place: bool,
+
     /// SQLite durability. `normal`: WAL with synchronous=NORMAL, an acknowledged
     /// write survives a crash of kvql but the last writes may be lost if the
     /// machine loses power. `full`: fsync on every commit. Ignored on PostgreSQL.

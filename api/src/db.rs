@@ -56,6 +56,8 @@ pub struct Db {
     pub sqlite_synchronous: SqliteSync,
     /// `KVQL_SQLITE_MMAP_BYTES`, for the store's reader connections.
     pub sqlite_mmap_bytes: u64,
+    /// `KVQL_SQLITE_READS_IN_PLACE`, for the store's readers.
+    pub sqlite_reads_in_place: bool,
     /// `KVQL_DATABASE_COMMITTERS`: committer tasks on PostgreSQL.
     pub committers: usize,
 }
@@ -92,6 +94,7 @@ impl Db {
                 sqlite_file: Some(file),
                 sqlite_synchronous: args.sqlite_synchronous,
                 sqlite_mmap_bytes: args.sqlite_mmap_bytes,
+                sqlite_reads_in_place: args.sqlite_reads_in_place,
                 committers: usize::from(args.database_committers),
             })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -114,6 +117,7 @@ impl Db {
                 sqlite_file: None,
                 sqlite_synchronous: args.sqlite_synchronous,
                 sqlite_mmap_bytes: args.sqlite_mmap_bytes,
+                sqlite_reads_in_place: args.sqlite_reads_in_place,
                 committers: usize::from(args.database_committers),
             })
         } else {

@@ -334,12 +334,16 @@ async fn mixed_writers_over_the_same_keys_in_opposite_orders_lose_nothing() {
     }
 }
 
-/// With the read cache off every GET goes through the readers (on SQLite,
-/// threads with their own connections): a read that starts after a write was
-/// acknowledged sees that write, also while other writers and readers run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn with_the_cache_off_a_read_after_an_acknowledged_write_sees_it() {
-    let app = TestApp::spawn_with(|c| c.cache_bytes = 0).await;
+/// With the read cache off every GET goes to the database (on SQLite, in
+/// place on the request's thread or, with `in_place` off, through the reader
+/// threads): a read that starts after a write was acknowledged sees that
+/// write, also while other writers and readers run.
+async fn cache_off_reads_see_acknowledged_writes(in_place: bool) {
+    let app = TestApp::spawn_with(|c| {
+        c.cache_bytes = 0;
+        c.database.sqlite_reads_in_place = in_place;
+    })
+    .await;
     let u = app.writer().await;
     let (app, u) = (&app, &u);
     let writers = (0..8).map(|w| async move {
@@ -369,6 +373,16 @@ async fn with_the_cache_off_a_read_after_an_acknowledged_write_sees_it() {
     let deleted = app.delete(&object_path("rw/0"), Some(&u.token)).await;
     assert_eq!(deleted.status, 200, "{}", deleted.text);
     app.read(u, "rw/0").await.assert_error(404, "NOT_FOUND");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_cache_off_a_read_after_an_acknowledged_write_sees_it() {
+    cache_off_reads_see_acknowledged_writes(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_cache_and_reads_in_place_off_a_read_after_an_acknowledged_write_sees_it() {
+    cache_off_reads_see_acknowledged_writes(false).await;
 }
 
 /// A server whose groups of writes run concurrently on PostgreSQL (several

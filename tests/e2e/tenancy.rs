@@ -97,11 +97,15 @@ async fn users_of_one_tenant_share_its_data() {
     assert_eq!(app.read(&b, "k").await.body["data"], 1);
 }
 
-/// Concurrent point reads are coalesced into shared statements (read
-/// coalescing); each must still get its own tenant's value, or 404.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_reads_of_the_same_keys_by_two_tenants_each_get_their_own() {
-    let app = TestApp::spawn_with(|c| c.cache_bytes = 0).await;
+/// Concurrent point reads that miss the cache are read in place (SQLite) or
+/// coalesced into shared statements (read coalescing: PostgreSQL, or SQLite
+/// with `in_place` off); each must still get its own tenant's value, or 404.
+async fn concurrent_reads_by_two_tenants(in_place: bool) {
+    let app = TestApp::spawn_with(|c| {
+        c.cache_bytes = 0;
+        c.database.sqlite_reads_in_place = in_place;
+    })
+    .await;
     let alice = app.user("alpha", Role::Writer).await;
     let bob = app.user("beta", Role::Writer).await;
     let keys: Vec<String> = (0..32).map(|i| format!("k{i:02}")).collect();
@@ -134,4 +138,14 @@ async fn concurrent_reads_of_the_same_keys_by_two_tenants_each_get_their_own() {
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reads_of_the_same_keys_by_two_tenants_each_get_their_own() {
+    concurrent_reads_by_two_tenants(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coalesced_reads_of_the_same_keys_by_two_tenants_each_get_their_own() {
+    concurrent_reads_by_two_tenants(false).await;
 }

@@ -11,8 +11,8 @@
 //! Time is the server clock in Unix milliseconds, so expiry is exact to the
 //! millisecond. Writes go through committer tasks (group commit, see
 //! `write`). Point reads that the cache (SQLite only, see `cache`; on
-//! PostgreSQL several nodes write) cannot answer go through reader tasks
-//! (read coalescing, see `read`).
+//! PostgreSQL several nodes write) cannot answer are read in place on
+//! SQLite, else through reader tasks (read coalescing, see `read`).
 
 mod cache;
 pub mod events;
@@ -466,7 +466,7 @@ impl Store {
             Some((c, Lookup::Unknown)) => Some(c.read_started()),
             None => None,
         };
-        let found = self.inner.reader.get(tenant, key.as_str()).await?;
+        let found = self.inner.reader.get(tenant, key.as_str(), now).await?;
         if let (Some(c), Some(started)) = (cache, started) {
             c.fill(started, tenant.get(), key.as_str(), found.as_ref());
         }

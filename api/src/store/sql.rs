@@ -354,6 +354,28 @@ pub(super) fn select_keys_sqlite(
     rows.collect::<Result<Vec<Object>, _>>().map_err(fail)
 }
 
+/// The live object of `tenant` under `key`, on a SQLite connection of the
+/// calling thread (see `read`): one index probe.
+pub(super) fn select_key_sqlite(
+    conn: &rusqlite::Connection,
+    tenant: TenantId,
+    key: &str,
+    now: i64,
+) -> rusqlite::Result<Option<Object>> {
+    use rusqlite::OptionalExtension;
+    static STATEMENT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            r#"SELECT {COLUMNS}, data FROM object WHERE tenant_id = ?1 AND "key" = ?2 AND {}"#,
+            live("?3")
+        )
+    });
+    conn.prepare_cached(&STATEMENT)?
+        .query_row(rusqlite::params![tenant.get(), key, now], |r| {
+            Ok(object_from_columns!(r.get, now))
+        })
+        .optional()
+}
+
 /// One argument per column of [`COLUMNS`] and `data`, plus the time.
 #[allow(clippy::too_many_arguments)]
 fn object_from_parts(
