@@ -60,14 +60,14 @@ pub async fn list_tenants(
     } else {
         ""
     };
+    let live = crate::store::live_condition("$1");
     let sql = format!(
         r#"SELECT t.name, t.created_at, t.revision, t.compacted_revision, t.rate_limit, t.rate_burst,
              t.max_keys, t.max_bytes,
              (SELECT count(*) FROM "user" u WHERE u.tenant_id = t.id) AS users,
-             (SELECT count(*) FROM object o WHERE o.tenant_id = t.id
-                AND (o.expires_at IS NULL OR o.expires_at > $1)) AS live_keys,
-             (SELECT CAST(COALESCE(sum(o.size), 0) AS BIGINT) FROM object o WHERE o.tenant_id = t.id
-                AND (o.expires_at IS NULL OR o.expires_at > $1)) AS live_bytes
+             (SELECT count(*) FROM object o WHERE o.tenant_id = t.id AND {live}) AS live_keys,
+             (SELECT CAST(COALESCE(sum(o.size), 0) AS BIGINT) FROM object o
+                WHERE o.tenant_id = t.id AND {live}) AS live_bytes
            FROM tenant t {filter} ORDER BY t.name"#
     );
     let mut values: Vec<sea_orm::Value> = vec![clock.now_ms().into()];

@@ -44,6 +44,9 @@ use crate::metrics::{Metrics, StoreOp};
 use cache::{Cache, Lookup};
 use events::{Event, Events};
 pub use feed::{CallerFeed, Feed};
+/// The condition that a row of `object` is live, for the operator's
+/// queries outside the store (`users`).
+pub(crate) use sql::live as live_condition;
 use write::{Committer, Job, JobResult, Op, Outcome, Upkeep, Upkept};
 
 /// Reader tasks (see `read`): each holds a read connection while its

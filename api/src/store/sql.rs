@@ -155,7 +155,7 @@ fn json_cast(backend: DatabaseBackend, placeholder: String) -> String {
 }
 
 /// The condition that a row of `object` is live at `now` (a placeholder).
-pub(super) fn live(now: &str) -> String {
+pub(crate) fn live(now: &str) -> String {
     format!("(expires_at IS NULL OR expires_at > {now})")
 }
 
