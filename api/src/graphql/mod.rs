@@ -223,12 +223,12 @@ async fn fast(
     let Caller::Authenticated(principal) = caller else {
         return Fast::Executor(None);
     };
-    let plan = plans.get(&request.query, request.operation_name.as_deref());
-    match plan {
-        Some(plan) => plan.run(state, principal, request).await,
-        None => None,
-    }
-    .unwrap_or(Fast::Executor(None))
+    let Some(plan) = plans.get(&request.query, request.operation_name.as_deref()) else {
+        return Fast::Executor(None);
+    };
+    plan.run(state, principal, request)
+        .await
+        .unwrap_or(Fast::Executor(None))
 }
 
 /// The token in a `connection_init` payload: `{"Authorization": "Bearer …"}`
