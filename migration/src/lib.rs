@@ -12,6 +12,7 @@ mod m20261126_000006_revisions;
 mod m20261127_000007_tenant_rate_limit;
 mod m20261127_000008_api_key;
 mod m20261207_000009_quotas;
+mod m20261208_000010_partial_expiry_index;
 
 pub struct Migrator;
 
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000007_tenant_rate_limit::Migration),
             Box::new(m20261127_000008_api_key::Migration),
             Box::new(m20261207_000009_quotas::Migration),
+            Box::new(m20261208_000010_partial_expiry_index::Migration),
         ]
     }
 }

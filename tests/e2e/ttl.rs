@@ -157,3 +157,84 @@ async fn ttl_out_of_range_is_refused_with_400_naming_the_field() {
     let max = app.create(&u, "k", json!(1), Some(315_360_000)).await;
     assert_eq!(max.status, 201);
 }
+
+/// The expiry index holds only rows that expire: an upsert assigns
+/// `expires_at` every time, and SQLite rewrites the entry of an assigned
+/// column even when it stays NULL, which doubled the pages a PUT changed.
+#[tokio::test]
+async fn the_expiry_index_holds_only_rows_that_expire_and_serves_the_sweeper() {
+    use migration::{Migrator, MigratorTrait};
+    use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement};
+
+    let db = crate::support::TestDb::new().await;
+    let conn = Database::connect(&db.url).await.expect("connect");
+    Migrator::up(&conn, Some(9))
+        .await
+        .expect("migrations before the partial index");
+    let backend = conn.get_database_backend();
+    let json = if backend == DatabaseBackend::Postgres {
+        "::jsonb"
+    } else {
+        ""
+    };
+    conn.execute_unprepared(&format!(
+        r#"INSERT INTO tenant (id, name, created_at) VALUES (7, 'old', 0);
+           INSERT INTO object (tenant_id, "key", data, size, version, expires_at, created_at, updated_at)
+           VALUES (7, 'gone', '1'{json}, 5, 1, 5, 0, 0),
+                  (7, 'later', '2'{json}, 6, 1, 50, 0, 0),
+                  (7, 'never', '3'{json}, 6, 1, NULL, 0, 0)"#
+    ))
+    .await
+    .expect("rows written before the migration");
+    Migrator::up(&conn, None).await.expect("the migration");
+
+    let one = |sql: &str| {
+        let conn = &conn;
+        let stmt = Statement::from_string(backend, sql.to_owned());
+        async move { conn.query_all_raw(stmt).await.expect("query") }
+    };
+    let (definition, old) = if backend == DatabaseBackend::Postgres {
+        (
+            "SELECT indexdef AS d FROM pg_indexes WHERE indexname = 'idx_object_expiry'",
+            "SELECT indexdef AS d FROM pg_indexes WHERE indexname = 'idx_object_expires_at'",
+        )
+    } else {
+        (
+            "SELECT sql AS d FROM sqlite_master WHERE name = 'idx_object_expiry'",
+            "SELECT sql AS d FROM sqlite_master WHERE name = 'idx_object_expires_at'",
+        )
+    };
+    let rows = one(definition).await;
+    assert_eq!(rows.len(), 1, "the new index exists");
+    let text: String = rows[0].try_get("", "d").expect("definition");
+    assert!(
+        text.contains("expires_at IS NOT NULL"),
+        "a partial index: {text}"
+    );
+    assert!(one(old).await.is_empty(), "the full index is gone");
+
+    if backend == DatabaseBackend::Sqlite {
+        let plan = one("EXPLAIN QUERY PLAN SELECT tenant_id FROM object
+             WHERE expires_at IS NOT NULL AND expires_at <= 10 ORDER BY expires_at LIMIT 10")
+        .await;
+        let detail: Vec<String> = plan
+            .iter()
+            .map(|r| r.try_get::<String>("", "detail").expect("detail"))
+            .collect();
+        assert!(
+            detail.iter().any(|d| d.contains("idx_object_expiry")),
+            "the sweeper's probe uses the partial index: {detail:?}"
+        );
+    }
+    let expired = one(
+        r#"SELECT "key" FROM object WHERE expires_at IS NOT NULL AND expires_at <= 10
+           ORDER BY expires_at"#,
+    )
+    .await;
+    let keys: Vec<String> = expired
+        .iter()
+        .map(|r| r.try_get::<String>("", "key").expect("key"))
+        .collect();
+    assert_eq!(keys, ["gone"]);
+    conn.close().await.ok();
+}
