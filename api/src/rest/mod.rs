@@ -276,16 +276,48 @@ struct ObjectView {
 /// as it is instead of parsed and serialized again.
 fn object_view_json(o: &store::Object) -> String {
     use std::fmt::Write;
-    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut out = String::with_capacity(o.data.len() + o.key.len() + 192);
     let _ = write!(
         out,
-        "{{\"key\":{},\"data\":{},\"version\":{},\"revision\":{},\"ttl\":",
-        quoted(&o.key),
+        "{{\"key\":{},\"data\":{},\"version\":{},\"revision\":{},",
+        json_string(&o.key),
         o.data,
         o.version,
         o.revision
     );
+    push_times(&mut out, o);
+    out
+}
+
+/// [`WriteResult`] for `o`, serialized as `RawJson` (see [`object_view_json`]).
+fn write_result_json(o: &store::Object, created: bool) -> String {
+    use std::fmt::Write;
+    let message = if created {
+        "Key-Value pair created"
+    } else {
+        "Key-Value pair updated"
+    };
+    let mut out = String::with_capacity(o.key.len() + 224);
+    let _ = write!(
+        out,
+        "{{\"message\":\"{message}\",\"key\":{},\"version\":{},\"revision\":{},",
+        json_string(&o.key),
+        o.version,
+        o.revision
+    );
+    push_times(&mut out, o);
+    out
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+/// The fields both views end with: `ttl`, `expires_at`, `created_at`,
+/// `updated_at`, and the closing brace.
+fn push_times(out: &mut String, o: &store::Object) {
+    use std::fmt::Write;
+    out.push_str("\"ttl\":");
     match (o.ttl, o.expires_at) {
         (Some(ttl), Some(at)) => {
             let _ = write!(out, "{ttl},\"expires_at\":\"{}\"", rfc3339(at));
@@ -298,7 +330,6 @@ fn object_view_json(o: &store::Object) -> String {
         rfc3339(o.created_at),
         rfc3339(o.updated_at)
     );
-    out
 }
 
 impl From<store::Object> for ObjectView {
@@ -339,6 +370,8 @@ struct WriteResult {
     updated_at: String,
 }
 
+/// The typed result, against which the test checks [`write_result_json`].
+#[cfg(test)]
 impl WriteResult {
     fn new(o: &store::Object, created: bool) -> Self {
         WriteResult {
@@ -516,17 +549,17 @@ enum GetResponse {
 enum CreateResponse {
     /// Created.
     #[oai(status = 201)]
-    Created(Json<WriteResult>, #[oai(header = "ETag")] String),
+    Created(RawJson<WriteResult>, #[oai(header = "ETag")] String),
 }
 
 #[derive(ApiResponse)]
 enum PutResponse {
     /// An existing value was replaced.
     #[oai(status = 200)]
-    Replaced(Json<WriteResult>, #[oai(header = "ETag")] String),
+    Replaced(RawJson<WriteResult>, #[oai(header = "ETag")] String),
     /// The key had no live value; it was created.
     #[oai(status = 201)]
-    Created(Json<WriteResult>, #[oai(header = "ETag")] String),
+    Created(RawJson<WriteResult>, #[oai(header = "ETag")] String),
 }
 
 #[derive(ApiResponse)]
@@ -645,7 +678,7 @@ impl RestApi {
         let item = store.item(body.key.0, &body.data.0, body.ttl)?;
         let object = store.create(writer, item).await?;
         Ok(CreateResponse::Created(
-            Json(WriteResult::new(&object, true)),
+            RawJson::new(write_result_json(&object, true)),
             object.etag(),
         ))
     }
@@ -734,7 +767,7 @@ impl RestApi {
         };
         let put = store.put(writer, item, expect).await?;
         let etag = put.object.etag();
-        let result = Json(WriteResult::new(&put.object, put.created));
+        let result = RawJson::new(write_result_json(&put.object, put.created));
         Ok(if put.created {
             PutResponse::Created(result, etag)
         } else {
@@ -1121,7 +1154,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_raw_object_json_equals_the_serialized_view() {
+    fn the_raw_object_and_write_result_json_equal_the_serialized_views() {
         for (ttl, expires_at) in [(None, None), (Some(5), Some(1_795_000_005_000))] {
             let o = store::Object {
                 key: "a \"quoted\" key/ü".into(),
@@ -1134,6 +1167,12 @@ mod tests {
                 updated_at: 1_795_000_000_123,
             };
             let raw: serde_json::Value = serde_json::from_str(&object_view_json(&o)).unwrap();
+            for created in [true, false] {
+                let written: serde_json::Value =
+                    serde_json::from_str(&write_result_json(&o, created)).unwrap();
+                let result = WriteResult::new(&o, created).to_json().unwrap();
+                assert_eq!(written, result);
+            }
             let view = ObjectView::from(o).to_json().unwrap();
             assert_eq!(raw, view);
         }
