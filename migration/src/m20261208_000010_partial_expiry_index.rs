@@ -10,8 +10,10 @@
 //! the index's) where it now changes one: half the WAL frames per write.
 //! On PostgreSQL, a row inserted without a TTL no longer adds an entry.
 //!
-//! It runs in one transaction; on a large PostgreSQL table, building the
-//! index blocks writes to `object` for as long as it takes.
+//! It runs in one transaction, and builds the new index before it drops
+//! the old one: on PostgreSQL the build blocks writes to `object` (not
+//! reads) for as long as it takes, and only the drop, at the end, holds the
+//! table's exclusive lock until the commit.
 
 use sea_orm_migration::prelude::*;
 
@@ -26,20 +28,20 @@ impl MigrationTrait for Migration {
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let conn = manager.get_connection();
-        conn.execute_unprepared("DROP INDEX IF EXISTS idx_object_expires_at")
-            .await?;
         conn.execute_unprepared(
             "CREATE INDEX idx_object_expiry ON object (expires_at) WHERE expires_at IS NOT NULL",
         )
         .await?;
+        conn.execute_unprepared("DROP INDEX IF EXISTS idx_object_expires_at")
+            .await?;
         Ok(())
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let conn = manager.get_connection();
-        conn.execute_unprepared("DROP INDEX IF EXISTS idx_object_expiry")
-            .await?;
         conn.execute_unprepared("CREATE INDEX idx_object_expires_at ON object (expires_at)")
+            .await?;
+        conn.execute_unprepared("DROP INDEX IF EXISTS idx_object_expiry")
             .await?;
         Ok(())
     }

@@ -317,12 +317,17 @@ fn json_string(s: &str) -> String {
 /// `updated_at`, and the closing brace.
 fn push_times(out: &mut String, o: &store::Object) {
     use std::fmt::Write;
-    out.push_str("\"ttl\":");
-    match (o.ttl, o.expires_at) {
-        (Some(ttl), Some(at)) => {
-            let _ = write!(out, "{ttl},\"expires_at\":\"{}\"", rfc3339(at));
+    match o.ttl {
+        Some(ttl) => {
+            let _ = write!(out, "\"ttl\":{ttl}");
         }
-        _ => out.push_str("null,\"expires_at\":null"),
+        None => out.push_str("\"ttl\":null"),
+    }
+    match o.expires_at {
+        Some(at) => {
+            let _ = write!(out, ",\"expires_at\":\"{}\"", rfc3339(at));
+        }
+        None => out.push_str(",\"expires_at\":null"),
     }
     let _ = write!(
         out,
@@ -1155,9 +1160,15 @@ mod tests {
 
     #[test]
     fn the_raw_object_and_write_result_json_equal_the_serialized_views() {
-        for (ttl, expires_at) in [(None, None), (Some(5), Some(1_795_000_005_000))] {
+        let cases = [
+            (None, None),
+            (Some(5), Some(1_795_000_005_000)),
+            (Some(5), None),
+            (None, Some(1_795_000_005_000)),
+        ];
+        for (ttl, expires_at) in cases {
             let o = store::Object {
-                key: "a \"quoted\" key/ü".into(),
+                key: "a \"quoted\" key/ü \\ \u{0} \u{1f} \u{2028}".into(),
                 data: r#"{"b":[1,2,{"c":null}],"a":"x"}"#.into(),
                 version: 42,
                 revision: 7,
