@@ -480,13 +480,9 @@ async fn usage_follows_every_kind_of_write_for_a_tenant_without_limits() {
 #[tokio::test]
 async fn the_quota_migration_counts_what_tenants_already_store() {
     use migration::{Migrator, MigratorTrait};
-    use sea_orm::{ConnectionTrait, Database};
+    use sea_orm::ConnectionTrait;
 
-    let db = crate::support::TestDb::new().await;
-    let conn = Database::connect(&db.url).await.expect("connect");
-    Migrator::up(&conn, Some(8))
-        .await
-        .expect("migrations before quotas");
+    let (_db, conn) = crate::support::TestDb::migrated_to(8).await;
     let json = if conn.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
         "::jsonb"
     } else {

@@ -23,6 +23,18 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A fresh database with the first `steps` migrations applied, as an
+    /// older kvql left it, and a connection to it: for migration tests.
+    pub async fn migrated_to(steps: u32) -> (TestDb, sea_orm::DatabaseConnection) {
+        use migration::{Migrator, MigratorTrait};
+        let db = TestDb::new().await;
+        let conn = Database::connect(&db.url).await.expect("connect");
+        Migrator::up(&conn, Some(steps))
+            .await
+            .expect("the earlier migrations");
+        (db, conn)
+    }
+
     pub async fn new() -> TestDb {
         match std::env::var("KVQL_TEST_DATABASE_URL") {
             Ok(admin_url) if !admin_url.is_empty() => {

@@ -164,13 +164,9 @@ async fn ttl_out_of_range_is_refused_with_400_naming_the_field() {
 #[tokio::test]
 async fn the_expiry_index_holds_only_rows_that_expire_and_serves_the_sweeper() {
     use migration::{Migrator, MigratorTrait};
-    use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement, TransactionTrait};
+    use sea_orm::{ConnectionTrait, DatabaseBackend, Statement, TransactionTrait};
 
-    let db = crate::support::TestDb::new().await;
-    let conn = Database::connect(&db.url).await.expect("connect");
-    Migrator::up(&conn, Some(9))
-        .await
-        .expect("migrations before the partial index");
+    let (_db, conn) = crate::support::TestDb::migrated_to(9).await;
     let backend = conn.get_database_backend();
     let json = if backend == DatabaseBackend::Postgres {
         "::jsonb"
