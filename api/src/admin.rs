@@ -29,7 +29,7 @@ use entity::user;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseTransaction,
-    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set, Statement, TransactionTrait,
+    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set, Statement,
 };
 
 use crate::auth::{Auth, IssuedToken, Owner, Principal, Role, TenantId, check_password_strength};
@@ -307,7 +307,7 @@ impl<'a> Admin<'a> {
             .check_current_password(principal, current, client)
             .await?;
         let password_hash = self.auth.hash_new_password(&new.0).await?;
-        let txn = self.db.write.begin().await?;
+        let txn = self.db.begin_write().await?;
         // Only over the password just checked: an owner's reset (or another
         // change) made meanwhile wins, and this one is refused.
         let updated = crate::users::new_password(password_hash)
@@ -368,7 +368,7 @@ impl<'a> Admin<'a> {
     /// of the tenant.
     async fn locked(&self, owner: Owner<'_>) -> Result<DatabaseTransaction, ApiError> {
         let backend = self.db.backend;
-        let txn = self.db.write.begin().await?;
+        let txn = self.db.begin_write().await?;
         let lock = match backend {
             DatabaseBackend::Postgres => "SELECT pg_advisory_xact_lock(-($1::bigint))",
             _ => "UPDATE tenant SET created_at = created_at WHERE id = $1",

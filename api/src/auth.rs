@@ -20,7 +20,6 @@ use rand::RngCore;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, Set,
-    TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 
@@ -1097,7 +1096,7 @@ pub async fn rotate_signing_key(
     revoke_old: bool,
 ) -> anyhow::Result<String> {
     let now = clock.now_ms();
-    let txn = db.write.begin().await?;
+    let txn = db.begin_write().await?;
     let older = if revoke_old {
         Condition::any()
             .add(signing_key::Column::RetiredAt.is_null())
@@ -1168,7 +1167,7 @@ async fn load_or_create_keys(db: &Db, clock: &Clock) -> anyhow::Result<SigningKe
         return Ok(keys);
     }
     // In a transaction, so that a failed commit is reported (see `users::set_password`).
-    let txn = db.write.begin().await?;
+    let txn = db.begin_write().await?;
     let kid = insert_key(&txn, clock).await?;
     txn.commit().await.context("cannot store the signing key")?;
     tracing::info!(kid, "created a new token signing key");

@@ -8,7 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
+    DatabaseTransaction, DbErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
 
 use crate::config::{DatabaseArgs, SqliteSync};
 
@@ -146,6 +149,24 @@ impl Db {
                 .await
                 .context("migration failed"),
         }
+    }
+
+    /// Begins a transaction on the write connection, for the writes that do
+    /// not go through the store's committer (users, API keys, signing keys).
+    /// On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`),
+    /// waiting for it up to the busy timeout: a deferred transaction that
+    /// reads before it writes is refused at once ("database is locked") if
+    /// another connection, such as the committer, commits in between.
+    pub async fn begin_write(&self) -> Result<DatabaseTransaction, DbErr> {
+        let sqlite_transaction_mode =
+            (self.backend == DatabaseBackend::Sqlite).then_some(SqliteTransactionMode::Immediate);
+        self.write
+            .begin_with_options(TransactionOptions {
+                isolation_level: None,
+                access_mode: None,
+                sqlite_transaction_mode,
+            })
+            .await
     }
 
     /// Whether the database answers a trivial query.

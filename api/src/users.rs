@@ -6,7 +6,6 @@ use entity::{tenant, user};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set,
-    TransactionTrait,
 };
 
 use crate::auth::{Role, check_password_strength, hash_password, hashing};
@@ -177,7 +176,7 @@ pub async fn add_user(
     check_tenant_name(tenant_name)?;
     let password_hash = hash(password).await?;
     let now = clock.now_ms();
-    let txn = db.write.begin().await?;
+    let txn = db.begin_write().await?;
     if user::Entity::find()
         .filter(user::Column::Username.eq(username))
         .one(&txn)
@@ -297,7 +296,7 @@ async fn update_one<E: sea_orm::EntityTrait>(
     update: sea_orm::UpdateMany<E>,
     missing: impl FnOnce() -> String,
 ) -> anyhow::Result<()> {
-    let txn = db.write.begin().await?;
+    let txn = db.begin_write().await?;
     if update.exec(&txn).await?.rows_affected != 1 {
         bail!("{}", missing());
     }

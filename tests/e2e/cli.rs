@@ -497,3 +497,70 @@ async fn tenant_list_and_show_count_users_and_live_keys() {
         text(&missing.stderr)
     );
 }
+
+/// `kvql user add` reads before it writes. In a deferred SQLite transaction,
+/// a commit of the server's committer between the read and the write made
+/// SQLite refuse the write at once ("database is locked"), whatever the
+/// busy timeout; the transaction now takes the write lock when it begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_add_succeeds_while_the_server_commits_writes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let app = Arc::new(TestApp::spawn().await);
+    let u = app.writer().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (app, token, stop, written) =
+                (app.clone(), u.token.clone(), stop.clone(), written.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let path = object_path(&format!("w{w}-{}", n % 50));
+                    let r = app.put(&path, Some(&token), &json!({"data": n})).await;
+                    assert!(r.status == 200 || r.status == 201, "{r:?}");
+                    written.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    for i in 0..6 {
+        let app = app.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let name = format!("busy-{i}");
+            kvql(
+                &app,
+                &["user", "add", &name, "--tenant", &name, "--password-stdin"],
+                Some("a long enough password\n"),
+            )
+        })
+        .await
+        .expect("the command ran");
+        assert!(
+            out.status.success(),
+            "user add {i} failed beside writes: {}",
+            text(&out.stderr)
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.expect("a writer");
+    }
+    assert!(
+        written.load(Ordering::Relaxed) > 0,
+        "the server was writing"
+    );
+    for i in 0..6 {
+        let login = app
+            .post(
+                "/login",
+                None,
+                &json!({"username": format!("busy-{i}"), "password": "a long enough password"}),
+            )
+            .await;
+        assert_eq!(login.status, 200, "busy-{i} can log in");
+    }
+}
