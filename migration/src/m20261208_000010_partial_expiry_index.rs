@@ -7,7 +7,8 @@
 //! Why: every upsert assigns `expires_at`, and SQLite rewrites an index
 //! entry whose column is assigned even when the value stays NULL. With the
 //! full index, a PUT of a key without a TTL changed two pages (the row's and
-//! the index's) where it now changes one: half the WAL frames per write.
+//! the index's) where it now changes one (measured: 5.7 log writes per PUT
+//! before, 3.7 after, counting the pages every group commit also changes).
 //! On PostgreSQL, a row inserted without a TTL no longer adds an entry.
 //!
 //! It runs in one transaction, and builds the new index before it drops

@@ -189,25 +189,26 @@ async fn the_expiry_index_holds_only_rows_that_expire_and_serves_the_sweeper() {
         let stmt = Statement::from_string(backend, sql.to_owned());
         async move { conn.query_all_raw(stmt).await.expect("query") }
     };
-    let (definition, old) = if backend == DatabaseBackend::Postgres {
-        (
-            "SELECT indexdef AS d FROM pg_indexes WHERE indexname = 'idx_object_expiry'",
-            "SELECT indexdef AS d FROM pg_indexes WHERE indexname = 'idx_object_expires_at'",
-        )
-    } else {
-        (
-            "SELECT sql AS d FROM sqlite_master WHERE name = 'idx_object_expiry'",
-            "SELECT sql AS d FROM sqlite_master WHERE name = 'idx_object_expires_at'",
-        )
+    let definition_of = |index: &str| {
+        if backend == DatabaseBackend::Postgres {
+            format!("SELECT indexdef AS d FROM pg_indexes WHERE indexname = '{index}'")
+        } else {
+            format!("SELECT sql AS d FROM sqlite_master WHERE name = '{index}'")
+        }
     };
-    let rows = one(definition).await;
+    let rows = one(&definition_of("idx_object_expiry")).await;
     assert_eq!(rows.len(), 1, "the new index exists");
     let text: String = rows[0].try_get("", "d").expect("definition");
     assert!(
         text.contains("expires_at IS NOT NULL"),
         "a partial index: {text}"
     );
-    assert!(one(old).await.is_empty(), "the full index is gone");
+    assert!(
+        one(&definition_of("idx_object_expires_at"))
+            .await
+            .is_empty(),
+        "the full index is gone"
+    );
 
     // The sweeper's probe, with its bound as a parameter, as the store sends it.
     let probe = "SELECT tenant_id FROM object
