@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -193,7 +194,6 @@ def lua(token, request_body, init=""):
     """A wrk script; `request_body` is Lua returning wrk.format(...)."""
     return f"""
 local token = "{token}"
-math.randomseed(os.time() + math.floor(os.clock() * 1000000))
 {init}
 request = function()
 {request_body}
@@ -256,6 +256,11 @@ def scenario_scripts(token, nkeys, run_id):
 def run_wrk(server, script, connections, seconds, tmpdir, name):
     path = os.path.join(tmpdir, f"{name}.lua")
     with open(path, "w") as f:
+        # Seeded here, not from the clock inside the script: two runs seconds
+        # apart whose wrk had used that many microseconds less CPU got the
+        # same seed, hence the same "tid" and the same fresh keys, and every
+        # create of the second run answered 409.
+        f.write(f"math.randomseed({random.SystemRandom().randrange(1, 2**31)})\n")
         f.write(script)
     cmd = [
         "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
@@ -528,7 +533,6 @@ class Etcd:
 
 # Keys of 8 digits are valid base64, as etcd's gateway wants.
 ETCD_PUT = """
-math.randomseed(os.time() + math.floor(os.clock() * 1000000))
 request = function()
   local body = '{"key":"' .. string.format("%%08d", math.random(0, %d)) .. '","value":"eyJpZCI6MSwibmFtZSI6InVwZGF0ZWQifQ=="}'
   return wrk.format("POST", "/v3/kv/put", {["Content-Type"] = "application/json"}, body)
